@@ -1,0 +1,179 @@
+"""DeepSeek-V4, the one model definition the engine runs, written against `dsv4.ops.Ops`.
+
+It processes a flat batch of tokens from many sequences (chunked prefill and decode alike) over the paged caches:
+every layer first writes what the step produced (window KV, compressed entries, indexer keys, compressor carry)
+and attention then reads only from the cache. Formulas: docs/MODEL.md; the oracle is dsv4/reference.py.
+The MTP layers are loaded but not run: this engine does not speculate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from dsv4.config import ModelConfig
+from dsv4.ops.base import ForwardBatch, LayerCache, Ops
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class CompressorWeights:
+    wkv: Any
+    wgate: Any
+    ape: Tensor
+    norm: Tensor
+
+
+@dataclass
+class LayerWeights:
+    hc: dict[str, tuple[Tensor, Tensor, Tensor]]   # sub-layer -> (fn, scale, base)
+    attn_norm: Tensor
+    ffn_norm: Tensor
+    wq_a: Any
+    q_norm: Tensor
+    wq_b: Any
+    wkv: Any
+    kv_norm: Tensor
+    wo_a: Tensor          # [groups, o_lora_rank, heads*head_dim/groups]
+    wo_b: Any
+    sink: Tensor
+    compressor: CompressorWeights | None
+    idx_wq_b: Any | None
+    idx_weights_proj: Any | None
+    idx_compressor: CompressorWeights | None
+    gate: Tensor          # [E, D] fp32
+    gate_bias: Tensor | None
+    tid2eid: Tensor | None
+    experts: Any
+    shared: tuple[Any, Any, Any]
+
+
+class DeepseekV4Model:
+    def __init__(self, cfg: ModelConfig, tensors: Mapping[str, Any], ops: Ops, device: torch.device,
+                 dtype: torch.dtype):
+        self.cfg, self.ops, self.device, self.dtype = cfg, ops, device, dtype
+
+        def small(name: str, dt: torch.dtype = torch.float32) -> Tensor:
+            t = tensors[name]
+            if not isinstance(t, torch.Tensor):  # a quantised container
+                t = t.dequantize(torch.float32)
+            return t.to(device=device, dtype=dt) if t.is_floating_point() else t.to(device)
+
+        def lin(name: str) -> Any:
+            return ops.prepare_linear(tensors[f"{name}.weight"])
+
+        def compressor(p: str) -> CompressorWeights:
+            return CompressorWeights(wkv=ops.prepare_linear(tensors[f"{p}.wkv.weight"]),
+                                     wgate=ops.prepare_linear(tensors[f"{p}.wgate.weight"]),
+                                     ape=small(f"{p}.ape"), norm=small(f"{p}.norm.weight"))
+
+        self.embed = small("embed.weight", dtype)
+        self.head = lin("head")
+        self.norm = small("norm.weight")
+        self.hc_head = (small("hc_head_fn"), small("hc_head_scale"), small("hc_head_base"))
+        self.layers: list[LayerWeights] = []
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}"
+            a, f = f"{p}.attn", f"{p}.ffn"
+            ratio = cfg.compress_ratio(i)
+            E = cfg.n_routed_experts
+            wo_a = small(f"{a}.wo_a.weight", dtype).view(cfg.o_groups, cfg.o_lora_rank, -1)
+            self.layers.append(LayerWeights(
+                hc={s: (small(f"{p}.hc_{s}_fn"), small(f"{p}.hc_{s}_scale"), small(f"{p}.hc_{s}_base"))
+                    for s in ("attn", "ffn")},
+                attn_norm=small(f"{p}.attn_norm.weight"), ffn_norm=small(f"{p}.ffn_norm.weight"),
+                wq_a=lin(f"{a}.wq_a"), q_norm=small(f"{a}.q_norm.weight"), wq_b=lin(f"{a}.wq_b"),
+                wkv=lin(f"{a}.wkv"), kv_norm=small(f"{a}.kv_norm.weight"), wo_a=wo_a, wo_b=lin(f"{a}.wo_b"),
+                sink=small(f"{a}.attn_sink"),
+                compressor=compressor(f"{a}.compressor") if ratio else None,
+                idx_wq_b=lin(f"{a}.indexer.wq_b") if ratio == 4 else None,
+                idx_weights_proj=lin(f"{a}.indexer.weights_proj") if ratio == 4 else None,
+                idx_compressor=compressor(f"{a}.indexer.compressor") if ratio == 4 else None,
+                gate=small(f"{f}.gate.weight"),
+                gate_bias=None if cfg.is_hash_layer(i) else small(f"{f}.gate.bias"),
+                tid2eid=small(f"{f}.gate.tid2eid").long() if cfg.is_hash_layer(i) else None,
+                experts=ops.prepare_experts([tensors[f"{f}.experts.{e}.w1.weight"] for e in range(E)],
+                                            [tensors[f"{f}.experts.{e}.w2.weight"] for e in range(E)],
+                                            [tensors[f"{f}.experts.{e}.w3.weight"] for e in range(E)]),
+                shared=(lin(f"{f}.shared_experts.w1"), lin(f"{f}.shared_experts.w2"), lin(f"{f}.shared_experts.w3")),
+            ))
+
+    # --- sub-layers --------------------------------------------------------------------------------------------
+    def attention(self, x: Tensor, i: int, L: LayerWeights, cache: LayerCache, batch: ForwardBatch) -> Tensor:
+        cfg, ops = self.cfg, self.ops
+        T = x.shape[0]
+        H, hd, rd = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
+        ratio = cfg.compress_ratio(i)
+        rope = cfg.rope_for_layer(i)
+        pos = batch.positions
+
+        q_latent = ops.rms_norm(ops.linear(x, L.wq_a), L.q_norm, cfg.norm_eps)
+        q = ops.linear(q_latent, L.wq_b).view(T, H, hd)
+        q = ops.rope_tail(ops.rms_norm(q, None, cfg.norm_eps), pos, rope, rd)
+        kv = ops.rms_norm(ops.linear(x, L.wkv), L.kv_norm, cfg.norm_eps)
+        ops.store_window_kv(ops.rope_tail(kv, pos, rope, rd), cache, batch)
+
+        topk = None
+        if ratio:
+            C = L.compressor
+            ops.compress_and_store(ops.linear(x, C.wkv), ops.linear(x, C.wgate), C.ape, C.norm, cfg.norm_eps,
+                                   ratio, rope, rd, cache.comp_carry_kv, cache.comp_carry_score, cache.comp_kv,
+                                   cache.block_size, batch)
+        if ratio == 4:
+            I = L.idx_compressor
+            ops.compress_and_store(ops.linear(x, I.wkv), ops.linear(x, I.wgate), I.ape, I.norm, cfg.norm_eps,
+                                   4, rope, rd, cache.index_carry_kv, cache.index_carry_score, cache.index_k,
+                                   cache.block_size, batch)
+            nh, ihd = cfg.index_n_heads, cfg.index_head_dim
+            iq = ops.rope_tail(ops.linear(q_latent, L.idx_wq_b).view(T, nh, ihd), pos, rope, rd)
+            head_w = ops.linear(x, L.idx_weights_proj).float() * (ihd ** -0.5 * nh ** -0.5)
+            topk = ops.indexer_topk(iq, head_w, cache.index_k, cache.block_size, cfg.index_topk, batch)
+
+        o = ops.sparse_attention(q, cache, ratio, cfg.window_size, topk, L.sink, hd ** -0.5, batch)
+        o = ops.rope_tail(o, pos, rope, rd, inverse=True)
+        g = cfg.o_groups
+        o = torch.einsum("tgi,gri->tgr", o.reshape(T, g, -1), L.wo_a).reshape(T, -1)
+        return ops.linear(o, L.wo_b)
+
+    def moe(self, x: Tensor, i: int, L: LayerWeights, token_ids: Tensor) -> Tensor:
+        cfg, ops = self.cfg, self.ops
+        logits = x.float() @ L.gate.T
+        if cfg.score_func == "sqrtsoftplus":
+            scores = torch.nn.functional.softplus(logits).sqrt()
+        elif cfg.score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(-1)
+        if L.tid2eid is not None:
+            ids = L.tid2eid[token_ids]
+        else:
+            ids = (scores + L.gate_bias).topk(cfg.n_activated_experts, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if cfg.score_func != "softmax":
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights * cfg.route_scale
+        routed = ops.moe(x, ids, weights, L.experts, cfg.swiglu_limit)
+        return routed + ops.swiglu_mlp(x, *L.shared, cfg.swiglu_limit)
+
+    # --- whole model -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch, caches: list[LayerCache]) -> Tensor:
+        """-> FP32 logits [len(batch.logits_indices), vocab]."""
+        cfg, ops = self.cfg, self.ops
+        h = self.embed[batch.token_ids][:, None, :].expand(-1, cfg.hc_mult, -1).contiguous()
+        for i, L in enumerate(self.layers):
+            for sub in ("attn", "ffn"):
+                fn, scale, base = L.hc[sub]
+                x, post, comb = ops.hc_pre(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+                if sub == "attn":
+                    y = self.attention(ops.rms_norm(x, L.attn_norm, cfg.norm_eps), i, L, caches[i], batch)
+                else:
+                    y = self.moe(ops.rms_norm(x, L.ffn_norm, cfg.norm_eps), i, L, batch.token_ids)
+                h = ops.hc_post(y, h, post, comb)
+        h = h[batch.logits_indices]
+        x = ops.hc_head(h, *self.hc_head, cfg.norm_eps, cfg.hc_eps)
+        x = ops.rms_norm(x, self.norm, cfg.norm_eps)
+        return ops.linear(x, self.head).float()

@@ -1,0 +1,119 @@
+"""The operations the DeepSeek-V4 model definition is written against.
+
+The model (dsv4.model) calls only these; `TorchOps` implements them in plain PyTorch (CPU or GPU) and `CuteOps`
+replaces the hot ones with CuTe DSL kernels on Hopper. Every op works on flattened token batches: T tokens of B
+sequences, described by a `ForwardBatch`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dsv4.config import RopeConfig
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ForwardBatch:
+    """One engine step: for sequence b, tokens [query_start[b], query_start[b+1]) of the flat batch sit at
+    positions context_lens[b] ... context_lens[b] + n_b - 1."""
+
+    token_ids: Tensor            # [T] long
+    positions: Tensor            # [T] long
+    query_start: list[int]       # [B + 1]
+    context_lens: list[int]      # [B] tokens already in the cache before this step
+    state_slots: list[int]       # [B] row of the per-sequence state tensors (compressor carry)
+    swa_block_tables: list[list[int]]   # [B][...] window-cache block of each logical block (-1: released)
+    comp_block_tables: list[list[int]]  # [B][...] compressed-cache block of each logical block
+    swa_slot_mapping: Tensor     # [T] long: flat slot of each token's raw KV in the window cache
+    logits_indices: Tensor       # [B'] long: flat token rows whose logits are needed
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    def seq_len(self, b: int) -> int:
+        return self.context_lens[b] + self.query_start[b + 1] - self.query_start[b]
+
+
+@dataclass
+class LayerCache:
+    """The cache tensors of one layer (views into the engine's pools)."""
+
+    swa_kv: Tensor                         # [num_swa_blocks, block_size, head_dim]
+    block_size: int
+    comp_kv: Tensor | None = None          # [num_comp_blocks, block_size // ratio, head_dim]
+    comp_carry_kv: Tensor | None = None    # [num_slots, (1+overlap) * ratio, (1+overlap) * head_dim] fp32
+    comp_carry_score: Tensor | None = None
+    index_k: Tensor | None = None          # [num_comp_blocks, block_size // 4, index_head_dim]
+    index_carry_kv: Tensor | None = None
+    index_carry_score: Tensor | None = None
+
+
+class Ops(ABC):
+    """Interface; weights are prepared by the ops so that each implementation picks its own layout."""
+
+    name: str = "abstract"
+
+    # --- weights ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare_linear(self, weight: Any) -> Any:
+        """Checkpoint tensor (dense or quantised) -> the handle `linear` takes."""
+
+    @abstractmethod
+    def prepare_experts(self, w1: list[Any], w2: list[Any], w3: list[Any]) -> Any:
+        """Routed experts' checkpoint tensors -> the handle `moe` takes."""
+
+    # --- dense math ------------------------------------------------------------------------------------------
+    @abstractmethod
+    def linear(self, x: Tensor, w: Any) -> Tensor: ...
+
+    @abstractmethod
+    def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor: ...
+
+    @abstractmethod
+    def rope_tail(self, x: Tensor, positions: Tensor, rope: RopeConfig, rope_dim: int, inverse: bool = False) -> Tensor: ...
+
+    @abstractmethod
+    def hc_pre(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
+               hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Collapse the residual streams [T, N, D] -> (sub-layer input [T, D], post [T, N], comb [T, N, N])."""
+
+    @abstractmethod
+    def hc_post(self, y: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def hc_head(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, hc_eps: float) -> Tensor: ...
+
+    @abstractmethod
+    def moe(self, x: Tensor, expert_ids: Tensor, expert_weights: Tensor, experts: Any, swiglu_limit: float) -> Tensor:
+        """Routed experts only: sum_k w[t,k] * expert_{ids[t,k]}(x[t])."""
+
+    @abstractmethod
+    def swiglu_mlp(self, x: Tensor, w1: Any, w2: Any, w3: Any, swiglu_limit: float) -> Tensor: ...
+
+    # --- cache and attention ---------------------------------------------------------------------------------
+    @abstractmethod
+    def store_window_kv(self, kv: Tensor, cache: LayerCache, batch: ForwardBatch) -> None: ...
+
+    @abstractmethod
+    def compress_and_store(self, kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
+                           ratio: int, rope: RopeConfig, rope_dim: int, carry_kv: Tensor, carry_score: Tensor,
+                           out: Tensor, block_size: int, batch: ForwardBatch) -> None:
+        """Pool closed windows of `ratio` tokens (projections kv/score [T, coff*d]) into entries of `out`, carrying
+        incomplete windows (and, for the overlapping ratio 4, the previous window) in the per-sequence state."""
+
+    @abstractmethod
+    def indexer_topk(self, q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
+                     batch: ForwardBatch) -> Tensor:
+        """-> [T, topk] compressed-entry numbers each query attends (-1 = none), ratio 4."""
+
+    @abstractmethod
+    def sparse_attention(self, q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
+                         sink: Tensor, scale: float, batch: ForwardBatch) -> Tensor:
+        """q [T, H, d] over the window KV plus compressed entries (all visible for HCA, `topk_entries` for CSA)."""

@@ -1,0 +1,278 @@
+"""Plain-PyTorch implementation of every op: the engine's level-2 truth, and the CPU path CI serves with.
+
+Weights are dequantised once at load time into `dtype`. Numerically sensitive steps (mHC, compressor pooling,
+softmaxes, routing) run in FP32 whatever `dtype` is.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dsv4.config import RopeConfig
+from dsv4.ops.base import ForwardBatch, LayerCache, Ops
+
+Tensor = torch.Tensor
+
+
+@lru_cache(maxsize=16)
+def _rope_freqs(rope: RopeConfig, rope_dim: int) -> Tensor:
+    """Per channel-pair angular frequency (float64); YaRN blends interpolated and original frequencies."""
+    freqs = 1.0 / (rope.theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
+    if rope.original_seq_len > 0:
+        def corr(rot: float) -> float:
+            return rope_dim * math.log(rope.original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(rope.theta))
+        lo = max(math.floor(corr(rope.beta_fast)), 0)
+        hi = min(math.ceil(corr(rope.beta_slow)), rope_dim - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        smooth = 1 - ((torch.arange(rope_dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        freqs = freqs / rope.factor * (1 - smooth) + freqs * smooth
+    return freqs
+
+
+def dense(t: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Checkpoint tensor (dense or one of the quantised containers) -> dense tensor."""
+    if not isinstance(t, torch.Tensor):  # a quantised container
+        t = t.dequantize(torch.float32)
+    return t.to(device=device, dtype=dtype)
+
+
+class TorchOps(Ops):
+    name = "torch"
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._rope_cache: dict[tuple[RopeConfig, int], tuple[Tensor, Tensor]] = {}
+
+    # --- weights ---------------------------------------------------------------------------------------------
+    def prepare_linear(self, weight: Any) -> Tensor:
+        return dense(weight, self.dtype, self.device)
+
+    def prepare_experts(self, w1: list[Any], w2: list[Any], w3: list[Any]) -> dict[str, Tensor]:
+        return {"w1": torch.stack([dense(t, self.dtype, self.device) for t in w1]),
+                "w2": torch.stack([dense(t, self.dtype, self.device) for t in w2]),
+                "w3": torch.stack([dense(t, self.dtype, self.device) for t in w3])}
+
+    # --- dense math ------------------------------------------------------------------------------------------
+    def linear(self, x: Tensor, w: Tensor) -> Tensor:
+        return F.linear(x.to(w.dtype), w)
+
+    def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        if weight is not None:
+            y = y * weight.float()
+        return y.to(x.dtype)
+
+    def _cos_sin(self, rope: RopeConfig, rope_dim: int, positions: Tensor) -> tuple[Tensor, Tensor]:
+        key = (rope, rope_dim)
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        cached = self._rope_cache.get(key)
+        if cached is None or cached[0].shape[0] < need:
+            n = max(need, 4096 if cached is None else 2 * cached[0].shape[0])
+            angle = torch.arange(n, dtype=torch.float64)[:, None] * _rope_freqs(rope, rope_dim)[None, :]
+            cached = (angle.cos().float().to(self.device), angle.sin().float().to(self.device))
+            self._rope_cache[key] = cached
+        return cached[0][positions], cached[1][positions]
+
+    def rope_tail(self, x: Tensor, positions: Tensor, rope: RopeConfig, rope_dim: int, inverse: bool = False) -> Tensor:
+        cos, sin = self._cos_sin(rope, rope_dim, positions)
+        if inverse:
+            sin = -sin
+        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (rope_dim // 2,)
+        cos, sin = cos.view(shape), sin.view(shape)
+        tail = x[..., -rope_dim:].float()
+        even, odd = tail[..., 0::2], tail[..., 1::2]
+        rot = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+        return torch.cat([x[..., :-rope_dim], rot.to(x.dtype)], dim=-1)
+
+    def hc_pre(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
+               hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        n = streams.shape[1]
+        flat = streams.flatten(1).float()
+        mixes = (flat @ fn.T) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+        pre = torch.sigmoid(mixes[:, :n] * scale[0] + base[:n]) + hc_eps
+        post = 2 * torch.sigmoid(mixes[:, n:2 * n] * scale[1] + base[n:2 * n])
+        comb = (mixes[:, 2 * n:] * scale[2] + base[2 * n:]).view(-1, n, n).softmax(-1) + hc_eps
+        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+        for _ in range(iters - 1):
+            comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
+            comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+        x = torch.einsum("tn,tnd->td", pre, streams.float())
+        return x.to(streams.dtype), post, comb
+
+    def hc_post(self, y: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        out = post[:, :, None] * y.float()[:, None, :] + torch.einsum("tij,tid->tjd", comb, streams.float())
+        return out.to(streams.dtype)
+
+    def hc_head(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, hc_eps: float) -> Tensor:
+        flat = streams.flatten(1).float()
+        mixes = (flat @ fn.T) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+        pre = torch.sigmoid(mixes * scale + base) + hc_eps
+        return torch.einsum("tn,tnd->td", pre, streams.float()).to(streams.dtype)
+
+    def _swiglu(self, gate: Tensor, up: Tensor, limit: float) -> Tensor:
+        gate, up = gate.float(), up.float()
+        if limit > 0:
+            gate = gate.clamp(max=limit)
+            up = up.clamp(-limit, limit)
+        return F.silu(gate) * up
+
+    def swiglu_mlp(self, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, swiglu_limit: float) -> Tensor:
+        h = self._swiglu(self.linear(x, w1), self.linear(x, w3), swiglu_limit)
+        return self.linear(h.to(x.dtype), w2)
+
+    def moe(self, x: Tensor, expert_ids: Tensor, expert_weights: Tensor, experts: dict[str, Tensor],
+            swiglu_limit: float) -> Tensor:
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        flat_ids = expert_ids.flatten()
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=experts["w1"].shape[0]).tolist()
+        rows = order // expert_ids.shape[1]
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            sel = order[start:start + c]
+            r = rows[start:start + c]
+            xe = x[r]
+            h = self._swiglu(xe @ experts["w1"][e].T, xe @ experts["w3"][e].T, swiglu_limit)
+            y = h.to(x.dtype) @ experts["w2"][e].T
+            out.index_add_(0, r, y.float() * expert_weights.flatten()[sel, None].float())
+            start += c
+        return out.to(x.dtype)
+
+    # --- cache and attention ---------------------------------------------------------------------------------
+    def store_window_kv(self, kv: Tensor, cache: LayerCache, batch: ForwardBatch) -> None:
+        cache.swa_kv.view(-1, cache.swa_kv.shape[-1])[batch.swa_slot_mapping] = kv.to(cache.swa_kv.dtype)
+
+    def compress_and_store(self, kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
+                           ratio: int, rope: RopeConfig, rope_dim: int, carry_kv: Tensor, carry_score: Tensor,
+                           out: Tensor, block_size: int, batch: ForwardBatch) -> None:
+        overlap = ratio == 4
+        d = out.shape[-1]
+        per_block = block_size // ratio
+        kv, score = kv.float(), score.float()
+        for b in range(batch.num_seqs):
+            s0, s1 = batch.query_start[b], batch.query_start[b + 1]
+            c, n = batch.context_lens[b], s1 - s0
+            slot = batch.state_slots[b]
+            first_w = c // ratio                     # window the chunk starts in (maybe partly in the carry)
+            done = c - first_w * ratio               # its tokens already seen, held in the carry
+            cur0 = ratio if overlap else 0           # carry rows of the current window start here
+            pos_in_w = (torch.arange(c, c + n, device=kv.device) % ratio)
+            new_kv = kv[s0:s1]
+            new_sc = score[s0:s1] + ape[pos_in_w]
+            rows_kv = torch.cat([carry_kv[slot, cur0:cur0 + done], new_kv])      # positions [first_w*r, c+n)
+            rows_sc = torch.cat([carry_score[slot, cur0:cur0 + done], new_sc])
+            n_closed = (c + n) // ratio - first_w
+            if n_closed > 0:
+                wk = rows_kv[: n_closed * ratio].view(n_closed, ratio, -1)
+                ws = rows_sc[: n_closed * ratio].view(n_closed, ratio, -1)
+                if overlap:
+                    # entry w: first half (series A) of window w-1's rows, second half (series B) of window w's
+                    prev_k = torch.cat([carry_kv[slot, :ratio, :d][None], wk[:-1, :, :d]])
+                    prev_s = torch.cat([carry_score[slot, :ratio, :d][None], ws[:-1, :, :d]])
+                    pk = torch.cat([prev_k, wk[:, :, d:]], dim=1)
+                    ps = torch.cat([prev_s, ws[:, :, d:]], dim=1)
+                else:
+                    pk, ps = wk, ws
+                entries = (pk * ps.softmax(dim=1)).sum(dim=1)
+                entries = self.rms_norm(entries, norm_weight, norm_eps)
+                w_idx = torch.arange(first_w, first_w + n_closed, device=kv.device)
+                entries = self.rope_tail(entries, w_idx * ratio, rope, rope_dim)
+                table = torch.as_tensor(batch.comp_block_tables[b], device=kv.device)
+                blk = table[(w_idx * ratio) // block_size]
+                out[blk, (w_idx * ratio % block_size) // ratio] = entries.to(out.dtype)
+                if overlap:
+                    carry_kv[slot, :ratio] = wk[-1]
+                    carry_score[slot, :ratio] = ws[-1]
+            left = (c + n) - (c + n) // ratio * ratio
+            if left:
+                carry_kv[slot, cur0:cur0 + left] = rows_kv[rows_kv.shape[0] - left:]
+                carry_score[slot, cur0:cur0 + left] = rows_sc[rows_sc.shape[0] - left:]
+
+    def _gather_entries(self, pool: Tensor, table: list[int], count: int, ratio: int, block_size: int) -> Tensor:
+        """The first `count` compressed entries of one sequence, in order: [count, d]."""
+        per_block = block_size // ratio
+        nblk = -(-count // per_block)
+        blocks = torch.as_tensor(table[:nblk], device=pool.device, dtype=torch.long)
+        return pool[blocks].reshape(-1, pool.shape[-1])[:count]
+
+    def indexer_topk(self, q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
+                     batch: ForwardBatch) -> Tensor:
+        T = q.shape[0]
+        result = torch.full((T, topk), -1, dtype=torch.long, device=q.device)
+        for b in range(batch.num_seqs):
+            s0, s1 = batch.query_start[b], batch.query_start[b + 1]
+            n_vis = (batch.positions[s0:s1] + 1) // 4
+            total = int(n_vis.max()) if s1 > s0 else 0
+            if total == 0:
+                continue
+            keys = self._gather_entries(index_k, batch.comp_block_tables[b], total, 4, block_size).float()
+            score = torch.einsum("thd,nd->thn", q[s0:s1].float(), keys).relu()
+            score = (score * head_weights[s0:s1, :, None].float()).sum(1)
+            visible = torch.arange(total, device=q.device)[None, :] < n_vis[:, None]
+            score = score.masked_fill(~visible, -math.inf)
+            k = min(topk, total)
+            top = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]  # ties: earlier entry
+            ok = torch.gather(visible, 1, top)
+            result[s0:s1, :k] = torch.where(ok, top, torch.full_like(top, -1))
+        return result
+
+    def sparse_attention(self, q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
+                         sink: Tensor, scale: float, batch: ForwardBatch) -> Tensor:
+        T, H, d = q.shape
+        out = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
+        bs = cache.block_size
+        swa = cache.swa_kv.view(-1, d)
+        for b in range(batch.num_seqs):
+            s0, s1 = batch.query_start[b], batch.query_start[b + 1]
+            if s1 == s0:
+                continue
+            pos = batch.positions[s0:s1]
+            qb = q[s0:s1].float()
+            lo = max(0, int(pos.min()) - window + 1)
+            hi = int(pos.max()) + 1
+            kpos = torch.arange(lo, hi, device=q.device)
+            table = torch.as_tensor(batch.swa_block_tables[b], device=q.device, dtype=torch.long)
+            kwin = swa[table[kpos // bs] * bs + kpos % bs].float()                     # [Lw, d]
+            logits = torch.einsum("thd,kd->thk", qb, kwin) * scale
+            vis = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - window)
+            logits = logits.masked_fill(~vis[:, None, :], -math.inf)
+            parts_l, parts_v = [logits], [kwin]
+            if ratio and ratio != 4:
+                total = (hi) // ratio
+                if total > 0:
+                    kc = self._gather_entries(cache.comp_kv, batch.comp_block_tables[b], total, ratio, bs).float()
+                    lc = torch.einsum("thd,kd->thk", qb, kc) * scale
+                    cvis = torch.arange(total, device=q.device)[None, :] < ((pos + 1) // ratio)[:, None]
+                    parts_l.append(lc.masked_fill(~cvis[:, None, :], -math.inf))
+                    parts_v.append(kc)
+            per_token = None
+            if ratio == 4 and topk_entries is not None:
+                idx = topk_entries[s0:s1]                                                # [n, k]
+                total = int(idx.max()) + 1 if idx.numel() and int(idx.max()) >= 0 else 0
+                if total > 0:
+                    kc = self._gather_entries(cache.comp_kv, batch.comp_block_tables[b], total, 4, bs).float()
+                    per_token = kc[idx.clamp(min=0)]                                     # [n, k, d]
+                    lc = torch.einsum("thd,tkd->thk", qb, per_token) * scale
+                    parts_l.append(lc.masked_fill((idx < 0)[:, None, :], -math.inf))
+            sink_l = sink.float().view(1, H, 1).expand(s1 - s0, H, 1)
+            probs = torch.cat(parts_l + [sink_l], dim=-1).softmax(-1)
+            o = torch.zeros((s1 - s0, H, d), dtype=torch.float32, device=q.device)
+            off = 0
+            for lg, v in zip(parts_l, parts_v):
+                k = lg.shape[-1]
+                o += torch.einsum("thk,kd->thd", probs[..., off:off + k], v)
+                off += k
+            if per_token is not None:
+                k = per_token.shape[1]
+                o += torch.einsum("thk,tkd->thd", probs[..., off:off + k], per_token)
+            out[s0:s1] = o.to(q.dtype)
+        return out
