@@ -57,7 +57,7 @@ def rope(x: Tensor, positions: Tensor, rope_cfg: RopeConfig, inverse: bool = Fal
     angle = positions.to(torch.float64)[:, None] * rope_frequencies(rope_cfg, rope_dim)[None, :]  # [S, rd/2]
     if inverse:
         angle = -angle
-    cos = angle.cos().to(x.dtype).view(angle.shape[0], *([1] * (x.dim() - 2)), -1)
+    cos = angle.cos().to(x.dtype).view(angle.shape[0], *([1] * (x.dim() - 2)), rope_dim // 2)
     sin = angle.sin().to(x.dtype).view_as(cos)
     even, odd = x[..., 0::2], x[..., 1::2]
     out = torch.empty_like(x)
@@ -118,8 +118,9 @@ class ReferenceModel:
         w, cfg = self.w, self.cfg
         overlap = ratio == 4
         n = x.shape[0] // ratio
-        kv = (x[: n * ratio] @ w[f"{p}.wkv.weight"].T).view(n, ratio, -1)
-        gate = (x[: n * ratio] @ w[f"{p}.wgate.weight"].T).view(n, ratio, -1) + w[f"{p}.ape"]
+        width = w[f"{p}.wkv.weight"].shape[0]
+        kv = (x[: n * ratio] @ w[f"{p}.wkv.weight"].T).view(n, ratio, width)
+        gate = (x[: n * ratio] @ w[f"{p}.wgate.weight"].T).view(n, ratio, width) + w[f"{p}.ape"]
         if overlap:
             prev_kv = torch.cat([torch.zeros_like(kv[:1, :, :d]), kv[:-1, :, :d]], dim=0)
             prev_gate = torch.cat([torch.full_like(gate[:1, :, :d], -math.inf), gate[:-1, :, :d]], dim=0)

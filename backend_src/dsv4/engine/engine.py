@@ -1,0 +1,249 @@
+"""The engine: loads a checkpoint, owns the scheduler, cache and model, and runs them on its own loop thread.
+
+Callers (Triton's model.py, the CLI, tests) use three thread-safe calls: `add_request` (validates synchronously,
+returns a `RequestStream` of deltas), `abort`, `shutdown`. An exception inside a step fails the requests of that
+step with the error and frees their cache; the engine keeps serving the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+
+from dsv4.checkpoint.loader import load_checkpoint
+from dsv4.config import EngineConfig, ceil_div
+from dsv4.engine.detokenizer import IncrementalDetokenizer
+from dsv4.engine.kv_cache import KVCache
+from dsv4.engine.params import SamplingParams, check_fits_context
+from dsv4.engine.request import RequestOutput, RequestStream, Sequence, Status
+from dsv4.engine.runner import ModelRunner
+from dsv4.engine.sampler import Sampler, make_generator
+from dsv4.engine.scheduler import Scheduler
+from dsv4.engine.stop import StopChecker
+from dsv4.errors import ConfigError, EngineDeadError, InvalidRequestError
+from dsv4.model.deepseek_v4 import DeepseekV4Model
+from dsv4.ops import select_ops
+
+log = logging.getLogger("dsv4.engine")
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    kv_blocks_in_use: int
+    kv_blocks_total: int
+    num_preemptions: int
+    steps: int
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = _pick_device(config.device)
+        self.dtype = _pick_dtype(config.dtype, self.device)
+        ckpt = load_checkpoint(config.checkpoint, progress=False)
+        self.model_config = cfg = ckpt.config
+        self.tokenizer = Tokenizer.from_file(str(ckpt.tokenizer_path))
+        if config.max_model_len > cfg.max_position_embeddings:
+            raise ConfigError(f"engine setting 'max_model_len'={config.max_model_len} exceeds the model's "
+                              f"max_position_embeddings={cfg.max_position_embeddings}")
+        self.ops = select_ops(config.ops_backend, self.device, self.dtype)
+        self.model = DeepseekV4Model(cfg, ckpt.tensors, self.ops, self.device, self.dtype)
+        del ckpt
+        num_blocks = config.num_kv_blocks or KVCache.blocks_for_budget(
+            cfg, config.block_size, self.dtype, config.kv_cache_memory_bytes, config.max_num_seqs)
+        need = ceil_div(config.max_model_len, config.block_size)
+        if num_blocks < need:
+            raise ConfigError(f"the KV cache has {num_blocks} blocks of {config.block_size} tokens but one request "
+                              f"of max_model_len={config.max_model_len} needs {need}: raise num_kv_blocks / "
+                              "kv_cache_memory_bytes or lower max_model_len")
+        self.cache = KVCache(cfg, num_blocks, config.block_size, config.max_num_seqs, self.device, self.dtype)
+        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.cache, self.device)
+        self.sampler = Sampler()
+        self.eos_token_id = cfg.eos_token_id
+        self._lock = threading.Condition()
+        self._new: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._live: dict[str, Sequence] = {}
+        self._stopped = False
+        self._dead: BaseException | None = None
+        self._steps = 0
+        self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
+        self._thread.start()
+
+    # --- public API --------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                    params: SamplingParams | None = None) -> RequestStream:
+        params = params or SamplingParams()
+        if (prompt is None) == (prompt_token_ids is None):
+            raise InvalidRequestError("give exactly one of 'prompt' (text) and 'prompt_token_ids'")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidRequestError(f"'prompt' must be a string, got {type(prompt).__name__}")
+            if prompt == "":
+                raise InvalidRequestError("invalid prompt: the prompt is empty")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            if self.model_config.bos_token_id is not None:
+                ids = [self.model_config.bos_token_id] + ids
+        else:
+            ids = list(prompt_token_ids)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"'input_ids' has {len(bad)} id(s) outside [0, {vocab}), e.g. {bad[0]!r}")
+        check_fits_context(len(ids), self.config.max_model_len, params.max_tokens)
+        stream = RequestStream(request_id)
+        seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, stream=stream,
+                       detokenizer=IncrementalDetokenizer(self.tokenizer, ids),
+                       stop=StopChecker(params, self.eos_token_id),
+                       generator=make_generator(params.seed, self.device))
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(f"the engine stopped after an internal error: {self._dead}")
+            if self._stopped:
+                raise EngineDeadError("the engine is shut down")
+            if request_id in self._live:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            self._live[request_id] = seq
+            self._new.append(seq)
+            self._lock.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+            self._lock.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(num_waiting=len(self.scheduler.waiting) + len(self._new),
+                               num_running=len(self.scheduler.running),
+                               kv_blocks_in_use=self.cache.blocks_in_use, kv_blocks_total=self.cache.blocks_total,
+                               num_preemptions=self.scheduler.num_preemptions, steps=self._steps)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+        self._thread.join(timeout=30)
+
+    def generate(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                 params: SamplingParams | None = None, request_id: str | None = None) -> RequestOutput:
+        """Blocking convenience: the whole output as one RequestOutput (text and ids concatenated)."""
+        rid = request_id or f"gen-{time.monotonic_ns()}"
+        text, ids, lps, last = [], [], [], None
+        for out in self.add_request(rid, prompt, prompt_token_ids, params):
+            text.append(out.text)
+            ids += out.token_ids
+            lps += out.logprobs or []
+            last = out
+        assert last is not None
+        return RequestOutput(rid, "".join(text), ids, lps if last.logprobs is not None else None, True,
+                             last.finish_reason, last.num_prompt_tokens, last.num_output_tokens, last.error)
+
+    # --- loop --------------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not (self._stopped or self._new or self._aborts or self.scheduler.has_work()):
+                        self._lock.wait()
+                    if self._stopped:
+                        break
+                    for seq in self._new:
+                        self.scheduler.add(seq)
+                    self._new.clear()
+                    aborts, self._aborts = self._aborts, set()
+                for rid in aborts:
+                    seq = self._live.get(rid)
+                    if seq is not None:
+                        self._finish(seq, "abort")
+                if self.scheduler.has_work():
+                    self._step()
+        except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
+            log.exception("engine loop died")
+            with self._lock:
+                self._dead = e
+        finally:
+            with self._lock:
+                pending = list(self._live.values()) + self._new
+                self._new.clear()
+            for seq in pending:
+                if seq.status is not Status.FINISHED:
+                    self._finish(seq, "abort" if self._dead is None else "error",
+                                 error=None if self._dead is None else f"engine stopped: {self._dead}")
+
+    def _step(self) -> None:
+        step = self.scheduler.schedule()
+        if step.empty:
+            return
+        try:
+            logits, sampling = self.runner.execute(step)
+            seqs = [step.seqs[k] for k in sampling]
+            if seqs:
+                out = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                                          suppress_token_ids=[s.stop.suppressed_token_ids() for s in seqs])
+                tokens = out.token_ids.tolist()
+                lps = out.logprobs.tolist()
+                now = time.monotonic()
+                for seq, tok, lp in zip(seqs, tokens, lps):
+                    self._append(seq, tok, lp, now)
+        except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the engine
+            log.error("step failed: %s\n%s", e, traceback.format_exc())
+            for seq in step.seqs:
+                if seq.status is not Status.FINISHED:
+                    self._finish(seq, "error", error=f"internal error while running the model: {e}")
+        self._steps += 1
+
+    def _append(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
+        seq.output_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        upd = seq.stop.update(token, seq.detokenizer)  # EOS, stop ids/strings and max_tokens
+        self._emit(seq, upd.text, [token], [logprob], upd.finish_reason if upd.finished else None)
+
+    def _emit(self, seq: Sequence, text: str, ids: list[int], lps: list[float], finish: str | None,
+              error: str | None = None) -> None:
+        seq.stream.put(RequestOutput(
+            request_id=seq.request_id, text=text, token_ids=ids,
+            logprobs=lps if seq.params.logprobs is not None else None, finished=finish is not None,
+            finish_reason=finish, num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
+            error=error))
+        if finish is not None:
+            self._release(seq)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.status is Status.FINISHED:
+            return
+        self._emit(seq, "", [], [], reason, error)
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        with self._lock:
+            self._live.pop(seq.request_id, None)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"engine setting 'device'={name!r} but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+__all__ = ["Engine", "EngineStats", "RequestOutput", "RequestStream"]

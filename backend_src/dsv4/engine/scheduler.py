@@ -1,0 +1,98 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+One token budget per step (`max_num_batched_tokens`) is shared by decodes and prefill chunks, running sequences
+first (oldest first), then waiting ones in arrival order (vLLM V1 style: a prefill is just a sequence with many
+uncomputed tokens, so chunked prefill falls out). When the cache cannot grow, the youngest running sequence is
+preempted: its blocks are freed and it goes back to the front of the queue to be recomputed later (its generated
+tokens are kept and become part of what it recomputes), so no request is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from dsv4.engine.kv_cache import KVCache
+from dsv4.engine.request import Sequence, Status
+
+
+@dataclass
+class ScheduledStep:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)   # tokens computed this step, per sequence
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int):
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is (finished or aborted) and free its cache."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.request_id in self.cache:
+            self.cache.free(seq.request_id)
+        seq.status = Status.FINISHED
+
+    def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
+        self.running.remove(seq)
+        self.cache.free(seq.request_id)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        step.preempted.append(seq)
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep()
+        budget = self.max_num_batched_tokens
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:          # preempted below to make room for an older one
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while not self.cache.can_grow(seq.request_id, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim, step)
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            self.cache.grow(seq.request_id, seq.num_computed + n)
+            step.seqs.append(seq)
+            step.num_tokens.append(n)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not step.preempted:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.cache.can_grow(None, n):
+                break
+            self.waiting.popleft()
+            self.cache.add(seq.request_id)
+            self.cache.grow(seq.request_id, n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            step.seqs.append(seq)
+            step.num_tokens.append(n)
+            budget -= n
+        return step
