@@ -197,6 +197,7 @@ class ModelConfig:
             values["eos_token_id"] = values["eos_token_id"][0]
         values["n_hash_layers"] = _hash_layers(raw, values)
         values["compress_rope"] = _compress_rope(raw, values)
+        values.pop("compress_rope_theta", None)
         if "compress_ratios" in values:
             values["compress_ratios"] = tuple(values["compress_ratios"])
         values.setdefault("n_mtp_layers", 0)
@@ -232,7 +233,8 @@ class ModelConfig:
         """The Hugging Face style config.json our checkpoint writer emits."""
         out: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}
         for name, aliases in _ALIASES.items():
-            out[aliases[0]] = getattr(self, name)
+            if hasattr(self, name):
+                out[aliases[0]] = getattr(self, name)
         out["compress_ratios"] = list(self.compress_ratios)
         out["compress_rope_theta"] = self.compress_rope.theta
         cr = self.compress_rope
@@ -240,8 +242,7 @@ class ModelConfig:
             out["rope_scaling"] = {"type": "yarn", "factor": cr.factor,
                                    "original_max_position_embeddings": cr.original_seq_len,
                                    "beta_fast": cr.beta_fast, "beta_slow": cr.beta_slow}
-        out["mlp_layer_types"] = ["hash_moe" if self.is_hash_layer(i) else "moe" for i in range(self.n_layers)]
-        del out["num_hash_layers"]
+        out["num_hash_layers"] = self.n_hash_layers
         out["torch_dtype"] = "bfloat16"
         return out
 
