@@ -17,7 +17,7 @@ def cute_available(device: torch.device) -> tuple[bool, str]:
     if (major, minor) != (9, 0):
         return False, f"the GPU is sm_{major}{minor}; the CuTe DSL kernels are built for Hopper (sm_90) only"
     try:
-        import dsv4_kernels.ops  # noqa: F401
+        import dsv4.ops.cute  # noqa: F401  (imports dsv4_kernels and CuTe DSL)
     except ImportError as e:
         return False, f"the CuTe DSL kernels are not importable: {e}"
     return True, ""
@@ -31,7 +31,7 @@ def select_ops(backend: str, device: torch.device, dtype: torch.dtype) -> Ops:
     if backend == "cute" and not ok:
         raise ConfigError(f"ops_backend 'cute' was requested but {why}; use ops_backend 'torch' or 'auto'")
     if ok:
-        from dsv4_kernels.ops import CuteOps
+        from dsv4.ops.cute import CuteOps
         return CuteOps(device, dtype)
     return TorchOps(device, dtype)
 
