@@ -156,7 +156,6 @@ class TorchOps(Ops):
                            out: Tensor, block_size: int, batch: ForwardBatch) -> None:
         overlap = ratio == 4
         d = out.shape[-1]
-        per_block = block_size // ratio
         kv, score = kv.float(), score.float()
         for b in range(batch.num_seqs):
             s0, s1 = batch.query_start[b], batch.query_start[b + 1]
