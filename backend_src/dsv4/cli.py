@@ -67,11 +67,19 @@ def _from_module(module: str) -> Register:
     return register
 
 
+def add_bench(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("bench", help="GPU kernel benchmarks: gemm, moe, attention (tables + JSON)")
+    group = p.add_subparsers(dest="bench_what", required=True, metavar="KERNEL")
+    importlib.import_module("dsv4.bench_cmd").add_parser(group)
+    importlib.import_module("dsv4.bench_attention_cmd").add_parser(group)
+
+
 SUBCOMMANDS: dict[str, Register] = {
     "make-checkpoint": add_make_checkpoint,
     "generate": _from_module("dsv4.generate_cmd"),
-    # "bench": _from_module("dsv4.bench_cmd"),
+    "bench": add_bench,
 }
+
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,407 @@
+"""Sparse (CSA / HCA / window) attention over the paged caches, one CTA per (query token, KV split, head group).
+
+DeepSeek-V4 attention has one shared KV head (keys = values, dim d = 512) and H query heads, so for one query token
+the work is two small GEMMs over the rows it may see: S = Q Kᵀ ([M heads, BN rows] per tile, K = d) and O += P V
+([M, d], K = BN). Each query token owns a *virtual list* of KV rows:
+
+    rows 0 .. n_win-1           window positions max(0, p-W+1) .. p, read from the window pool through the block
+                                table of its sequence;
+    rows n_win .. n_win+n_c-1   compressed entries: HCA every entry w < (p+1) // ratio, CSA the indexer's top-k
+                                entry numbers (-1 = none, masked), read from the compressed pool through its table.
+
+That is the same function for a decode token and for every token of a prefill chunk (each sees its own window and
+top-k), so this one kernel serves both; for prefill it re-reads shared rows per query token (mostly from L2).
+
+Design (Hopper, no TMA gather): rows are gathered with 16-byte cp.async into a swizzled shared-memory tile of
+BN rows x d, double buffered; the row address of each virtual row is computed by the loading threads from the block
+tables. Tensor cores through mma.sync m16n8k16 (bf16 in, fp32 accumulate); warps tile (M/16) x wn. P goes through
+shared memory (S columns are split across the wn warps that share rows); the row max is exchanged between those warps
+through shared memory, so all of them rescale with the same maximum. Softmax in the log2 domain; the per-head sink
+logit joins the softmax at the end (it only adds exp(sink - m) to the denominator). Invalid rows (past the end, top-k
+-1) are loaded from a safe row (the token's own window row, always present) and masked with -inf, so no NaN from
+stale memory can leak in.
+
+Split-KV: with few query tokens the grid is (splits, T, head groups); each split writes an unnormalised fp32 partial
+O with its row max and sum, and a second kernel merges the splits and the sink. With one split the CTA writes the
+final bf16 output itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64
+from cutlass.cute.nvgpu import cpasync, warp
+
+LOG2_E = 1.4426950408889634
+
+MODE_WINDOW, MODE_HCA, MODE_CSA = 0, 1, 2
+
+
+def _mn_view(acc: cute.Tensor) -> cute.Tensor:
+    """((2,2), MMA_M, MMA_N) accumulator -> ((2, MMA_M), (2, MMA_N)) row/column view."""
+    lay = cute.make_layout(acc.layout.shape)
+    mn = cute.make_layout(
+        ((lay.shape[0][1], lay.shape[1]), (lay.shape[0][0], lay.shape[2])),
+        stride=((lay.stride[0][1], lay.stride[1]), (lay.stride[0][0], lay.stride[2])),
+    )
+    return cute.make_tensor(acc.iterator, cute.composition(acc.layout, mn))
+
+
+def _quad(val, op):
+    val = op(val, cute.arch.shuffle_sync_bfly(val, offset=2, mask=-1, mask_and_clamp=31))
+    val = op(val, cute.arch.shuffle_sync_bfly(val, offset=1, mask=-1, mask_and_clamp=31))
+    return val
+
+
+class SparseDecodeAttention:
+    """Compile-time configuration of one kernel variant."""
+
+    def __init__(self, head_dim: int, heads_per_cta: int, mode: int, window: int, block_size: int, ratio: int,
+                 topk: int, split: bool, block_n: int = 64, stages: int = 2):
+        assert head_dim % 64 == 0 and heads_per_cta in (16, 32, 64)
+        self.d = head_dim
+        self.M = heads_per_cta
+        self.wm = heads_per_cta // 16
+        self.wn = 4 if heads_per_cta <= 32 else 2
+        self.threads = 32 * self.wm * self.wn
+        self.BN = block_n
+        assert self.BN % (16 * self.wn) == 0 and self.d % (16 * self.wn) == 0
+        self.stages = stages
+        self.mode = mode
+        self.W = window
+        self.bs = block_size
+        self.ratio = ratio
+        self.per_block = block_size // ratio if ratio else 1
+        self.topk = topk
+        self.split = split
+
+    def smem_bytes(self) -> int:
+        return 2 * (self.M * self.d + self.stages * self.BN * self.d + self.M * self.BN) + 4 * (
+            self.stages * self.BN + self.wn * self.M) + 4 * 1024
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mSwa: cute.Tensor, mComp: cute.Tensor, mPos: cute.Tensor,
+                 mSeq: cute.Tensor, mSwaBT: cute.Tensor, mCompBT: cute.Tensor, mTopk: cute.Tensor,
+                 mSink: cute.Tensor, mOut: cute.Tensor, mOpart: cute.Tensor, mML: cute.Tensor,
+                 scale_log2: Float32, tiles_per_split: Int32, num_splits: Int32, stream):
+        dt = cutlass.BFloat16
+        atom = cute.make_composed_layout(cute.make_swizzle(3, 3, 3), 0,
+                                         cute.make_layout((8, 64), stride=(64, 1)))
+        sQ_layout = cute.tile_to_shape(atom, (self.M, self.d), (0, 1))
+        sK_layout = cute.tile_to_shape(atom, (self.BN, self.d, self.stages), (0, 1, 2))
+        sP_layout = cute.tile_to_shape(atom, (self.M, self.BN), (0, 1))
+
+        @cute.struct
+        class Storage:
+            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sP_layout)], 1024]
+            sBias: cute.struct.Align[cute.struct.MemRange[Float32, self.BN * self.stages], 16]
+            sRed: cute.struct.Align[cute.struct.MemRange[Float32, self.wn * self.M], 16]
+
+        g2s = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dt,
+                                  num_bits_per_copy=128)
+        tiled_g2s = cute.make_tiled_copy_tv(g2s, cute.make_layout((self.threads // 8, 8), stride=(8, 1)),
+                                            cute.make_layout((1, 8)))
+        tiled_mma = cute.make_tiled_mma(warp.MmaF16BF16Op(dt, Float32, (16, 8, 16)), (self.wm, self.wn, 1),
+                                        permutation_mnk=(self.M, 16 * self.wn, 16))
+        grid = (num_splits, cute.size(mQ.shape[0]), cute.size(mQ.shape[1]) // self.M)
+        self.kernel(mQ, mSwa, mComp, mPos, mSeq, mSwaBT, mCompBT, mTopk, mSink, mOut, mOpart, mML, scale_log2,
+                    tiles_per_split, sQ_layout, sK_layout, sP_layout, tiled_g2s, tiled_mma, Storage).launch(
+            grid=grid, block=[self.threads, 1, 1], smem=Storage.size_in_bytes(), stream=stream)
+
+    @cute.jit
+    def _row_addr(self, n: Int32, n_win: Int32, n_total: Int32, lo: Int32, b: Int32, t: Int32, safe: Int64,
+                  swa_base: Int64, comp_base: Int64, mSwaBT: cute.Tensor, mCompBT: cute.Tensor,
+                  mTopk: cute.Tensor):
+        """Byte address of virtual row n, and 1 if it takes part in the softmax."""
+        row_bytes = self.d * 2
+        addr = safe
+        valid = Int32(0)
+        if n < n_win:
+            pos = lo + n
+            blk = mSwaBT[b, pos // self.bs]
+            addr = swa_base + Int64(blk * self.bs + pos % self.bs) * row_bytes
+            valid = Int32(1)
+        if cutlass.const_expr(self.mode != MODE_WINDOW):
+            if n >= n_win and n < n_total:
+                ent = n - n_win
+                if cutlass.const_expr(self.mode == MODE_CSA):
+                    ent = mTopk[t, n - n_win]
+                if ent >= 0:
+                    cblk = mCompBT[b, ent // self.per_block]
+                    addr = comp_base + Int64(cblk * self.per_block + ent % self.per_block) * row_bytes
+                    valid = Int32(1)
+        return addr, valid
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mSwa: cute.Tensor, mComp: cute.Tensor, mPos: cute.Tensor,
+               mSeq: cute.Tensor, mSwaBT: cute.Tensor, mCompBT: cute.Tensor, mTopk: cute.Tensor,
+               mSink: cute.Tensor, mOut: cute.Tensor, mOpart: cute.Tensor, mML: cute.Tensor,
+               scale_log2: Float32, tiles_per_split: Int32, sQ_layout: cute.ComposedLayout,
+               sK_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout, tiled_g2s: cute.TiledCopy,
+               tiled_mma: cute.TiledMma, Storage: cutlass.Constexpr):
+        dt = cutlass.BFloat16
+        tidx, _, _ = cute.arch.thread_idx()
+        split_idx, t, g = cute.arch.block_idx()
+        lane = tidx % 32
+        warp_n = (tidx // 32) // self.wm
+
+        # ---- the token's virtual row list ----
+        p = mPos[t]
+        b = mSeq[t]
+        n_win = cutlass.min(p + 1, self.W)
+        lo = p - n_win + 1
+        n_total = n_win
+        if cutlass.const_expr(self.mode == MODE_HCA):
+            n_total = n_win + (p + 1) // self.ratio
+        if cutlass.const_expr(self.mode == MODE_CSA):
+            n_total = n_win + self.topk
+        n_tiles = (n_total + self.BN - 1) // self.BN
+        tile_lo = split_idx * tiles_per_split
+        tile_hi = cutlass.min(tile_lo + tiles_per_split, n_tiles)
+        row_bytes = self.d * 2
+        swa_base = mSwa.iterator.toint()
+        comp_base = mComp.iterator.toint()
+        safe = swa_base + Int64(mSwaBT[b, p // self.bs] * self.bs + p % self.bs) * row_bytes
+
+        smem = cutlass.memory.SmemAllocator()
+        st = smem.allocate(Storage)
+        sQ = st.sQ.get_tensor(sQ_layout)
+        sK = st.sK.get_tensor(sK_layout)
+        sP = st.sP.get_tensor(sP_layout)
+        sBias = st.sBias.get_tensor(cute.make_layout((self.BN, self.stages)))
+        sRed = st.sRed.get_tensor(cute.make_layout((self.wn, self.M)))
+        sVt = cute.composition(sK, cute.make_layout((self.d, self.BN, self.stages),
+                                                    stride=(self.BN, 1, self.BN * self.d)))
+
+        # ---- global -> shared copies ----
+        thr_g2s = tiled_g2s.get_slice(tidx)
+        gQ = cute.local_tile(mQ[t, None, None], (self.M, self.d), (g, 0))
+        cute.copy(tiled_g2s, thr_g2s.partition_S(gQ), thr_g2s.partition_D(sQ))
+
+        tKsK = thr_g2s.partition_D(sK)                      # (CPY, rows, chunks, stages)
+        tKcK = thr_g2s.partition_S(cute.make_identity_tensor((self.BN, self.d)))
+        n_rows_thr = cute.size(tKsK, mode=[1])
+        n_chunks_thr = cute.size(tKsK, mode=[2])
+
+        # ---- MMA partitions ----
+        thr_mma = tiled_mma.get_slice(tidx)
+        tSrQ = thr_mma.make_fragment_A(thr_mma.partition_A(sQ))
+        tSrK = thr_mma.make_fragment_B(thr_mma.partition_B(sK[None, None, 0]))
+        tOrP = thr_mma.make_fragment_A(thr_mma.partition_A(sP))
+        tOrVt = thr_mma.make_fragment_B(thr_mma.partition_B(sVt[None, None, 0]))
+        acc_O = cute.make_rmem_tensor(thr_mma.partition_shape_C((self.M, self.d)), Float32)
+        acc_O.fill(0.0)
+
+        ld_a = cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=False, num_matrices=4), dt)
+        ld_b = cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=False, num_matrices=4), dt)
+        ld_bt = cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=True, num_matrices=4), dt)
+        s2r_A = cute.make_tiled_copy_A(ld_a, tiled_mma)
+        s2r_B = cute.make_tiled_copy_B(ld_b, tiled_mma)
+        s2r_Bt = cute.make_tiled_copy_B(ld_bt, tiled_mma)
+        thr_A = s2r_A.get_slice(tidx)
+        thr_B = s2r_B.get_slice(tidx)
+        thr_Bt = s2r_Bt.get_slice(tidx)
+        tSsQ = thr_A.partition_S(sQ)
+        tSrQ_v = thr_A.retile(tSrQ)
+        tSsK = thr_B.partition_S(sK)                        # (CPY, N, K, stages)
+        tSrK_v = thr_B.retile(tSrK)
+        tOsP = thr_A.partition_S(sP)
+        tOrP_v = thr_A.retile(tOrP)
+        tOsVt = thr_Bt.partition_S(sVt)
+        tOrVt_v = thr_Bt.retile(tOrVt)
+
+        st_P = cute.make_tiled_copy_C(cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dt), tiled_mma)
+        thr_stP = st_P.get_slice(tidx)
+        tPsP = thr_stP.partition_D(sP)
+
+        cS = cute.make_identity_tensor((self.M, self.BN))
+        tScS_mn = _mn_view(thr_mma.partition_C(cS))
+        acc_O_mn = _mn_view(acc_O)
+        n_r = cute.size(tScS_mn, mode=[0])
+        n_c = cute.size(tScS_mn, mode=[1])
+        row_max = cute.make_rmem_tensor((n_r,), Float32)
+        row_sum = cute.make_rmem_tensor((n_r,), Float32)
+        row_max.fill(-1.0e30)
+        row_sum.fill(0.0)
+
+        # ---- prologue: first tile ----
+        if tile_lo < tile_hi:
+            self._load_tile(tile_lo, 0, tKsK, tKcK, sBias, n_rows_thr, n_chunks_thr, tiled_g2s, tidx, n_win,
+                            n_total, lo, b, t, safe, swa_base, comp_base, mSwaBT, mCompBT, mTopk)
+        cute.arch.cp_async_commit_group()
+
+        for tile in cutlass.range(tile_lo, tile_hi, unroll=1):
+            stage = (tile - tile_lo) % self.stages
+            if tile + 1 < tile_hi:
+                self._load_tile(tile + 1, (tile + 1 - tile_lo) % self.stages, tKsK, tKcK, sBias, n_rows_thr,
+                                n_chunks_thr, tiled_g2s, tidx, n_win, n_total, lo, b, t, safe, swa_base,
+                                comp_base, mSwaBT, mCompBT, mTopk)
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(1)
+            cute.arch.barrier()
+
+            # S = Q K^T
+            acc_S = cute.make_rmem_tensor(thr_mma.partition_shape_C((self.M, self.BN)), Float32)
+            acc_S.fill(0.0)
+            for k in cutlass.range_constexpr(cute.size(tSsQ.shape[2])):
+                cute.copy(s2r_A, tSsQ[None, None, k], tSrQ_v[None, None, k])
+                cute.copy(s2r_B, tSsK[None, None, k, stage], tSrK_v[None, None, k])
+                cute.gemm(tiled_mma, acc_S, tSrQ[None, None, k], tSrK[None, None, k], acc_S)
+
+            # online softmax, log2 domain, row max shared by the wn warps of a row
+            acc_S_mn = _mn_view(acc_S)
+            for r in cutlass.range_constexpr(n_r):
+                mx = -Float32.inf
+                for c in cutlass.range_constexpr(n_c):
+                    v = acc_S_mn[r, c] * scale_log2 + sBias[tScS_mn[0, c][1], stage]
+                    acc_S_mn[r, c] = v
+                    mx = cute.arch.fmax(mx, v)
+                mx = _quad(mx, cute.arch.fmax)
+                if lane % 4 == 0:
+                    sRed[warp_n, tScS_mn[r, 0][0]] = mx
+            cute.arch.barrier()
+            for r in cutlass.range_constexpr(n_r):
+                row = tScS_mn[r, 0][0]
+                mt = sRed[0, row]
+                for j in cutlass.range_constexpr(1, self.wn):
+                    mt = cute.arch.fmax(mt, sRed[j, row])
+                m_old = row_max[r]
+                m_new = cute.arch.fmax(m_old, mt)
+                alpha = cute.math.exp2(m_old - m_new, fastmath=True)
+                row_max[r] = m_new
+                ssum = Float32(0.0)
+                for c in cutlass.range_constexpr(n_c):
+                    e = cute.math.exp2(acc_S_mn[r, c] - m_new, fastmath=True)
+                    acc_S_mn[r, c] = e
+                    ssum = ssum + e
+                row_sum[r] = row_sum[r] * alpha + ssum
+                acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
+
+            rP = cute.make_fragment_like(acc_S, dt)
+            rP.store(acc_S.load().to(dt))
+            cute.copy(st_P, thr_stP.retile(rP), tPsP)
+            cute.arch.barrier()
+
+            # O += P V
+            for k in cutlass.range_constexpr(cute.size(tOsP.shape[2])):
+                cute.copy(s2r_A, tOsP[None, None, k], tOrP_v[None, None, k])
+                cute.copy(s2r_Bt, tOsVt[None, None, k, stage], tOrVt_v[None, None, k])
+                cute.gemm(tiled_mma, acc_O, tOrP[None, None, k], tOrVt[None, None, k], acc_O)
+            cute.arch.barrier()
+
+        cute.arch.cp_async_wait_group(0)
+
+        # ---- row sums across the quad and the wn warps ----
+        for r in cutlass.range_constexpr(n_r):
+            s = _quad(row_sum[r], lambda x, y: x + y)
+            if lane % 4 == 0:
+                sRed[warp_n, tScS_mn[r, 0][0]] = s
+        cute.arch.barrier()
+        for r in cutlass.range_constexpr(n_r):
+            row = tScS_mn[r, 0][0]
+            s = sRed[0, row]
+            for j in cutlass.range_constexpr(1, self.wn):
+                s = s + sRed[j, row]
+            row_sum[r] = s
+
+        cO = cute.make_identity_tensor((self.M, self.d))
+        if cutlass.const_expr(self.split):
+            for r in cutlass.range_constexpr(n_r):
+                if warp_n == 0 and lane % 4 == 0:
+                    h = g * self.M + tScS_mn[r, 0][0]
+                    mML[t, split_idx, h, 0] = row_max[r]
+                    mML[t, split_idx, h, 1] = row_sum[r]
+            gO = cute.local_tile(mOpart[t, split_idx, None, None], (self.M, self.d), (g, 0))
+            tOgO = thr_mma.partition_C(gO)
+            cute.autovec_copy(acc_O, tOgO)
+        else:
+            for r in cutlass.range_constexpr(n_r):
+                h = g * self.M + tScS_mn[r, 0][0]
+                sink2 = mSink[h] * LOG2_E
+                m = row_max[r]
+                mm = cute.arch.fmax(m, sink2)
+                alpha = cute.math.exp2(m - mm, fastmath=True)
+                denom = row_sum[r] * alpha + cute.math.exp2(sink2 - mm, fastmath=True)
+                acc_O_mn[r, None] = acc_O_mn[r, None].load() * (alpha / denom)
+            rO = cute.make_fragment_like(acc_O, dt)
+            rO.store(acc_O.load().to(dt))
+            gO = cute.local_tile(mOut[t, None, None], (self.M, self.d), (g, 0))
+            cute.autovec_copy(rO, thr_mma.partition_C(gO))
+
+    @cute.jit
+    def _load_tile(self, tile: Int32, stage: Int32, tKsK: cute.Tensor, tKcK: cute.Tensor, sBias: cute.Tensor,
+                   n_rows_thr: cutlass.Constexpr, n_chunks_thr: cutlass.Constexpr, tiled_g2s: cute.TiledCopy,
+                   tidx: Int32, n_win: Int32, n_total: Int32, lo: Int32, b: Int32, t: Int32, safe: Int64,
+                   swa_base: Int64, comp_base: Int64, mSwaBT: cute.Tensor, mCompBT: cute.Tensor,
+                   mTopk: cute.Tensor):
+        for m in cutlass.range_constexpr(n_rows_thr):
+            row = tKcK[0, m, 0][0]
+            addr, valid = self._row_addr(tile * self.BN + row, n_win, n_total, lo, b, t, safe, swa_base, comp_base,
+                                         mSwaBT, mCompBT, mTopk)
+            if tidx % 8 == 0:
+                sBias[row, stage] = 0.0 if valid == 1 else -Float32.inf
+            src_row = cute.make_tensor(cute.make_ptr(cutlass.BFloat16, addr, cute.AddressSpace.gmem,
+                                                     assumed_align=16), cute.make_layout((self.d,)))
+            src_chunks = cute.tiled_divide(src_row, (8,))
+            for k in cutlass.range_constexpr(n_chunks_thr):
+                ki = tKcK[0, 0, k][1] // 8
+                dst = tKsK[None, m, k, stage]
+                src = cute.make_tensor(src_chunks[None, ki].iterator, dst.layout)
+                cute.copy(tiled_g2s, src, dst)
+
+
+class SplitCombine:
+    """out[t, h] = (sum_s 2^(m_s - M) O_s) / (2^(sink - M) + sum_s 2^(m_s - M) l_s), M = max(sink, m_s)."""
+
+    def __init__(self, head_dim: int):
+        self.d = head_dim
+        self.threads = head_dim // 4
+
+    @cute.jit
+    def __call__(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor,
+                 num_splits: Int32, stream):
+        self.kernel(mOpart, mML, mSink, mOut, num_splits).launch(
+            grid=(cute.size(mOut.shape[0]), cute.size(mOut.shape[1]), 1), block=[self.threads, 1, 1],
+            stream=stream)
+
+    @cute.kernel
+    def kernel(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor,
+               num_splits: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        t, h, _ = cute.arch.block_idx()
+        sink2 = mSink[h] * LOG2_E
+        mx = sink2
+        for s in cutlass.range(num_splits, unroll=1):
+            mx = cute.arch.fmax(mx, mML[t, s, h, 0])
+        denom = cute.math.exp2(sink2 - mx, fastmath=True)
+        acc = cute.make_rmem_tensor((4,), Float32)
+        acc.fill(0.0)
+        for s in cutlass.range(num_splits, unroll=1):
+            w = cute.math.exp2(mML[t, s, h, 0] - mx, fastmath=True)
+            denom = denom + w * mML[t, s, h, 1]
+            src = cute.local_tile(mOpart[t, s, h, None], (4,), (tidx,))
+            frag = cute.make_rmem_tensor((4,), Float32)
+            cute.autovec_copy(src, frag)
+            acc.store(acc.load() + frag.load() * w)
+        inv = 1.0 / denom
+        res = cute.make_rmem_tensor((4,), cutlass.BFloat16)
+        res.store((acc.load() * inv).to(cutlass.BFloat16))
+        cute.autovec_copy(res, cute.local_tile(mOut[t, h, None], (4,), (tidx,)))
+
+
+def plan_splits(max_rows: int, n_tokens: int, head_groups: int, block_n: int = 64, num_sms: int = 132,
+                min_tiles: int = 2) -> tuple[int, int]:
+    """-> (num_splits, tiles_per_split): about one wave of CTAs when the token count alone does not fill the GPU,
+    at least `min_tiles` tiles per split (each split writes a [M, d] fp32 partial: more splits cost traffic).
+    Measured on H100, HCA 64k context, H=64: batch 64 best at 2 splits, batch 16 at 5 (docs/PERF_ATTENTION.md)."""
+    tiles = max(1, math.ceil(max_rows / block_n))
+    ctas = n_tokens * head_groups
+    want = max(1, num_sms // max(1, ctas))
+    splits = max(1, min(want, tiles // min_tiles))
+    per = math.ceil(tiles / splits)
+    return math.ceil(tiles / per), per

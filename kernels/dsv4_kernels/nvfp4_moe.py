@@ -1,0 +1,284 @@
+"""Grouped MoE over NVFP4 experts (routed experts only), CuTe DSL on Hopper.
+
+    out[t] = sum_k w[t, k] * W2_e (swiglu(W1_e x[t], W3_e x[t]))     e = ids[t, k]
+
+Steps (all on the GPU, no host synchronisation, CUDA-graph capturable):
+1. routing bookkeeping in torch: assignments sorted by expert (stable argsort), per-expert counts by scatter_add,
+   offsets by cumsum -- device tensors the kernels read, so token counts never become Python ints;
+2. gate_up kernel: grid (row tiles, experts); a CTA whose expert got no token exits at once, so at decode only
+   touched experts' weight bytes move. W1 and W3 are interleaved at load time in blocks of 8 rows, so each 16-row MMA
+   tile holds 8 gate rows and the 8 matching up rows and the SwiGLU (gate clamped from above, up clamped both sides,
+   as TorchOps._swiglu) is applied in the epilogue; h is written bf16 in expert-sorted order;
+3. down kernel: same grid over W2; the epilogue multiplies by the routing weight and writes fp32 rows back in the
+   original (token, k) order; a sum over k and the cast to bf16 finish in torch.
+
+Token rows of one expert are processed in blocks of 8 * MT inside the CTA (dynamic count), so 0 tokens or all
+tokens on one expert both work. The MMA core, the weight layout and the in-register decode are nvfp4_gemm's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32
+
+from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _decode_word, _fake, _mma_bf16, _options,
+                                     _scale_pair, _stream_arg, _TVM_FFI, prepare_nvfp4_weight)
+
+__all__ = ["PackedExperts", "prepare_nvfp4_experts", "nvfp4_moe", "bench"]
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+@dataclass
+class PackedExperts:
+    w13_codes: torch.Tensor    # int32 [E, 2I/16, D/64, 32, 4]  (8 gate rows, 8 up rows per tile)
+    w13_scales: torch.Tensor   # int16 [E, 2I/16, D/64, 32]
+    w2_codes: torch.Tensor     # int32 [E, D/16, I/64, 32, 4]
+    w2_scales: torch.Tensor    # int16 [E, D/16, I/64, 32]
+    alphas: torch.Tensor       # fp32 [E, 3]: scale_2 * 2^8 of w1, w3, w2
+    n_experts: int
+    dim: int
+    inter: int
+    cache: dict = field(default_factory=dict, repr=False)
+
+    def expert_bytes(self) -> int:
+        """Weight bytes of one expert (gate, up, down) as the kernels read them."""
+        e = self.n_experts
+        return (self.w13_codes.numel() * 4 + self.w13_scales.numel() * 2 + self.w2_codes.numel() * 4
+                + self.w2_scales.numel() * 2) // e
+
+
+class _NV:  # minimal NVFP4Tensor look-alike for the re-layout
+    def __init__(self, packed, scale, scale_2):
+        self.packed, self.scale, self.scale_2 = packed, scale, scale_2
+
+
+def prepare_nvfp4_experts(w1: list, w2: list, w3: list, device: torch.device | str) -> PackedExperts:
+    """Routed experts' NVFP4Tensors (w1/w3 [I, D], w2 [D, I]) -> PackedExperts on `device` (re-layout there)."""
+    dev = torch.device(device)
+    if not (len(w1) == len(w2) == len(w3)) or not w1:
+        raise ValueError("prepare_nvfp4_experts: w1, w2, w3 must be equally long non-empty lists")
+    inter, dim = w1[0].shape
+    if inter % 8 or inter % KCHUNK or dim % KCHUNK or dim % ROWTILE:
+        raise ValueError(f"prepare_nvfp4_experts: need dim % 64 == 0 and inter % 64 == 0, got dim={dim} inter={inter}")
+    c13, s13, c2, s2, al = [], [], [], [], []
+    one = torch.ones((), dtype=torch.float32)
+    for a, b, c in zip(w1, w3, w2):
+        if tuple(a.shape) != (inter, dim) or tuple(b.shape) != (inter, dim) or tuple(c.shape) != (dim, inter):
+            raise ValueError(f"prepare_nvfp4_experts: expert shapes {a.shape}, {b.shape}, {c.shape} differ from "
+                             f"w1/w3 [{inter}, {dim}], w2 [{dim}, {inter}]")
+        pa, pb = a.packed.to(dev), b.packed.to(dev)
+        sa, sb = a.scale.to(dev), b.scale.to(dev)
+        packed = torch.stack([pa.view(inter // 8, 8, -1), pb.view(inter // 8, 8, -1)], 1).reshape(2 * inter, -1)
+        scale = torch.stack([sa.view(inter // 8, 8, -1), sb.view(inter // 8, 8, -1)], 1).reshape(2 * inter, -1)
+        p13 = prepare_nvfp4_weight(_NV(packed, scale, one), dev)
+        p2 = prepare_nvfp4_weight(_NV(c.packed.to(dev), c.scale.to(dev), c.scale_2), dev)
+        c13.append(p13.codes), s13.append(p13.scales), c2.append(p2.codes), s2.append(p2.scales)
+        al.append([float(a.scale_2.reshape(-1)[0]) * 256.0, float(b.scale_2.reshape(-1)[0]) * 256.0, p2.alpha])
+    return PackedExperts(torch.stack(c13), torch.stack(s13), torch.stack(c2), torch.stack(s2),
+                         torch.tensor(al, dtype=torch.float32, device=dev), len(w1), dim, inter)
+
+
+class _Grouped:
+    """One grouped GEMM over experts. mode "gateup": x rows gathered by token, SwiGLU epilogue -> H [A, I] bf16
+    (sorted order). mode "down": x rows = H (sorted order), epilogue * routing weight -> Y [A, D] fp32 at the
+    assignment's original index."""
+
+    def __init__(self, mode: str, n: int, k: int, mt: int, clamp: bool):
+        self.mode, self.n, self.k, self.mt, self.clamp = mode, n, k, mt, clamp
+        self.nchunk = k // KCHUNK
+        self.unroll = 4 if self.nchunk % 4 == 0 else (2 if self.nchunk % 2 == 0 else 1)
+
+    @cute.kernel
+    def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mOff: cute.Tensor, mRows: cute.Tensor,
+               mPerm: cute.Tensor, mWt: cute.Tensor, mAl: cute.Tensor, mOut: cute.Tensor, limit: Float32):
+        tidx, _, _ = cute.arch.thread_idx()
+        bx, e, _ = cute.arch.block_idx()
+        lane = tidx % 32
+        warp = tidx // 32
+        g = lane // 4
+        t = lane % 4
+        tile = bx * WARPS + warp
+        MT = self.mt
+        U = self.unroll
+        off = mOff[e]
+        cnt = mOff[e + 1] - off
+        acc = cute.make_rmem_tensor((MT * 4,), Float32)
+        wreg = cute.make_rmem_tensor((4, U), Int32)
+        sreg = cute.make_rmem_tensor((U,), Int32)
+        xreg = cute.make_rmem_tensor((8,), Int32)
+        rows = cute.make_rmem_tensor((MT,), Int32)
+        if tile < self.n // ROWTILE and cnt > 0:
+            nblk = (cnt + MT * 8 - 1) // (MT * 8)
+            for mb in cutlass.range(nblk):
+                p0 = off + mb * (MT * 8)
+                for j in cutlass.range_constexpr(MT):
+                    p = cutlass.min(p0 + j * 8 + g, off + cnt - 1)
+                    if cutlass.const_expr(self.mode == "gateup"):
+                        rows[j] = mRows[p]
+                    else:
+                        rows[j] = p
+                for i in cutlass.range_constexpr(MT * 4):
+                    acc[i] = Float32(0.0)
+                for it in cutlass.range(self.nchunk // U):
+                    cb = it * U
+                    for u in cutlass.range_constexpr(U):
+                        cute.autovec_copy(mW[e, tile, cb + u, lane, None], wreg[None, u])
+                        sreg[u] = Int32(mS[e, tile, cb + u, lane])
+                    for u in cutlass.range_constexpr(U):
+                        sg, sg8 = _scale_pair(sreg[u])
+                        kx = (cb + u) * 4 + t
+                        a = []
+                        for s in cutlass.range_constexpr(4):
+                            a.append(_decode_word(wreg[s, u], sg, sg8))
+                        for j in cutlass.range_constexpr(MT):
+                            cute.autovec_copy(mX[rows[j], kx, None], xreg)
+                            for s in cutlass.range_constexpr(4):
+                                d = _mma_bf16(a[s][0], a[s][1], a[s][2], a[s][3], xreg[2 * s], xreg[2 * s + 1],
+                                              acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3])
+                                for q in cutlass.range_constexpr(4):
+                                    acc[j * 4 + q] = d[q]
+                for j in cutlass.range_constexpr(MT):
+                    for q in cutlass.range_constexpr(2):
+                        p = p0 + j * 8 + 2 * t + q
+                        if p < off + cnt:
+                            if cutlass.const_expr(self.mode == "gateup"):
+                                gate = acc[j * 4 + q] * mAl[e, 0]
+                                up = acc[j * 4 + 2 + q] * mAl[e, 1]
+                                if cutlass.const_expr(self.clamp):
+                                    gate = cutlass.min(gate, limit)
+                                    up = cutlass.max(cutlass.min(up, limit), -limit)
+                                h = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
+                                mOut[p, tile * 8 + g] = h.to(cutlass.BFloat16)
+                            else:
+                                a_idx = mPerm[p]
+                                wt = mWt[p] * mAl[e, 2]
+                                mOut[a_idx, tile * ROWTILE + g] = acc[j * 4 + q] * wt
+                                mOut[a_idx, tile * ROWTILE + g + 8] = acc[j * 4 + 2 + q] * wt
+
+    @cute.jit
+    def launch(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mOff: cute.Tensor, mRows: cute.Tensor,
+               mPerm: cute.Tensor, mWt: cute.Tensor, mAl: cute.Tensor, mOut: cute.Tensor, limit: Float32,
+               n_experts: Int32, stream):
+        grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
+        self.kernel(mW, mS, mX, mOff, mRows, mPerm, mWt, mAl, mOut, limit).launch(
+            grid=[grid_x, n_experts, 1], block=[WARPS * 32, 1, 1], stream=stream)
+
+
+def compile_grouped(mode: str, e: int, n: int, k: int, mt: int, clamp: bool, out_n: int):
+    key = (mode, e, n, k, mt, clamp, _TVM_FFI)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        obj = _Grouped(mode, n, k, mt, clamp)
+        a = cute.sym_int()      # assignments (T * topk)
+        tx = cute.sym_int()     # rows of the B operand source
+        out_t = cutlass.BFloat16 if mode == "gateup" else Float32
+        fn = cute.compile(obj.launch,
+                          _fake(Int32, (e, n // 16, k // 64, 32, 4)), _fake(cutlass.Int16, (e, n // 16, k // 64, 32), 2),
+                          _fake(Int32, (tx, k // 16, 8)), _fake(Int32, (e + 1,), 4), _fake(Int32, (a,), 4),
+                          _fake(Int32, (a,), 4), _fake(Float32, (a,), 4), _fake(Float32, (e, 3), 4),
+                          _fake(out_t, (a, out_n), 4), Float32(0.0), Int32(e), _stream_arg(), options=_options())
+        _COMPILED[key] = fn
+    return fn
+
+
+def _mt_for(num_assign: int, n_experts: int) -> int:
+    return 1 if num_assign <= 2 * n_experts else (2 if num_assign <= 8 * n_experts else 8)
+
+
+def nvfp4_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, experts: PackedExperts,
+              swiglu_limit: float) -> torch.Tensor:
+    """Routed experts: x bf16 [T, D], ids [T, k] int, weights [T, k] -> bf16 [T, D]."""
+    if not isinstance(experts, PackedExperts):
+        raise TypeError(f"nvfp4_moe: experts must be PackedExperts, got {type(experts).__name__}")
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != experts.dim:
+        raise ValueError(f"nvfp4_moe: x must be bf16 [T, {experts.dim}], got {x.dtype} {tuple(x.shape)}")
+    if expert_ids.shape != expert_weights.shape or expert_ids.dim() != 2 or expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"nvfp4_moe: ids {tuple(expert_ids.shape)} / weights {tuple(expert_weights.shape)} must "
+                         f"both be [T={x.shape[0]}, k]")
+    T, topk = expert_ids.shape
+    D, I, E = experts.dim, experts.inter, experts.n_experts
+    if T == 0:
+        return torch.empty_like(x)
+    A = T * topk
+    dev = x.device
+    x = x.contiguous()
+    flat = expert_ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=dev).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.zeros(E + 1, dtype=torch.int32, device=dev)
+    offs[1:] = torch.cumsum(counts, 0)
+    perm = order.to(torch.int32)
+    rows = (order // topk).to(torch.int32)
+    wts = expert_weights.reshape(-1).float()[order].contiguous()
+    mt = _mt_for(A, E)
+    clamp = swiglu_limit > 0
+    h = torch.empty((A, I), dtype=torch.bfloat16, device=dev)
+    f1 = compile_grouped("gateup", E, 2 * I, D, mt, clamp, I)
+    _call(f1, experts.w13_codes, experts.w13_scales, x.view(torch.int32).view(T, D // 16, 8), offs, rows, perm, wts,
+          experts.alphas, h, float(swiglu_limit), E)
+    y = torch.empty((A, D), dtype=torch.float32, device=dev)
+    f2 = compile_grouped("down", E, D, I, mt, False, D)
+    _call(f2, experts.w2_codes, experts.w2_scales, h.view(torch.int32).view(A, I // 16, 8), offs, rows, perm, wts,
+          experts.alphas, y, float(swiglu_limit), E)
+    return y.view(T, topk, D).sum(1).to(torch.bfloat16)
+
+
+def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk: int, swiglu_limit: float) -> None:
+    """Compile the kernels the given token counts will use (before CUDA-graph capture)."""
+    E, D, I = experts.n_experts, experts.dim, experts.inter
+    for t in num_tokens:
+        mt = _mt_for(t * topk, E)
+        compile_grouped("gateup", E, 2 * I, D, mt, swiglu_limit > 0, I)
+        compile_grouped("down", E, D, I, mt, False, D)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# benchmark (used by `dsv4 bench moe`)
+# ------------------------------------------------------------------------------------------------------------
+
+def bench(models, batches, bw, reps, shapes, time_ms) -> list[dict]:
+    from dsv4.checkpoint.formats import quantize_nvfp4
+
+    rows = []
+    print(f"{'model':6} {'T':>5} {'experts':>7} {'MB moved':>8} {'cute us':>9} {'floor us':>8} {'x floor':>7} "
+          f"{'torch-bf16 us':>13}")
+    for model in models:
+        cfg = shapes[model]
+        E, D, I, k = cfg["experts"], cfg["dim"], cfg["inter"], cfg["topk"]
+        # random experts: quantise one of each kind and reuse its bytes (timing does not depend on values)
+        q1 = quantize_nvfp4(torch.randn(I, D, device="cuda"))
+        q2 = quantize_nvfp4(torch.randn(D, I, device="cuda"))
+        one = prepare_nvfp4_experts([q1], [q2], [q1], "cuda")
+        ex = PackedExperts(one.w13_codes.expand(E, *one.w13_codes.shape[1:]).contiguous(),
+                           one.w13_scales.expand(E, *one.w13_scales.shape[1:]).contiguous(),
+                           one.w2_codes.expand(E, *one.w2_codes.shape[1:]).contiguous(),
+                           one.w2_scales.expand(E, *one.w2_scales.shape[1:]).contiguous(),
+                           one.alphas.expand(E, 3).contiguous(), E, D, I)
+        gate = torch.randn(E, D, device="cuda") * D ** -0.5
+        bias = torch.randn(E, device="cuda") * 0.1
+        for T in batches:
+            x = torch.randn(T, D, device="cuda").to(torch.bfloat16)
+            scores = torch.nn.functional.softplus(x.float() @ gate.T).sqrt()
+            ids = (scores + bias).topk(k, dim=-1).indices
+            w = scores.gather(1, ids)
+            w = w / w.sum(-1, keepdim=True)
+            touched = int(torch.unique(ids).numel())
+            moved = touched * ex.expert_bytes()
+            warmup(ex, [T], k, 10.0)
+            t = time_ms(lambda: nvfp4_moe(x, ids, w, ex, 10.0), reps)
+            floor = moved / bw * 1e3
+            row = dict(model=model, T=T, touched_experts=touched, bytes_moved=moved, cute_us=t * 1e3,
+                       floor_us=floor * 1e3, ratio_to_floor=t / floor)
+            rows.append(row)
+            print(f"{model:6} {T:5d} {touched:7d} {moved / 1e6:8.1f} {t * 1e3:9.1f} {floor * 1e3:8.1f} "
+                  f"{t / floor:7.2f} {'':>13}", flush=True)
+        del ex, one
+        torch.cuda.empty_cache()
+    return rows

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One-call GPU check of the CuTe DSL kernels (run on the device machine from the repo root after the gpu-bundle
+# parts are applied):  bash scripts/gpu_kernels_check.sh [tests|bench-gemm|bench-moe|all] ...
+# Logs and JSON go to $OUT (default ./gpu_out). Unpacks the wheels in .gpu/tvmffi/whl (apache-tvm-ffi, pytest)
+# when present.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+[ -f /root/dsv4/env.sh ] && . /root/dsv4/env.sh
+if ls .gpu/tvmffi/whl/*.whl >/dev/null 2>&1 && [ ! -d /root/dsv4/tvmffi ]; then
+  mkdir -p /root/dsv4/tvmffi && for w in .gpu/tvmffi/whl/*.whl; do python3 -m zipfile -e "$w" /root/dsv4/tvmffi; done
+fi
+[ -d /root/dsv4/tvmffi ] && export PYTHONPATH=/root/dsv4/tvmffi:${PYTHONPATH:-}
+export PYTHONPATH=$PWD/backend_src:$PWD/kernels:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import tvm_ffi; print('tvm_ffi', tvm_ffi.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+steps=${*:-all}
+for step in $steps; do
+  case $step in
+    tests|all)
+      timeout 420 python3 -m pytest -q -rA --maxfail=4 -m gpu ${TESTS:-tests/gpu} -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;&
+    bench-gemm|all)
+      timeout 400 python3 -c "import sys; from dsv4 import bench_cmd as B; import argparse; p=argparse.ArgumentParser(); s=p.add_subparsers(); B.add_parser(s); a=p.parse_args(sys.argv[1:]); sys.exit(a.func(a))" \
+        bench gemm --json-out "$OUT/bench_gemm.json" ${GEMM_ARGS:-} 2>&1 | tee "$OUT/bench_gemm.log" | tail -80 ;;&
+    bench-moe|all)
+      timeout 300 python3 -c "import sys; from dsv4 import bench_cmd as B; import argparse; p=argparse.ArgumentParser(); s=p.add_subparsers(); B.add_parser(s); a=p.parse_args(sys.argv[1:]); sys.exit(a.func(a))" \
+        bench moe --json-out "$OUT/bench_moe.json" ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_moe.log" | tail -40 ;;
+  esac
+done

@@ -1,0 +1,94 @@
+"""CuTe attention kernels vs TorchOps on the GPU: fresh random paged caches, ragged batches, block tables with holes,
+NaN-filled pool blocks nobody owns, NaN-poisoned outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (Hopper); CPU CI only compiles the kernels (tests/unit/test_attention_kernels_compile.py)",
+                allow_module_level=True)
+
+from dsv4.bench_attention_cmd import make_case  # noqa: E402
+from dsv4.ops import cute_attention  # noqa: E402
+from dsv4.ops.torch_ops import TorchOps  # noqa: E402
+
+REF = TorchOps(device="cuda", dtype=torch.bfloat16)
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def _check(case, num_splits=None, tol=1.5e-2):
+    ref = REF.sparse_attention(case.q, case.cache, case.ratio, case.window, case.topk, case.sink, case.scale,
+                               case.batch)
+    assert not ref.isnan().any(), "reference produced NaN: the test case is broken"
+    out = cute_attention.sparse_attention(case.q, case.cache, case.ratio, case.window, case.topk, case.sink,
+                                          case.scale, case.batch, num_splits=num_splits)
+    torch.cuda.synchronize()
+    assert out.shape == ref.shape
+    assert not out.isnan().any(), "NaN in the kernel output"
+    err = _rel(out, ref)
+    assert err < tol, f"relative error {err:.3e}"
+    return err
+
+
+RAGGED = [0, 4, 127, 128, 300, 1000, 4095, 8191]
+
+
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+@pytest.mark.parametrize("heads", [16, 64])
+def test_decode_ragged(ratio, heads):
+    seed = torch.randint(0, 1 << 30, ()).item()
+    case = make_case(RAGGED, [1] * len(RAGGED), heads, 512, ratio, topk=64 if heads == 16 else 512, seed=seed)
+    _check(case)
+
+
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+@pytest.mark.parametrize("splits", [1, 3, 16])
+def test_decode_forced_splits(ratio, splits):
+    seed = torch.randint(0, 1 << 30, ()).item()
+    case = make_case([8191, 2000, 5], [1, 1, 1], 64, 512, ratio, topk=512, seed=seed)
+    _check(case, num_splits=splits)
+
+
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+def test_prefill_chunks(ratio):
+    """Several query tokens per sequence: each sees its own window, compressed prefix and top-k."""
+    seed = torch.randint(0, 1 << 30, ()).item()
+    case = make_case([0, 100, 1500], [200, 37, 5], 16, 512, ratio, topk=64, seed=seed)
+    _check(case)
+
+
+def test_tiny_dims_padded_heads():
+    """tiny preset shapes: 4 heads (padded to 16 in the kernel), head_dim 64, window 64."""
+    seed = torch.randint(0, 1 << 30, ()).item()
+    for ratio in (0, 4, 128):
+        case = make_case([0, 63, 64, 700], [3, 1, 2, 1], 4, 64, ratio, window=64, topk=16, seed=seed)
+        _check(case)
+
+
+def test_store_window_kv_exact():
+    seed = torch.randint(0, 1 << 30, ()).item()
+    case = make_case([0, 129, 3000], [5, 1, 130], 16, 512, 0, seed=seed)
+    T = case.q.shape[0]
+    kv = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
+    ref_pool = case.cache.swa_kv.clone()
+    ref_pool.view(-1, 512)[case.batch.swa_slot_mapping] = kv
+    cute_attention.store_window_kv(kv, case.cache, case.batch)
+    torch.cuda.synchronize()
+    same = (case.cache.swa_kv == ref_pool) | (case.cache.swa_kv.isnan() & ref_pool.isnan())
+    assert bool(same.all())
+
+
+def test_mixin_falls_back_on_cpu_tensors():
+    class Ops(cute_attention.CuteAttentionMixin, TorchOps):
+        pass
+
+    case = make_case([10], [1], 4, 64, 0, window=64, device="cpu", seed=1)
+    ops = Ops(device="cpu", dtype=torch.float32)
+    out = ops.sparse_attention(case.q, case.cache, 0, 64, None, case.sink, case.scale, case.batch)
+    assert not out.isnan().any()

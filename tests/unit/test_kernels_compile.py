@@ -1,0 +1,97 @@
+"""CPU checks of the CuTe DSL kernels: every kernel compiles for sm_90a (CUTE_DSL_ARCH=sm_90a, no GPU needed) and
+the NVFP4 weight re-layout is exact (its inverse, and a torch model of the kernel's shift/mask decode)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+import cutlass  # noqa: E402,F401  - a hard requirement: CI must compile every kernel, never skip
+
+from dsv4.checkpoint.formats import NVFP4Tensor, quantize_nvfp4, unpack_e2m1  # noqa: E402
+from dsv4_kernels import nvfp4_gemm as G  # noqa: E402
+from dsv4_kernels import nvfp4_moe as MO  # noqa: E402
+
+
+@pytest.mark.parametrize("n,k,mt,splits", [(1024, 4096, 1, 4), (4096, 8192, 8, 1), (512, 7168, 2, 7),
+                                           (128, 256, 1, 1)])
+def test_gemv_compiles(n, k, mt, splits):
+    _, unroll = G.gemv_plan(n, k)
+    if (k // 64 // unroll) % splits:
+        splits = 1
+    assert G.compile_gemv(n, k, mt, splits, unroll) is not None
+    assert G.compile_split_reduce(n, max(splits, 2)) is not None
+
+
+def test_dequant_compiles():
+    assert G.compile_dequant(4096, 2048) is not None
+
+
+@pytest.mark.parametrize("mode,n,k,mt", [("gateup", 4096, 4096, 1), ("down", 4096, 2048, 2), ("gateup", 128, 128, 8)])
+def test_moe_kernels_compile(mode, n, k, mt):
+    assert MO.compile_grouped(mode, 16, n, k, mt, mode == "gateup", n // 2 if mode == "gateup" else n) is not None
+
+
+def test_gemv_plan_divides_k():
+    for n, k in [(512, 4096), (1024, 4096), (4096, 8192), (32768, 1024), (129280, 4096), (64, 4096), (512, 1536)]:
+        splits, unroll = G.gemv_plan(n, k)
+        assert splits >= 1 and (k // 64) % (splits * unroll) == 0
+
+
+def _weight(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+    w[0, :16] = 0
+    w[1, 16:32] *= 1e-7          # e4m3 subnormal / zero scales
+    return quantize_nvfp4(w)
+
+
+@pytest.mark.parametrize("n,k", [(16, 64), (64, 256), (48, 1536)])
+def test_relayout_roundtrip_exact(n, k):
+    q = _weight(n, k, n + k)
+    pw = G.prepare_nvfp4_weight(q)
+    codes, _ = G.unpack_to_codes(pw)
+    assert torch.equal(codes, unpack_e2m1(q.packed))
+    assert torch.equal(G.decode_reference(pw), q.dequantize(torch.float32))
+
+
+def test_relayout_negative_and_subnormal_scales():
+    q = _weight(32, 128, 5)
+    neg = NVFP4Tensor(packed=q.packed, scale=(-q.scale.float()).to(torch.float8_e4m3fn), scale_2=q.scale_2)
+    assert torch.equal(G.decode_reference(G.prepare_nvfp4_weight(neg)), neg.dequantize())
+    sub = torch.tensor([2.0 ** -9 * i for i in range(1, 8)] * 40)[: 32 * 8].view(32, 8).to(torch.float8_e4m3fn)
+    qs = NVFP4Tensor(packed=q.packed, scale=sub, scale_2=q.scale_2)
+    assert torch.equal(G.decode_reference(G.prepare_nvfp4_weight(qs)), qs.dequantize())
+
+
+def _bf16_bits_to_f32(b: torch.Tensor) -> torch.Tensor:
+    return ((b.to(torch.int64) & 0xFFFF) << 16).to(torch.int32).view(torch.float32)
+
+
+def test_kernel_bit_decode_model():
+    """The kernel's exact shift/mask sequence, run in torch on the packed words, yields the dequantised weight."""
+    n, k = 32, 256
+    q = _weight(n, k, 11)
+    pw = G.prepare_nvfp4_weight(q)
+    w = pw.codes.to(torch.int64) & 0xFFFFFFFF                          # [N/16, K/64, 32, 4]
+    p = [w & 0x81C081C0, (w << 3) & 0x81C081C0, (w << 6) & 0x81C081C0,
+         ((w >> 4) & 0x00C000C0) | ((w >> 5) & 0x01000100) | ((w << 1) & 0x80008000)]
+    sc = pw.scales.to(torch.int64) & 0xFFFF                            # [N/16, K/64, 32]
+    sg, sg8 = (sc & 0xFF) * 16 + 0x7600, (sc >> 8) * 16 + 0x7600
+    out = torch.zeros(n // 16, 16, k // 64, 4, 16)                     # [r, row in tile, c, t, K in lane group]
+    for slot in range(4):
+        s_bits = sg if slot % 2 == 0 else sg8
+        scale = _bf16_bits_to_f32(s_bits)                               # scale * 2^118, [r, c, lane]
+        for half in range(2):
+            e2m1 = _bf16_bits_to_f32((p[slot] >> (16 * half)) & 0xFFFF)   # e2m1 * 2^-126, [r, c, lane, s]
+            v = (e2m1.double() * scale[..., None].double()).float()      # the bf16x2 fma: e2m1 * scale * 2^-8
+            for s in range(4):
+                kk = 4 * s + 2 * (slot // 2) + half
+                for lane in range(32):
+                    g, t = lane // 4, lane % 4
+                    out[:, g + 8 * (slot % 2), :, t, kk] = v[:, :, lane, s]
+    dense = out.reshape(n, k) * 2.0 ** 8 * q.scale_2.float()
+    assert torch.equal(dense, q.dequantize(torch.float32))
