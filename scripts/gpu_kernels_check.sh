@@ -20,10 +20,8 @@ for step in $steps; do
     tests|all)
       timeout 420 python3 -m pytest -q -rA --maxfail=4 -m gpu ${TESTS:-tests/gpu} -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;&
     bench-gemm|all)
-      timeout 400 python3 -c "import sys; from dsv4 import bench_cmd as B; import argparse; p=argparse.ArgumentParser(); s=p.add_subparsers(); B.add_parser(s); a=p.parse_args(sys.argv[1:]); sys.exit(a.func(a))" \
-        bench gemm --json-out "$OUT/bench_gemm.json" ${GEMM_ARGS:-} 2>&1 | tee "$OUT/bench_gemm.log" | tail -80 ;;&
+      timeout 400 python3 -m dsv4.cli bench gemm --json-out "$OUT/bench_gemm.json" ${GEMM_ARGS:-} 2>&1 | tee "$OUT/bench_gemm.log" | tail -80 ;;&
     bench-moe|all)
-      timeout 300 python3 -c "import sys; from dsv4 import bench_cmd as B; import argparse; p=argparse.ArgumentParser(); s=p.add_subparsers(); B.add_parser(s); a=p.parse_args(sys.argv[1:]); sys.exit(a.func(a))" \
-        bench moe --json-out "$OUT/bench_moe.json" ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_moe.log" | tail -40 ;;
+      timeout 300 python3 -m dsv4.cli bench moe --json-out "$OUT/bench_moe.json" ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_moe.log" | tail -40 ;;
   esac
 done

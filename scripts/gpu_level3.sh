@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Level-3 check on a Hopper GPU (after the gpu-bundle parts are applied): the engine with CuTe DSL ops against the
+# engine with torch ops on the `small` checkpoint (generated here: it is 330 MB, too big to carry).
+#   bash scripts/gpu_level3.sh [STEPS] [PROMPT_LENS...]
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+[ -f /root/dsv4/env.sh ] && . /root/dsv4/env.sh
+if ls .gpu/tvmffi/whl/*.whl >/dev/null 2>&1 && [ ! -d /root/dsv4/tvmffi ]; then
+  mkdir -p /root/dsv4/tvmffi && for w in .gpu/tvmffi/whl/*.whl; do python3 -m zipfile -e "$w" /root/dsv4/tvmffi; done
+fi
+[ -d /root/dsv4/tvmffi ] && export PYTHONPATH=/root/dsv4/tvmffi:${PYTHONPATH:-}
+export PYTHONPATH=$PWD/backend_src:$PWD/kernels:${PYTHONPATH:-}
+steps=${1:-64}; shift || true
+lens=${*:-17 300 2100}
+[ -d /tmp/small ] || python3 -m dsv4.cli make-checkpoint --preset small --out /tmp/small --quiet
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 scripts/compare_backends.py --checkpoint /tmp/small --steps "$steps" --prompt-lens $lens \
+  --json "$OUT/level3_small_${steps}.json" 2>&1 | tee "$OUT/level3_small_${steps}.log" | grep -v Warning | tail -30
