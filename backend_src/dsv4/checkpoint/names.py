@@ -105,7 +105,8 @@ def model_specs(cfg: ModelConfig) -> list[TensorSpec]:
     for i in range(cfg.n_layers):
         s += block_specs(cfg, i, f"layers.{i}")
     s += [TensorSpec("norm.weight", (D,), "bf16", "ones"),
-          TensorSpec("head.weight", (cfg.vocab_size, D), "bf16", "normal", 1 / math.sqrt(D)),
+          # logits std ~4 like a trained LM: flat random logits would make greedy argmax a coin toss under BF16 noise
+          TensorSpec("head.weight", (cfg.vocab_size, D), "bf16", "normal", 4 / math.sqrt(D)),
           TensorSpec("hc_head_fn", (n, n * D), "fp32", "normal", 0.1 / math.sqrt(n * D)),
           TensorSpec("hc_head_base", (n,), "fp32", "zeros"),
           TensorSpec("hc_head_scale", (1,), "fp32", "normal", 0.1)]
