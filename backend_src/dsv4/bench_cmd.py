@@ -38,6 +38,10 @@ def _add_one(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--shapes", default="", help="comma-separated projection names to keep (gemm)")
     p.add_argument("--json-out", default="", help="write the results here as JSON")
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--fused-max", default="", help="gemm: comma-separated nvfp4_gemm.FUSED_MAX values to compare "
+                   "(0 = partials + reduce kernel); default: the module's setting")
+    p.add_argument("--moe-ks", default="", help="moe: comma-separated decode K splits to compare, 'auto' or "
+                   "GxD (gate_up x down), plus 'sorted' for the torch-routing path")
     p.set_defaults(func=run)
 
 
@@ -129,23 +133,30 @@ def bench_gemm(models, ms, bw, args) -> list[dict]:
             pw = G.prepare_nvfp4_weight(q)
             wbf = G.dequantize_packed(pw)
             del q
-            G.warmup(pw, [m for m in ms if m <= G.GEMV_MAX_M])
             wbytes = pw.nbytes()
-            for m in ms:
+            variants = [int(v) for v in args.fused_max.split(",")] if args.fused_max else [G.FUSED_MAX]
+            default_fm = G.FUSED_MAX
+            for m, fm in [(m, fm) for m in ms for fm in variants]:
+                G.FUSED_MAX = fm
+                G.warmup(pw, [m] if m <= G.GEMV_MAX_M else [])
                 x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
                 y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
                 t_cute = time_ms(lambda: G.nvfp4_linear(x, pw, out=y), args.reps)
+                G.FUSED_MAX = default_fm
                 t_cub = time_ms(lambda: torch.matmul(x, wbf.t()), args.reps)
+                splits, _ = pw.cache.get("plan", (1, 1))
+                fused = m <= G.GEMV_MAX_M and splits > 1 and splits * -(-m // 8) <= fm
                 flops = 2.0 * m * n * k
                 row = dict(model=model, proj=name, N=n, K=k, M=m, cute_us=t_cute * 1e3, cublas_us=t_cub * 1e3,
                            speedup_vs_cublas=t_cub / t_cute, weight_GBps=wbytes / (t_cute * 1e-3) / 1e9,
                            frac_hbm=wbytes / (t_cute * 1e-3) / bw, tflops=flops / (t_cute * 1e-3) / 1e12,
                            cublas_tflops=flops / (t_cub * 1e-3) / 1e12,
-                           path="gemv" if m <= G.GEMV_MAX_M else "dequant", weight_bytes=wbytes)
+                           path=("gemv" + ("-fused" if fused else "")) if m <= G.GEMV_MAX_M else "dequant",
+                           weight_bytes=wbytes, fused_max=fm, splits=splits)
                 rows.append(row)
                 print(f"{model:6} {name:10} {n:6d} {k:6d} {m:5d} {row['cute_us']:9.1f} {row['cublas_us']:9.1f} "
                       f"{row['speedup_vs_cublas']:8.2f} {row['weight_GBps']:7.0f} {100 * row['frac_hbm']:5.0f} "
-                      f"{row['tflops']:7.1f} {row['path']:>7}", flush=True)
+                      f"{row['tflops']:7.1f} {row['path']:>10} s{splits}", flush=True)
             del pw, wbf
             torch.cuda.empty_cache()
     return rows
@@ -154,4 +165,5 @@ def bench_gemm(models, ms, bw, args) -> list[dict]:
 def bench_moe(models, batches, bw, args) -> list[dict]:
     from dsv4_kernels import nvfp4_moe as MO
 
-    return MO.bench(models, batches, bw, args.reps, MOE, time_ms)
+    return MO.bench(models, batches, bw, args.reps, MOE, time_ms,
+                    variants=[v for v in args.moe_ks.split(",") if v] or ["auto"])

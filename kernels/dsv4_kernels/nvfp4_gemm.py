@@ -283,15 +283,16 @@ def _f32x2_to_bf16x2(a: Float32, b: Float32, *, loc=None, ip=None):
 class _Gemv:
     """Decode GEMM: y = x @ W^T for M <= 64, K split `splits` ways (partials in fp32 when splits > 1)."""
 
-    def __init__(self, n: int, k: int, mt: int, splits: int, unroll: int):
+    def __init__(self, n: int, k: int, mt: int, splits: int, unroll: int, fused: bool = False):
         self.n, self.k, self.mt, self.splits, self.unroll = n, k, mt, splits, unroll
+        self.fused = fused and splits > 1
         self.nchunk = k // KCHUNK
         self.cps = self.nchunk // splits                 # chunks per split
         assert self.cps % unroll == 0
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mP: cute.Tensor,
-               m_rows: Int32, alpha: Float32):
+               mC: cute.Tensor, m_rows: Int32, alpha: Float32):
         tidx, _, _ = cute.arch.thread_idx()
         bx, by, _ = cute.arch.block_idx()
         lane = tidx % 32
@@ -339,13 +340,36 @@ class _Gemv:
                             mY[m, nn] = (acc[j * 4 + q] * alpha).to(cutlass.BFloat16)
                         else:
                             mP[by, m, nn] = acc[j * 4 + q]
+            if cutlass.const_expr(self.fused):
+                # single-launch split-K: the last warp to finish this 16-row tile sums the partials (fixed order,
+                # deterministic) and writes y; the per-tile counter is reset for the next call.
+                cute.arch.fence_acq_rel_gpu()
+                cute.arch.sync_warp()
+                old = Int32(0)
+                if lane == 0:
+                    cute.arch.fence_acq_rel_gpu()
+                    old = cute.arch.atomic_add(mC.iterator + tile, Int32(1), sem="acq_rel", scope="gpu")
+                old = cute.arch.shuffle_sync(old, 0)
+                if old == self.splits - 1:
+                    cute.arch.fence_acq_rel_gpu()
+                    nn = tile * ROWTILE + lane % 16
+                    stride_s = m_rows * self.n
+                    for r in cutlass.range((m_rows + 1 - lane // 16) // 2):
+                        m = 2 * r + lane // 16
+                        base = m * self.n + nn
+                        tot = Float32(0.0)
+                        for sp in cutlass.range_constexpr(self.splits):
+                            tot = tot + cute.arch.load(mP.iterator + (base + sp * stride_s), Float32, cop="cg")
+                        mY[m, nn] = (tot * alpha).to(cutlass.BFloat16)
+                    if lane == 0:
+                        mC[tile] = Int32(0)
 
     @cute.jit
     def launch(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mP: cute.Tensor,
-               m_rows: Int32, alpha: Float32, stream):
+               mC: cute.Tensor, m_rows: Int32, alpha: Float32, stream):
         grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
-        self.kernel(mW, mS, mX, mY, mP, m_rows, alpha).launch(grid=[grid_x, self.splits, 1],
-                                                              block=[WARPS * 32, 1, 1], stream=stream)
+        self.kernel(mW, mS, mX, mY, mP, mC, m_rows, alpha).launch(grid=[grid_x, self.splits, 1],
+                                                                  block=[WARPS * 32, 1, 1], stream=stream)
 
 
 class _SplitReduce:
@@ -449,16 +473,18 @@ def _options() -> str:
     return "--enable-tvm-ffi" if _TVM_FFI else ""
 
 
-def compile_gemv(n: int, k: int, mt: int, splits: int, unroll: int):
-    key = ("gemv", n, k, mt, splits, unroll, _TVM_FFI)
+def compile_gemv(n: int, k: int, mt: int, splits: int, unroll: int, fused: bool = False):
+    fused = fused and splits > 1
+    key = ("gemv", n, k, mt, splits, unroll, fused, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _Gemv(n, k, mt, splits, unroll)
+        obj = _Gemv(n, k, mt, splits, unroll, fused)
         m = cute.sym_int()
         fn = cute.compile(obj.launch,
                           _fake(Int32, (n // 16, k // 64, 32, 4)), _fake(cutlass.Int16, (n // 16, k // 64, 32), 2),
                           _fake(Int32, (m, k // 16, 8)), _fake(cutlass.BFloat16, (m, n), 2),
-                          _fake(Float32, (splits, m, n), 4), Int32(1), Float32(1.0), _stream_arg(),
+                          _fake(Float32, (splits, m, n), 4), _fake(Int32, (n // 16,), 4), Int32(1), Float32(1.0),
+                          _stream_arg(),
                           options=_options())
         _COMPILED[key] = fn
     return fn
@@ -518,6 +544,25 @@ def gemv_plan(n: int, k: int, sms: int = 132) -> tuple[int, int]:
     return splits, unroll
 
 
+# Single-launch split-K (the last warp per tile sums the partials) when splits * token tiles <= FUSED_MAX; otherwise
+# partials + the reduce kernel. 0 = off, the default: on the H100 (2026-11-23, docs/PERF.md) the fused variant was
+# 1-2 us SLOWER than two launches at every measured shape (serial fence + atomic + L2 re-read tail in one warp).
+FUSED_MAX = 0
+
+
+def use_fused(splits: int, mt: int) -> bool:
+    return splits > 1 and splits * mt <= FUSED_MAX
+
+
+def _counters(pw: "PackedNVFP4") -> torch.Tensor:
+    """Per-tile arrival counters of the fused split-K (zero between calls: the last warp resets its own)."""
+    c = pw.cache.get("ctr")
+    if c is None:
+        c = torch.zeros(pw.n // ROWTILE, dtype=torch.int32, device=pw.device)
+        pw.cache["ctr"] = c
+    return c
+
+
 def _check(x: torch.Tensor, pw: PackedNVFP4) -> None:
     if not isinstance(pw, PackedNVFP4):
         raise TypeError(f"nvfp4_linear: weight must be a PackedNVFP4 (prepare_nvfp4_weight), got {type(pw).__name__}")
@@ -561,16 +606,21 @@ def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = No
         splits, unroll = pw.cache.get("plan") or gemv_plan(pw.n, pw.k)
         pw.cache["plan"] = (splits, unroll)
         mt = -(-m // 8)
-        fn = compile_gemv(pw.n, pw.k, mt, splits, unroll)
+        fused = use_fused(splits, mt)
+        fn = compile_gemv(pw.n, pw.k, mt, splits, unroll, fused)
         xi = x2.view(torch.int32).view(m, pw.k // 16, 8)
+        ctr = _counters(pw)
         if splits == 1:
             part = _workspace("part", m * pw.n, torch.float32, x.device).view(1, m, pw.n)   # unused
-            _call(fn, pw.codes, pw.scales, xi, y, part, m, pw.alpha)
+            _call(fn, pw.codes, pw.scales, xi, y, part, ctr, m, pw.alpha)
         else:
+            # partials per weight: a fused call's last warps read them while later calls may already run
+            # (same stream: no), so a shared workspace is fine; counters are per weight and self-resetting
             part = _workspace("part", splits * m * pw.n, torch.float32, x.device).view(splits, m, pw.n)
-            _call(fn, pw.codes, pw.scales, xi, y, part, m, pw.alpha)
-            red = compile_split_reduce(pw.n, splits)
-            _call(red, part, y, m * pw.n, pw.alpha)
+            _call(fn, pw.codes, pw.scales, xi, y, part, ctr, m, pw.alpha)
+            if not fused:
+                red = compile_split_reduce(pw.n, splits)
+                _call(red, part, y, m * pw.n, pw.alpha)
     elif path == "dequant":
         fn = compile_dequant(pw.n, pw.k)
         rows_per = max(ROWTILE, (DEQUANT_WORKSPACE_ELEMS // pw.k) // ROWTILE * ROWTILE)
@@ -599,9 +649,10 @@ def warmup(pw: PackedNVFP4, ms: list[int] | tuple[int, ...] = (1, 8, 16, 32, 64)
     """Compile every kernel this weight will use (call before CUDA-graph capture)."""
     splits, unroll = pw.cache.get("plan") or gemv_plan(pw.n, pw.k)
     pw.cache["plan"] = (splits, unroll)
+    _counters(pw)
     for m in ms:
         if m <= GEMV_MAX_M:
-            compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll)
+            compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, use_fused(splits, -(-m // 8)))
     if splits > 1:
         compile_split_reduce(pw.n, splits)
     compile_dequant(pw.n, pw.k)

@@ -27,8 +27,11 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _decode_word, _fake, _mma_bf16, _options,
-                                     _scale_pair, _stream_arg, _TVM_FFI, prepare_nvfp4_weight)
+from cutlass.cutlass_dsl import T as _T, dsl_user_op
+from cutlass._mlir.dialects import llvm
+
+from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _decode_word, _f32x2_to_bf16x2, _fake, _mma_bf16,
+                                     _options, _scale_pair, _stream_arg, _TVM_FFI, prepare_nvfp4_weight)
 
 __all__ = ["PackedExperts", "prepare_nvfp4_experts", "nvfp4_moe", "bench"]
 
@@ -171,6 +174,265 @@ class _Grouped:
             grid=[grid_x, n_experts, 1], block=[WARPS * 32, 1, 1], stream=stream)
 
 
+@dsl_user_op
+def _nth_set_bit(m0: Int32, m1: Int32, n: Int32, *, loc=None, ip=None):
+    """Bit position (0..63) of the n-th (0-based) set bit of the 64-bit mask (m1:m0); n < popc."""
+    return Int32(llvm.inline_asm(
+        _T.i32(), [Int32(m0).ir_value(loc=loc, ip=ip), Int32(m1).ir_value(loc=loc, ip=ip),
+                   Int32(n).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .b32 m, n, p, c, u;\n\t.reg .pred q;\n\t"
+        "popc.b32 c, $1;\n\tsetp.ge.s32 q, $3, c;\n\tmov.b32 n, $3;\n\t@q sub.s32 n, n, c;\n\t"
+        "selp.b32 m, $2, $1, q;\n\tselp.b32 p, 32, 0, q;\n\t"
+        + "".join(f"and.b32 u, m, {(1 << w) - 1};\n\tpopc.b32 c, u;\n\tsetp.ge.s32 q, n, c;\n\t"
+                  f"@q sub.s32 n, n, c;\n\t@q shr.b32 m, m, {w};\n\t@q add.s32 p, p, {w};\n\t"
+                  for w in (16, 8, 4, 2, 1))
+        + "mov.b32 $0, p;\n\t}",
+        "=r,r,r,r", loc=loc, ip=ip))
+
+
+class _Decode:
+    """Decode-time grouped GEMM (A = T * topk <= 64 assignments), no routing launches.
+
+    Grid (row-tile CTAs, A slots, K splits). Slot s takes expert e = ids[s]; if an earlier slot has the same expert
+    the CTA exits, otherwise it gathers every assignment of e from ids with two warp ballots (the routing is done
+    inside the kernel, per CTA, from at most 64 ids). Each K split writes its own FP32 partial (no atomics, no
+    zeroing, deterministic):
+      gateup: GU[ks, a, 0 | 1, i] = gate | up pre-activation of assignment a (no scale_2), x row = a // topk;
+      down:   B operand = bf16(swiglu(sum_ks GU[ks, a] * alpha)) computed on load, YP[ks, a, n] = acc * w[a] * alpha2.
+    `_Finalize` then sums YP over (ks, k) and rounds to bf16."""
+
+    def __init__(self, mode: str, n: int, k: int, mt: int, ks: int, ks_in: int, topk: int, clamp: bool):
+        self.mode, self.n, self.k, self.mt, self.ks, self.ks_in = mode, n, k, mt, ks, ks_in
+        self.topk, self.clamp = topk, clamp
+        self.nchunk = k // KCHUNK
+        self.cps = self.nchunk // ks
+        self.unroll = 4 if self.cps % 4 == 0 else (2 if self.cps % 2 == 0 else 1)
+
+    @cute.kernel
+    def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
+               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, limit: Float32):
+        tidx, _, _ = cute.arch.thread_idx()
+        bx, slot, kz = cute.arch.block_idx()
+        lane = tidx % 32
+        warp = tidx // 32
+        g = lane // 4
+        t = lane % 4
+        tile = bx * WARPS + warp
+        MT = self.mt
+        U = self.unroll
+        e = Int32(mIds[slot])
+        v0 = Int32(-1)
+        v1 = Int32(-1)
+        if lane < n_assign:
+            v0 = Int32(mIds[lane])
+        if lane + 32 < n_assign:
+            v1 = Int32(mIds[lane + 32])
+        dup = cute.arch.vote_ballot_sync(((v0 == e) & (lane < slot)) | ((v1 == e) & (lane + 32 < slot)))
+        m0 = cute.arch.vote_ballot_sync(v0 == e)
+        m1 = cute.arch.vote_ballot_sync(v1 == e)
+        cnt = Int32(cute.arch.popc(m0)) + Int32(cute.arch.popc(m1))
+        acc = cute.make_rmem_tensor((MT * 4,), Float32)
+        wreg = cute.make_rmem_tensor((4, U), Int32)
+        sreg = cute.make_rmem_tensor((U,), Int32)
+        xreg = cute.make_rmem_tensor((8,), Int32)
+        gf = cute.make_rmem_tensor((16,), Float32)
+        uf = cute.make_rmem_tensor((16,), Float32)
+        tf = cute.make_rmem_tensor((16,), Float32)
+        rows = cute.make_rmem_tensor((MT,), Int32)
+        al0 = mAl[e, 0]
+        al1 = mAl[e, 1]
+        al2 = mAl[e, 2]
+        if tile < self.n // ROWTILE and dup == 0:
+            nblk = (cnt + MT * 8 - 1) // (MT * 8)
+            for mb in cutlass.range(nblk):
+                p0 = mb * (MT * 8)
+                for j in cutlass.range_constexpr(MT):
+                    a = _nth_set_bit(m0, m1, cutlass.min(p0 + j * 8 + g, cnt - 1))
+                    if cutlass.const_expr(self.mode == "gateup"):
+                        rows[j] = a // self.topk
+                    else:
+                        rows[j] = a
+                for i in cutlass.range_constexpr(MT * 4):
+                    acc[i] = Float32(0.0)
+                c0 = kz * self.cps
+                for it in cutlass.range(self.cps // U):
+                    cb = c0 + it * U
+                    for u in cutlass.range_constexpr(U):
+                        cute.autovec_copy(mW[e, tile, cb + u, lane, None], wreg[None, u])
+                        sreg[u] = Int32(mS[e, tile, cb + u, lane])
+                    for u in cutlass.range_constexpr(U):
+                        sg, sg8 = _scale_pair(sreg[u])
+                        kx = (cb + u) * 4 + t
+                        wa = []
+                        for s in cutlass.range_constexpr(4):
+                            wa.append(_decode_word(wreg[s, u], sg, sg8))
+                        for j in cutlass.range_constexpr(MT):
+                            if cutlass.const_expr(self.mode == "gateup"):
+                                cute.autovec_copy(mX[rows[j], kx, None], xreg)
+                            else:
+                                cute.autovec_copy(mX[0, rows[j], 0, kx, None], gf)
+                                cute.autovec_copy(mX[0, rows[j], 1, kx, None], uf)
+                                for ki in cutlass.range_constexpr(1, self.ks_in):
+                                    cute.autovec_copy(mX[ki, rows[j], 0, kx, None], tf)
+                                    for i in cutlass.range_constexpr(16):
+                                        gf[i] = gf[i] + tf[i]
+                                    cute.autovec_copy(mX[ki, rows[j], 1, kx, None], tf)
+                                    for i in cutlass.range_constexpr(16):
+                                        uf[i] = uf[i] + tf[i]
+                                for i in cutlass.range_constexpr(16):
+                                    gate = gf[i] * al0
+                                    up = uf[i] * al1
+                                    if cutlass.const_expr(self.clamp):
+                                        gate = cutlass.min(gate, limit)
+                                        up = cutlass.max(cutlass.min(up, limit), -limit)
+                                    tf[i] = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
+                                for i in cutlass.range_constexpr(8):
+                                    xreg[i] = _f32x2_to_bf16x2(tf[2 * i], tf[2 * i + 1])
+                            for s in cutlass.range_constexpr(4):
+                                d = _mma_bf16(wa[s][0], wa[s][1], wa[s][2], wa[s][3], xreg[2 * s], xreg[2 * s + 1],
+                                              acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3])
+                                for q in cutlass.range_constexpr(4):
+                                    acc[j * 4 + q] = d[q]
+                for j in cutlass.range_constexpr(MT):
+                    for q in cutlass.range_constexpr(2):
+                        p = p0 + j * 8 + 2 * t + q
+                        if p < cnt:
+                            a = _nth_set_bit(m0, m1, p)
+                            if cutlass.const_expr(self.mode == "gateup"):
+                                mOut[kz, a, 0, tile * 8 + g] = acc[j * 4 + q]
+                                mOut[kz, a, 1, tile * 8 + g] = acc[j * 4 + 2 + q]
+                            else:
+                                wt = Float32(mWt[a]) * al2
+                                mOut[kz, a, tile * ROWTILE + g] = acc[j * 4 + q] * wt
+                                mOut[kz, a, tile * ROWTILE + g + 8] = acc[j * 4 + 2 + q] * wt
+
+    @cute.jit
+    def launch(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
+               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, limit: Float32, stream):
+        grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
+        self.kernel(mW, mS, mIds, mX, mWt, mAl, mOut, n_assign, limit).launch(
+            grid=[grid_x, n_assign, self.ks], block=[WARPS * 32, 1, 1], stream=stream)
+
+
+class _Finalize:
+    """out[t, n] = bf16(sum_{ks, k} YP[ks, t * topk + k, n])."""
+
+    def __init__(self, d: int, topk: int, ks: int):
+        self.d, self.topk, self.ks = d, topk, ks
+
+    @cute.kernel
+    def kernel(self, mYP: cute.Tensor, mOut: cute.Tensor, total: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        bx, _, _ = cute.arch.block_idx()
+        i = bx * 256 + tidx
+        if i < total:
+            tok = i // self.d
+            nn = i % self.d
+            s = Float32(0.0)
+            for kk in cutlass.range_constexpr(self.topk):
+                for ks in cutlass.range_constexpr(self.ks):
+                    s = s + mYP[ks, tok * self.topk + kk, nn]
+            mOut[tok, nn] = s.to(cutlass.BFloat16)
+
+    @cute.jit
+    def launch(self, mYP: cute.Tensor, mOut: cute.Tensor, total: Int32, stream):
+        self.kernel(mYP, mOut, total).launch(grid=[(total + 255) // 256, 1, 1], block=[256, 1, 1], stream=stream)
+
+
+DECODE_LIMIT = 64        # the decode kernels gather assignments with two 32-lane ballots: A <= 64
+# The decode path is taken when T * topk <= DECODE_MAX_ASSIGN. 0 = off: on the H100 (2026-11-23, docs/PERF.md) it
+# measured slower than the sorted path (flash T=1 112 vs 101 us, T=8 659 vs 280 us), so it stays opt-in.
+DECODE_MAX_ASSIGN = 0
+
+
+def compile_decode(mode: str, e: int, n: int, k: int, mt: int, ks: int, ks_in: int, topk: int, clamp: bool,
+                   inter: int, dim: int, id_dtype=cutlass.Int64, wt_dtype=Float32):
+    key = ("dec", mode, e, n, k, mt, ks, ks_in, topk, clamp, id_dtype, wt_dtype, _TVM_FFI)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        obj = _Decode(mode, n, k, mt, ks, ks_in, topk, clamp)
+        a = cute.sym_int()
+        if mode == "gateup":
+            tx = cute.sym_int()
+            xin = _fake(Int32, (tx, k // 16, 8))
+            out = _fake(Float32, (ks, a, 2, inter), 4)
+        else:
+            xin = _fake(Float32, (ks_in, a, 2, inter // 16, 16))
+            out = _fake(Float32, (ks, a, dim), 4)
+        fn = cute.compile(obj.launch,
+                          _fake(Int32, (e, n // 16, k // 64, 32, 4)), _fake(cutlass.Int16, (e, n // 16, k // 64, 32), 2),
+                          _fake(id_dtype, (a,), 4), xin, _fake(wt_dtype, (a,), 2), _fake(Float32, (e, 3), 4), out,
+                          Int32(1), Float32(0.0), _stream_arg(), options=_options())
+        _COMPILED[key] = fn
+    return fn
+
+
+def compile_finalize(d: int, topk: int, ks: int):
+    key = ("fin", d, topk, ks, _TVM_FFI)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        obj = _Finalize(d, topk, ks)
+        t = cute.sym_int()
+        fn = cute.compile(obj.launch, _fake(Float32, (ks, t * topk, d), 4), _fake(cutlass.BFloat16, (t, d), 2),
+                          Int32(1), _stream_arg(), options=_options())
+        _COMPILED[key] = fn
+    return fn
+
+
+# K splits of the decode kernels: None = automatic (decode_plan); (ks_gateup, ks_down) to force (bench sweeps)
+DECODE_KS: tuple[int, int] | None = None
+
+
+def _ks_for(n: int, k: int, experts: int, sms: int = 132) -> int:
+    nchunk = k // KCHUNK
+    ctas = -(-(n // ROWTILE) // WARPS) * experts
+    ks = 1
+    while ctas * ks < 4 * sms and nchunk % (ks * 2 * 4) == 0 and nchunk // (ks * 2) >= 8:
+        ks *= 2
+    return ks
+
+
+def decode_plan(experts: "PackedExperts", num_assign: int, topk: int) -> tuple[int, int, int]:
+    """(mt, ks_gateup, ks_down) of the decode path."""
+    t = -(-num_assign // topk)
+    mt = 1 if t <= 8 else (2 if t <= 16 else 8)
+    if DECODE_KS is not None:
+        return (mt, *DECODE_KS)
+    busy = min(num_assign, experts.n_experts)
+    return (mt, _ks_for(2 * experts.inter, experts.dim, busy), _ks_for(experts.dim, experts.inter, busy))
+
+
+def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
+    T, topk = expert_ids.shape
+    D, I, E = experts.dim, experts.inter, experts.n_experts
+    A = T * topk
+    dev = x.device
+    ids = expert_ids.reshape(-1)
+    if ids.dtype not in (torch.int64, torch.int32):
+        ids = ids.to(torch.int64)
+    ids = ids.contiguous()
+    wts = expert_weights.reshape(-1)
+    if wts.dtype not in (torch.float32, torch.bfloat16):
+        wts = wts.float()
+    wts = wts.contiguous()
+    id_t = cutlass.Int64 if ids.dtype == torch.int64 else Int32
+    wt_t = Float32 if wts.dtype == torch.float32 else cutlass.BFloat16
+    mt, ks1, ks2 = decode_plan(experts, A, topk)
+    clamp = swiglu_limit > 0
+    gu = torch.empty((ks1, A, 2, I), dtype=torch.float32, device=dev)
+    f1 = compile_decode("gateup", E, 2 * I, D, mt, ks1, 1, topk, clamp, I, D, id_t, wt_t)
+    _call(f1, experts.w13_codes, experts.w13_scales, ids, x.view(torch.int32).view(T, D // 16, 8), wts,
+          experts.alphas, gu, A, float(swiglu_limit))
+    yp = torch.empty((ks2, A, D), dtype=torch.float32, device=dev)
+    f2 = compile_decode("down", E, D, I, mt, ks2, ks1, topk, clamp, I, D, id_t, wt_t)
+    _call(f2, experts.w2_codes, experts.w2_scales, ids, gu.view(ks1, A, 2, I // 16, 16), wts, experts.alphas, yp,
+          A, float(swiglu_limit))
+    out = torch.empty((T, D), dtype=torch.bfloat16, device=dev)
+    f3 = compile_finalize(D, topk, ks2)
+    _call(f3, yp, out, T * D)
+    return out
+
+
 def compile_grouped(mode: str, e: int, n: int, k: int, mt: int, clamp: bool, out_n: int):
     key = (mode, e, n, k, mt, clamp, _TVM_FFI)
     fn = _COMPILED.get(key)
@@ -186,6 +448,9 @@ def compile_grouped(mode: str, e: int, n: int, k: int, mt: int, clamp: bool, out
                           _fake(out_t, (a, out_n), 4), Float32(0.0), Int32(e), _stream_arg(), options=_options())
         _COMPILED[key] = fn
     return fn
+
+
+SORTED_ONLY = False   # True: always the sorted (routing in torch) path, for tests and comparisons
 
 
 def _mt_for(num_assign: int, n_experts: int) -> int:
@@ -209,6 +474,8 @@ def nvfp4_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.T
     A = T * topk
     dev = x.device
     x = x.contiguous()
+    if A <= min(DECODE_MAX_ASSIGN, DECODE_LIMIT) and not SORTED_ONLY:
+        return _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit)
     flat = expert_ids.reshape(-1).to(torch.int64)
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(E, dtype=torch.int32, device=dev).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
@@ -231,9 +498,16 @@ def nvfp4_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.T
 
 
 def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk: int, swiglu_limit: float) -> None:
-    """Compile the kernels the given token counts will use (before CUDA-graph capture)."""
+    """Compile the kernels the given token counts will use (before CUDA-graph capture). Ids int64, weights fp32
+    assumed for the decode path (other dtypes compile on first use)."""
     E, D, I = experts.n_experts, experts.dim, experts.inter
     for t in num_tokens:
+        if t * topk <= min(DECODE_MAX_ASSIGN, DECODE_LIMIT) and not SORTED_ONLY:
+            mt, ks1, ks2 = decode_plan(experts, t * topk, topk)
+            compile_decode("gateup", E, 2 * I, D, mt, ks1, 1, topk, swiglu_limit > 0, I, D)
+            compile_decode("down", E, D, I, mt, ks2, ks1, topk, swiglu_limit > 0, I, D)
+            compile_finalize(D, topk, ks2)
+            continue
         mt = _mt_for(t * topk, E)
         compile_grouped("gateup", E, 2 * I, D, mt, swiglu_limit > 0, I)
         compile_grouped("down", E, D, I, mt, False, D)
@@ -243,12 +517,23 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
 # benchmark (used by `dsv4 bench moe`)
 # ------------------------------------------------------------------------------------------------------------
 
-def bench(models, batches, bw, reps, shapes, time_ms) -> list[dict]:
+_DEFAULT_MAX_ASSIGN = DECODE_MAX_ASSIGN
+
+
+def _set_variant(v: str) -> None:
+    """Bench variants: "auto" (module defaults), "sorted", "decode" (auto K splits), "GxD" (decode, forced)."""
+    global DECODE_KS, SORTED_ONLY, DECODE_MAX_ASSIGN
+    SORTED_ONLY = v == "sorted"
+    DECODE_MAX_ASSIGN = _DEFAULT_MAX_ASSIGN if v in ("auto", "sorted") else DECODE_LIMIT
+    DECODE_KS = None if v in ("auto", "sorted", "decode") else tuple(int(a) for a in v.split("x"))
+
+
+def bench(models, batches, bw, reps, shapes, time_ms, variants=("auto",)) -> list[dict]:
     from dsv4.checkpoint.formats import quantize_nvfp4
 
     rows = []
     print(f"{'model':6} {'T':>5} {'experts':>7} {'MB moved':>8} {'cute us':>9} {'floor us':>8} {'x floor':>7} "
-          f"{'torch-bf16 us':>13}")
+          f" path")
     for model in models:
         cfg = shapes[model]
         E, D, I, k = cfg["experts"], cfg["dim"], cfg["inter"], cfg["topk"]
@@ -271,14 +556,21 @@ def bench(models, batches, bw, reps, shapes, time_ms) -> list[dict]:
             w = w / w.sum(-1, keepdim=True)
             touched = int(torch.unique(ids).numel())
             moved = touched * ex.expert_bytes()
-            warmup(ex, [T], k, 10.0)
-            t = time_ms(lambda: nvfp4_moe(x, ids, w, ex, 10.0), reps)
-            floor = moved / bw * 1e3
-            row = dict(model=model, T=T, touched_experts=touched, bytes_moved=moved, cute_us=t * 1e3,
-                       floor_us=floor * 1e3, ratio_to_floor=t / floor)
-            rows.append(row)
-            print(f"{model:6} {T:5d} {touched:7d} {moved / 1e6:8.1f} {t * 1e3:9.1f} {floor * 1e3:8.1f} "
-                  f"{t / floor:7.2f} {'':>13}", flush=True)
+            for v in variants:
+                if v not in ("auto", "sorted") and T * k > DECODE_LIMIT:
+                    continue
+                _set_variant(v)
+                warmup(ex, [T], k, 10.0)
+                t = time_ms(lambda: nvfp4_moe(x, ids, w, ex, 10.0), reps)
+                path = "sorted" if (SORTED_ONLY or T * k > min(DECODE_MAX_ASSIGN, DECODE_LIMIT)) else \
+                    "decode ks%dx%d" % decode_plan(ex, T * k, k)[1:]
+                _set_variant("auto")
+                floor = moved / bw * 1e3
+                row = dict(model=model, T=T, touched_experts=touched, bytes_moved=moved, cute_us=t * 1e3,
+                           floor_us=floor * 1e3, ratio_to_floor=t / floor, variant=v, path=path)
+                rows.append(row)
+                print(f"{model:6} {T:5d} {touched:7d} {moved / 1e6:8.1f} {t * 1e3:9.1f} {floor * 1e3:8.1f} "
+                      f"{t / floor:7.2f}  {path}", flush=True)
         del ex, one
         torch.cuda.empty_cache()
     return rows

@@ -61,6 +61,32 @@ def test_gemm_against_reference(n, k):
             assert err < 1e-2, f"M={m} N={n} K={k} path={path}: relative error {err:.3e}"
 
 
+@pytest.mark.parametrize("n,k", [(512, 4096), (1024, 1536), (64, 4096)])
+@pytest.mark.parametrize("fused_max", [0, 1024])
+def test_split_k_variants(n, k, fused_max):
+    """Split-K through the partials + reduce kernel (0) and always through the single-launch last-warp reduce,
+    repeated calls (the per-tile counters must reset themselves)."""
+    gen = torch.Generator(device=DEV).manual_seed(n + k + fused_max)
+    q = rand_weight(n, k, gen)
+    pw = G.prepare_nvfp4_weight(q)
+    wref = q.dequantize(torch.float32)
+    old = G.FUSED_MAX
+    try:
+        G.FUSED_MAX = fused_max
+        for m in (1, 7, 16, 33, 64):
+            for _ in range(3):
+                x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
+                y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+                G.nvfp4_linear(x, pw, out=y, force="gemv")
+                torch.cuda.synchronize()
+                assert torch.isfinite(y).all()
+                err = rel_err(y, x.float() @ wref.T)
+                assert err < 1e-2, f"M={m} N={n} K={k} fused_max={fused_max}: relative error {err:.3e}"
+        assert int(pw.cache["ctr"].abs().sum()) == 0, "split-K counters not reset"
+    finally:
+        G.FUSED_MAX = old
+
+
 def test_shape_and_dtype_errors():
     gen = torch.Generator(device=DEV).manual_seed(1)
     pw = G.prepare_nvfp4_weight(rand_weight(128, 256, gen))

@@ -89,6 +89,87 @@ def test_moe_all_tokens_one_expert_and_graph():
     assert rel_err(out, ref_ops.moe(x, ids, w, ref_ex, 10.0)) < 1e-2
 
 
+@pytest.mark.parametrize("T,topk,E,ids_dtype,w_dtype,ks", [
+    (1, 6, 32, torch.int64, torch.float32, None), (2, 6, 8, torch.int32, torch.bfloat16, None),
+    (10, 6, 32, torch.int64, torch.float32, (4, 2)), (64, 1, 8, torch.int64, torch.float32, None),
+    (16, 4, 8, torch.int64, torch.float32, (2, 4)), (5, 6, 64, torch.int64, torch.float32, (1, 1))])
+def test_moe_decode_path(T, topk, E, ids_dtype, w_dtype, ks):
+    """The in-kernel-routing decode path (A <= 64) against torch, with forced K splits and id/weight dtypes."""
+    D, I = 1024, 512
+    gen = torch.Generator(device=DEV).manual_seed(T * 31 + topk + E)
+    w1, w2, w3 = make_experts(E, D, I, gen)
+    ex = MO.prepare_nvfp4_experts(w1, w2, w3, DEV)
+    ref_ops = TorchOps(DEV, torch.bfloat16)
+    ref_ex = ref_ops.prepare_experts(w1, w2, w3)
+    x = (torch.randn(T, D, device=DEV, generator=gen) * 2).to(torch.bfloat16)
+    if topk == 1 and T == 64:
+        ids = torch.full((T, 1), 3, dtype=torch.long, device=DEV)          # all 64 assignments on one expert
+    else:
+        ids = torch.stack([torch.randperm(E, device=DEV, generator=gen)[:topk] for _ in range(T)])
+    ids = ids.to(ids_dtype)
+    w = (torch.rand(T, topk, device=DEV, generator=gen) + 0.1).to(w_dtype)
+    old = MO.DECODE_KS, MO.DECODE_MAX_ASSIGN
+    try:
+        MO.DECODE_KS, MO.DECODE_MAX_ASSIGN = ks, MO.DECODE_LIMIT
+        for limit in (10.0, 0.0):
+            poison_allocator()
+            y = MO.nvfp4_moe(x, ids, w, ex, limit)
+            torch.cuda.synchronize()
+            assert torch.isfinite(y).all(), "NaN/Inf in MoE output"
+            err = rel_err(y, ref_ops.moe(x, ids.long(), w.float(), ref_ex, limit))
+            assert err < 1e-2, f"T={T} topk={topk} E={E} ks={ks} limit={limit}: relative error {err:.3e}"
+    finally:
+        MO.DECODE_KS, MO.DECODE_MAX_ASSIGN = old
+
+
+def test_moe_sorted_path_small_batch():
+    """The sorted (torch routing) path still works where the decode path would be taken."""
+    E, D, I, topk, T = 16, 512, 256, 6, 4
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    w1, w2, w3 = make_experts(E, D, I, gen)
+    ex = MO.prepare_nvfp4_experts(w1, w2, w3, DEV)
+    ref_ops = TorchOps(DEV, torch.bfloat16)
+    ref_ex = ref_ops.prepare_experts(w1, w2, w3)
+    x = torch.randn(T, D, device=DEV, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, device=DEV, generator=gen)[:topk] for _ in range(T)])
+    w = torch.rand(T, topk, device=DEV, generator=gen) + 0.1
+    MO.SORTED_ONLY = True
+    try:
+        y = MO.nvfp4_moe(x, ids, w, ex, 10.0)
+    finally:
+        MO.SORTED_ONLY = False
+    assert rel_err(y, ref_ops.moe(x, ids, w, ref_ex, 10.0)) < 1e-2
+
+
+def test_moe_decode_graph():
+    E, D, I, topk, T = 16, 1024, 512, 6, 4
+    gen = torch.Generator(device=DEV).manual_seed(12)
+    w1, w2, w3 = make_experts(E, D, I, gen)
+    ex = MO.prepare_nvfp4_experts(w1, w2, w3, DEV)
+    ref_ops = TorchOps(DEV, torch.bfloat16)
+    ref_ex = ref_ops.prepare_experts(w1, w2, w3)
+    x = torch.randn(T, D, device=DEV, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, device=DEV, generator=gen)[:topk] for _ in range(T)])
+    w = torch.rand(T, topk, device=DEV, generator=gen) + 0.1
+    old, MO.DECODE_MAX_ASSIGN = MO.DECODE_MAX_ASSIGN, MO.DECODE_LIMIT
+    try:
+        MO.warmup(ex, [T], topk, 10.0)
+        MO.nvfp4_moe(x, ids, w, ex, 10.0)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = MO.nvfp4_moe(x, ids, w, ex, 10.0)
+    finally:
+        MO.DECODE_MAX_ASSIGN = old
+    for _ in range(3):
+        ids.copy_(torch.stack([torch.randperm(E, device=DEV, generator=gen)[:topk] for _ in range(T)]))
+        x.copy_(torch.randn(T, D, device=DEV, generator=gen).to(torch.bfloat16))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, ref_ops.moe(x, ids, w, ref_ex, 10.0)) < 1e-2
+
+
 def test_moe_errors():
     gen = torch.Generator(device=DEV).manual_seed(9)
     w1, w2, w3 = make_experts(2, 128, 64, gen)

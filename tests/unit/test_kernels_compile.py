@@ -23,6 +23,7 @@ def test_gemv_compiles(n, k, mt, splits):
     if (k // 64 // unroll) % splits:
         splits = 1
     assert G.compile_gemv(n, k, mt, splits, unroll) is not None
+    assert G.compile_gemv(n, k, mt, splits, unroll, fused=True) is not None
     assert G.compile_split_reduce(n, max(splits, 2)) is not None
 
 
@@ -33,6 +34,16 @@ def test_dequant_compiles():
 @pytest.mark.parametrize("mode,n,k,mt", [("gateup", 4096, 4096, 1), ("down", 4096, 2048, 2), ("gateup", 128, 128, 8)])
 def test_moe_kernels_compile(mode, n, k, mt):
     assert MO.compile_grouped(mode, 16, n, k, mt, mode == "gateup", n // 2 if mode == "gateup" else n) is not None
+
+
+@pytest.mark.parametrize("mode,n,k,mt,ks,ks_in", [("gateup", 4096, 4096, 1, 2, 1), ("down", 4096, 2048, 2, 2, 2),
+                                                   ("down", 128, 128, 8, 1, 1)])
+def test_moe_decode_kernels_compile(mode, n, k, mt, ks, ks_in):
+    inter, dim = (n // 2, k) if mode == "gateup" else (k, n)
+    assert MO.compile_decode(mode, 16, n, k, mt, ks, ks_in, 6, True, inter, dim) is not None
+    assert MO.compile_decode(mode, 16, n, k, mt, ks, ks_in, 6, False, inter, dim, cutlass.Int32,
+                             cutlass.BFloat16) is not None
+    assert MO.compile_finalize(dim, 6, ks) is not None
 
 
 def test_gemv_plan_divides_k():
