@@ -162,12 +162,78 @@ def hbm_bandwidth(flush: torch.Tensor) -> float:
     return 2 * (1 << 30) / (us * 1e-6)
 
 
+def parse_variant(v: str) -> dict:
+    """'auto' or ':'-joined tokens: m<heads per CTA>, s<splits>, n<rows per tile>, st<stages>, fp32 / bf16 (split
+    partial dtype)."""
+    out = dict(name=v, heads_cta=None, num_splits=None, part_bf16=None, block_n=64, stages=2)
+    for tok in v.split(":"):
+        if tok in ("auto", ""):
+            continue
+        if tok == "fp32":
+            out["part_bf16"] = False
+        elif tok == "bf16":
+            out["part_bf16"] = True
+        elif tok.startswith("st"):
+            out["stages"] = int(tok[2:])
+        elif tok[0] == "n":
+            out["block_n"] = int(tok[1:])
+        elif tok[0] == "m":
+            out["heads_cta"] = int(tok[1:])
+        elif tok[0] == "s":
+            out["num_splits"] = int(tok[1:])
+        else:
+            raise ValueError(f"unknown variant token {tok!r}")
+    return out
+
+
+def host_costs(case: Case, reps: int = 50) -> dict:
+    """Host µs of one engine-path `sparse_attention` call with the step's plan cached (launches only, no sync inside
+    the loop), of building the per-step plan for a fresh batch, and of the whole call when every launch argument is
+    converted with from_dlpack instead (TVM-FFI off)."""
+    import copy
+
+    from dsv4.ops import cute_attention as ca
+
+    def call():
+        return ca.sparse_attention(case.q, case.cache, case.ratio, case.window, case.topk, case.sink, case.scale,
+                                   case.batch)
+
+    def loop():
+        call()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            call()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return (t1 - t0) / reps * 1e6
+
+    res = dict(call_us=round(loop(), 1), tvm_ffi=ca.TVM_FFI)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b = copy.copy(case.batch)
+        b.__dict__.pop("_cute_attention_plan", None)
+        ca.plan_for(b, case.q.device)
+    torch.cuda.synchronize()
+    res["plan_us"] = round((time.perf_counter() - t0) / 10 * 1e6, 1)
+    if ca.TVM_FFI:
+        ca.TVM_FFI = False
+        try:
+            case.batch.__dict__.pop("_cute_attention_plan", None)
+            res["call_us_dlpack"] = round(loop(), 1)
+        finally:
+            ca.TVM_FFI = True
+            case.batch.__dict__.pop("_cute_attention_plan", None)
+    return res
+
+
 def bench(ctxs=(1024, 8192, 65536), batches=(1, 16, 64), heads=64, d=512, kinds=("csa", "hca"), topk=512,
-          reps=30) -> list[dict]:
+          reps=30, variants=("auto",), sdpa=True, host=True) -> list[dict]:
     from dsv4.ops.cute_attention import plan_for, prepare_sparse_attention
 
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     bw = hbm_bandwidth(flush)
+    print(json.dumps({"hbm_copy_gbps": round(bw / 1e9, 1)}), flush=True)
     results = []
     for kind in kinds:
         ratio = 4 if kind == "csa" else (128 if kind == "hca" else 0)
@@ -176,34 +242,74 @@ def bench(ctxs=(1024, 8192, 65536), batches=(1, 16, 64), heads=64, d=512, kinds=
                 case = make_case([ctx - 1] * B, [1] * B, heads, d, ratio, topk=topk, poison=False,
                                  topk_holes=False)
                 plan = plan_for(case.batch, case.q.device)
-                f, _ = prepare_sparse_attention(case.q, case.cache, ratio, 128, case.topk, case.sink, case.scale,
-                                                case.batch, plan)
-                us = _time(f, reps, flush)
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    f()
-                torch.cuda.synchronize()
-                host_us = (time.perf_counter() - t0) / 20 * 1e6
                 n_rows = min(ctx, 128) + (min(topk, ctx // 4) if ratio == 4 else (ctx // ratio if ratio else 0))
                 nbytes = B * (n_rows * d * 2 + 2 * heads * d * 2)
-                # SDPA over the same rows gathered beforehand (all tokens see n_rows rows: uniform batch)
-                kv = torch.randn(B, 1, n_rows, d, device="cuda", dtype=torch.bfloat16)
-                qq = case.q.view(B, heads, 1, d)
-                sd = lambda: torch.nn.functional.scaled_dot_product_attention(qq, kv, kv, scale=case.scale,
-                                                                             enable_gqa=True)
-                try:
-                    us_sdpa = _time(sd, reps, flush)
-                except Exception as e:  # noqa: BLE001
-                    us_sdpa = float("nan")
-                r = dict(kind=kind, ctx=ctx, batch=B, heads=heads, rows=n_rows, us=round(us, 2),
-                         gbps=round(nbytes / (us * 1e-6) / 1e9, 1), pct_hbm=round(100 * nbytes / (us * 1e-6) / bw, 1),
-                         sdpa_us=round(us_sdpa, 2), speedup_vs_sdpa=round(us_sdpa / us, 2),
-                         back_to_back_us=round(host_us, 1))
-                results.append(r)
-                print(json.dumps(r), flush=True)
+                us_sdpa = float("nan")
+                if sdpa:
+                    # SDPA over the same rows gathered beforehand (all tokens see n_rows rows: uniform batch)
+                    kv = torch.randn(B, 1, n_rows, d, device="cuda", dtype=torch.bfloat16)
+                    qq = case.q.view(B, heads, 1, d)
+                    sd = lambda: torch.nn.functional.scaled_dot_product_attention(qq, kv, kv, scale=case.scale,
+                                                                                 enable_gqa=True)
+                    try:
+                        us_sdpa = _time(sd, reps, flush)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    del kv
+                for v in variants:
+                    var = parse_variant(v)
+                    f, _ = prepare_sparse_attention(case.q, case.cache, ratio, 128, case.topk, case.sink,
+                                                    case.scale, case.batch, plan, var["num_splits"],
+                                                    var["heads_cta"], var["part_bf16"], var["block_n"],
+                                                    var["stages"])
+                    us = _time(f, reps, flush)
+                    r = dict(kind=kind, ctx=ctx, batch=B, heads=heads, rows=n_rows, variant=v, splits=f.splits,
+                             us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1),
+                             pct_hbm=round(100 * nbytes / (us * 1e-6) / bw, 1), sdpa_us=round(us_sdpa, 2),
+                             speedup_vs_sdpa=round(us_sdpa / us, 2))
+                    if host and v == variants[0]:
+                        r.update(host_costs(case))
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
                 del case
-    print(json.dumps({"hbm_copy_gbps": round(bw / 1e9, 1)}))
     return results
+
+
+def bench_indexer(ctxs=(1024, 8192, 65536), batches=(1, 16, 64), n_heads=64, dk=128, topk=512, reps=30) -> list[dict]:
+    """CuTe indexer_topk (score kernel + torch.topk on its keys) vs TorchOps.indexer_topk, decode."""
+    from dsv4.ops import cute_attention as ca
+    from dsv4.ops.torch_ops import TorchOps
+
+    ref = TorchOps(device="cuda", dtype=torch.bfloat16)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    bw = hbm_bandwidth(flush)
+    out = []
+    for ctx in ctxs:
+        for B in batches:
+            case = make_case([ctx - 1] * B, [1] * B, 1, 64, 0, poison=False)
+            nblk = case.cache.swa_kv.shape[0]
+            ik = torch.randn(nblk, case.cache.block_size // 4, dk, device="cuda", dtype=torch.bfloat16)
+            q = torch.randn(B, n_heads, dk, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(B, n_heads, device="cuda") * (dk ** -0.5 * n_heads ** -0.5)
+            f = lambda: ca.indexer_topk(q, w, ik, case.cache.block_size, topk, case.batch)
+            g = lambda: ref.indexer_topk(q, w, ik, case.cache.block_size, topk, case.batch)
+            us = _time(f, reps, flush)
+            us_ref = _time(g, max(3, reps // 5), flush)
+            f()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                f()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            nbytes = B * (ctx // 4) * dk * 2
+            r = dict(op="indexer", ctx=ctx, batch=B, n_heads=n_heads, dk=dk, topk=topk, us=round(us, 2),
+                     key_gbps=round(nbytes / (us * 1e-6) / 1e9, 1), pct_hbm=round(100 * nbytes / (us * 1e-6) / bw, 1),
+                     torch_us=round(us_ref, 1), speedup=round(us_ref / us, 2),
+                     host_us=round((t1 - t0) / 20 * 1e6, 1))
+            out.append(r)
+            print(json.dumps(r), flush=True)
+    return out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -215,13 +321,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=512)
     p.add_argument("--kinds", nargs="+", default=["csa", "hca"], choices=["csa", "hca", "window"])
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--variants", nargs="+", default=["auto"],
+                   help="kernel variants: auto, or ':'-joined m<heads per CTA>, s<splits>, n<tile rows>, st<stages>, "
+                        "fp32|bf16 (e.g. m16:s2, m64:n32:st4)")
+    p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baseline")
+    p.add_argument("--no-host", action="store_true", help="skip the host-cost measurements")
+    p.add_argument("--indexer", action="store_true", help="benchmark indexer_topk instead (cute vs torch)")
     p.add_argument("--json", help="write the results to this file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    res = bench(tuple(args.ctx), tuple(args.batch), args.heads, args.head_dim, tuple(args.kinds), args.topk,
-                args.reps)
+    if args.indexer:
+        res = bench_indexer(tuple(args.ctx), tuple(args.batch), topk=args.topk, reps=args.reps)
+    else:
+        res = bench(tuple(args.ctx), tuple(args.batch), args.heads, args.head_dim, tuple(args.kinds), args.topk,
+                    args.reps, tuple(args.variants), not args.no_sdpa, not args.no_host)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

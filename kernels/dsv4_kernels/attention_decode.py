@@ -21,9 +21,10 @@ logit joins the softmax at the end (it only adds exp(sink - m) to the denominato
 -1) are loaded from a safe row (the token's own window row, always present) and masked with -inf, so no NaN from
 stale memory can leak in.
 
-Split-KV: with few query tokens the grid is (splits, T, head groups); each split writes an unnormalised fp32 partial
-O with its row max and sum, and a second kernel merges the splits and the sink. With one split the CTA writes the
-final bf16 output itself.
+Split-KV: the grid is (head groups, splits, T), head groups fastest so the CTAs reading the same rows run together
+(the second group's rows come from L2); each split writes its normalised partial O / l (fp32, or bf16 with
+part_bf16: half the bytes but measured slower on H100) with its row max and sum, and a second kernel merges the splits
+and the sink. With one split the CTA writes the final bf16 output itself.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class SparseDecodeAttention:
     """Compile-time configuration of one kernel variant."""
 
     def __init__(self, head_dim: int, heads_per_cta: int, mode: int, window: int, block_size: int, ratio: int,
-                 topk: int, split: bool, block_n: int = 64, stages: int = 2):
+                 topk: int, split: bool, block_n: int = 64, stages: int = 2, part_bf16: bool = True,
+                 topk_i64: bool = False):
         assert head_dim % 64 == 0 and heads_per_cta in (16, 32, 64)
         self.d = head_dim
         self.M = heads_per_cta
@@ -68,7 +70,8 @@ class SparseDecodeAttention:
         self.wn = 4 if heads_per_cta <= 32 else 2
         self.threads = 32 * self.wm * self.wn
         self.BN = block_n
-        assert self.BN % (16 * self.wn) == 0 and self.d % (16 * self.wn) == 0
+        # the P tile goes through a swizzled (8, 64) smem atom: rows of 64 (BN = 32 fails to compile, seen 2026-11-23)
+        assert self.BN % 64 == 0 and self.d % (16 * self.wn) == 0
         self.stages = stages
         self.mode = mode
         self.W = window
@@ -77,6 +80,8 @@ class SparseDecodeAttention:
         self.per_block = block_size // ratio if ratio else 1
         self.topk = topk
         self.split = split
+        self.part_bf16 = part_bf16      # split partials: O / l in bf16 (else fp32)
+        self.topk_i64 = topk_i64        # CSA top-k given as int64 (TorchOps' dtype) instead of int32
 
     def smem_bytes(self) -> int:
         return 2 * (self.M * self.d + self.stages * self.BN * self.d + self.M * self.BN) + 4 * (
@@ -108,7 +113,8 @@ class SparseDecodeAttention:
                                             cute.make_layout((1, 8)))
         tiled_mma = cute.make_tiled_mma(warp.MmaF16BF16Op(dt, Float32, (16, 8, 16)), (self.wm, self.wn, 1),
                                         permutation_mnk=(self.M, 16 * self.wn, 16))
-        grid = (num_splits, cute.size(mQ.shape[0]), cute.size(mQ.shape[1]) // self.M)
+        # head groups fastest, then splits: the CTAs that read the same rows run side by side (L2 reuse)
+        grid = (cute.size(mQ.shape[1]) // self.M, num_splits, cute.size(mQ.shape[0]))
         self.kernel(mQ, mSwa, mComp, mPos, mSeq, mSwaBT, mCompBT, mTopk, mSink, mOut, mOpart, mML, scale_log2,
                     tiles_per_split, sQ_layout, sK_layout, sP_layout, tiled_g2s, tiled_mma, Storage).launch(
             grid=grid, block=[self.threads, 1, 1], smem=Storage.size_in_bytes(), stream=stream)
@@ -130,7 +136,7 @@ class SparseDecodeAttention:
             if n >= n_win and n < n_total:
                 ent = n - n_win
                 if cutlass.const_expr(self.mode == MODE_CSA):
-                    ent = mTopk[t, n - n_win]
+                    ent = Int32(mTopk[t, n - n_win])
                 if ent >= 0:
                     cblk = mCompBT[b, ent // self.per_block]
                     addr = comp_base + Int64(cblk * self.per_block + ent % self.per_block) * row_bytes
@@ -146,7 +152,7 @@ class SparseDecodeAttention:
                tiled_mma: cute.TiledMma, Storage: cutlass.Constexpr):
         dt = cutlass.BFloat16
         tidx, _, _ = cute.arch.thread_idx()
-        split_idx, t, g = cute.arch.block_idx()
+        g, split_idx, t = cute.arch.block_idx()
         lane = tidx % 32
         warp_n = (tidx // 32) // self.wm
 
@@ -309,16 +315,23 @@ class SparseDecodeAttention:
                 s = s + sRed[j, row]
             row_sum[r] = s
 
-        cO = cute.make_identity_tensor((self.M, self.d))
         if cutlass.const_expr(self.split):
             for r in cutlass.range_constexpr(n_r):
                 if warp_n == 0 and lane % 4 == 0:
                     h = g * self.M + tScS_mn[r, 0][0]
                     mML[t, split_idx, h, 0] = row_max[r]
                     mML[t, split_idx, h, 1] = row_sum[r]
+                # normalised partial O / l (l = 0 only where O = 0: an empty split)
+                inv = 1.0 / cute.arch.fmax(row_sum[r], Float32(1.0e-30))
+                acc_O_mn[r, None] = acc_O_mn[r, None].load() * inv
             gO = cute.local_tile(mOpart[t, split_idx, None, None], (self.M, self.d), (g, 0))
             tOgO = thr_mma.partition_C(gO)
-            cute.autovec_copy(acc_O, tOgO)
+            if cutlass.const_expr(self.part_bf16):
+                rOp = cute.make_fragment_like(acc_O, dt)
+                rOp.store(acc_O.load().to(dt))
+                cute.autovec_copy(rOp, tOgO)
+            else:
+                cute.autovec_copy(acc_O, tOgO)
         else:
             for r in cutlass.range_constexpr(n_r):
                 h = g * self.M + tScS_mn[r, 0][0]
@@ -356,51 +369,58 @@ class SparseDecodeAttention:
 
 
 class SplitCombine:
-    """out[t, h] = (sum_s 2^(m_s - M) O_s) / (2^(sink - M) + sum_s 2^(m_s - M) l_s), M = max(sink, m_s)."""
+    """out[t, h] = (sum_s w_s O_s) / (2^(sink - M) + sum_s w_s), w_s = 2^(m_s - M) l_s, M = max(sink, m_s);
+    O_s are the normalised split partials (bf16 or fp32), (m_s, l_s) their row max (log2 domain) and sum."""
+
+    VEC = 8
 
     def __init__(self, head_dim: int):
+        assert head_dim % self.VEC == 0
         self.d = head_dim
-        self.threads = head_dim // 4
+        self.threads = head_dim // self.VEC
 
     @cute.jit
     def __call__(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor,
                  num_splits: Int32, stream):
         self.kernel(mOpart, mML, mSink, mOut, num_splits).launch(
-            grid=(cute.size(mOut.shape[0]), cute.size(mOut.shape[1]), 1), block=[self.threads, 1, 1],
+            grid=(cute.size(mOut.shape[1]), cute.size(mOut.shape[0]), 1), block=[self.threads, 1, 1],
             stream=stream)
 
     @cute.kernel
     def kernel(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor,
                num_splits: Int32):
         tidx, _, _ = cute.arch.thread_idx()
-        t, h, _ = cute.arch.block_idx()
+        h, t, _ = cute.arch.block_idx()
         sink2 = mSink[h] * LOG2_E
         mx = sink2
         for s in cutlass.range(num_splits, unroll=1):
             mx = cute.arch.fmax(mx, mML[t, s, h, 0])
         denom = cute.math.exp2(sink2 - mx, fastmath=True)
-        acc = cute.make_rmem_tensor((4,), Float32)
+        acc = cute.make_rmem_tensor((self.VEC,), Float32)
         acc.fill(0.0)
         for s in cutlass.range(num_splits, unroll=1):
-            w = cute.math.exp2(mML[t, s, h, 0] - mx, fastmath=True)
-            denom = denom + w * mML[t, s, h, 1]
-            src = cute.local_tile(mOpart[t, s, h, None], (4,), (tidx,))
-            frag = cute.make_rmem_tensor((4,), Float32)
+            w = cute.math.exp2(mML[t, s, h, 0] - mx, fastmath=True) * mML[t, s, h, 1]
+            denom = denom + w
+            src = cute.local_tile(mOpart[t, s, h, None], (self.VEC,), (tidx,))
+            frag = cute.make_rmem_tensor((self.VEC,), mOpart.element_type)
             cute.autovec_copy(src, frag)
-            acc.store(acc.load() + frag.load() * w)
+            acc.store(acc.load() + frag.load().to(Float32) * w)
         inv = 1.0 / denom
-        res = cute.make_rmem_tensor((4,), cutlass.BFloat16)
+        res = cute.make_rmem_tensor((self.VEC,), cutlass.BFloat16)
         res.store((acc.load() * inv).to(cutlass.BFloat16))
-        cute.autovec_copy(res, cute.local_tile(mOut[t, h, None], (4,), (tidx,)))
+        cute.autovec_copy(res, cute.local_tile(mOut[t, h, None], (self.VEC,), (tidx,)))
 
 
 def plan_splits(max_rows: int, n_tokens: int, head_groups: int, block_n: int = 64, num_sms: int = 132,
                 min_tiles: int = 2) -> tuple[int, int]:
-    """-> (num_splits, tiles_per_split): about one wave of CTAs when the token count alone does not fill the GPU,
-    at least `min_tiles` tiles per split (each split writes a [M, d] fp32 partial: more splits cost traffic).
-    Measured on H100, HCA 64k context, H=64: batch 64 best at 2 splits, batch 16 at 5 (docs/PERF_ATTENTION.md)."""
+    """-> (num_splits, tiles_per_split): about one wave of CTAs when the token count alone does not fill the GPU.
+    One tile per split when even that fits in one wave (small batch: the kernel is latency-bound per tile), else at
+    least `min_tiles` tiles per split (each split writes a [M, d] fp32 partial that the combine kernel reads back).
+    Measured on H100 (docs/PERF_ATTENTION.md): H=64 as 2 groups of 32 heads, batch 64: 1 split; batch 16: 4."""
     tiles = max(1, math.ceil(max_rows / block_n))
     ctas = n_tokens * head_groups
+    if ctas * tiles <= num_sms:
+        return tiles, 1
     want = max(1, num_sms // max(1, ctas))
     splits = max(1, min(want, tiles // min_tiles))
     per = math.ceil(tiles / splits)

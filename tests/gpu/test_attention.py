@@ -22,12 +22,15 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
-def _check(case, num_splits=None, tol=1.5e-2):
+def _check(case, num_splits=None, tol=1.5e-2, heads_cta=None, part_bf16=None, topk=None, block_n=64, stages=2):
     ref = REF.sparse_attention(case.q, case.cache, case.ratio, case.window, case.topk, case.sink, case.scale,
                                case.batch)
     assert not ref.isnan().any(), "reference produced NaN: the test case is broken"
-    out = cute_attention.sparse_attention(case.q, case.cache, case.ratio, case.window, case.topk, case.sink,
-                                          case.scale, case.batch, num_splits=num_splits)
+    launch, result = cute_attention.prepare_sparse_attention(
+        case.q, case.cache, case.ratio, case.window, case.topk if topk is None else topk, case.sink, case.scale,
+        case.batch, num_splits=num_splits, heads_cta=heads_cta, part_bf16=part_bf16, block_n=block_n, stages=stages)
+    launch()
+    out = result()
     torch.cuda.synchronize()
     assert out.shape == ref.shape
     assert not out.isnan().any(), "NaN in the kernel output"
@@ -53,6 +56,39 @@ def test_decode_forced_splits(ratio, splits):
     seed = torch.randint(0, 1 << 30, ()).item()
     case = make_case([8191, 2000, 5], [1, 1, 1], 64, 512, ratio, topk=512, seed=seed)
     _check(case, num_splits=splits)
+
+
+@pytest.mark.parametrize("variant", [dict(heads_cta=16), dict(heads_cta=32, num_splits=2),
+                                     dict(heads_cta=16, num_splits=4, part_bf16=False), dict(part_bf16=True),
+                                     dict(heads_cta=64), dict(heads_cta=16, stages=3)])
+@pytest.mark.parametrize("ratio", [4, 128])
+def test_decode_variants(ratio, variant):
+    """Head groups of 16/32/64 for 64 heads (grid: head groups fastest), fp32 and bf16 split partials, 3 stages."""
+    seed = torch.randint(0, 1 << 30, ()).item()
+    case = make_case([8191, 2000, 5, 300], [1, 1, 1, 1], 64, 512, ratio, topk=512, seed=seed)
+    _check(case, **variant)
+
+
+def test_csa_int32_topk_and_dlpack_path():
+    """Top-k given as int32 (the kernel also takes TorchOps' int64), and the explicit from_dlpack launch path."""
+    seed = torch.randint(0, 1 << 30, ()).item()
+    case = make_case([4095, 77, 1000], [1, 1, 1], 64, 512, 4, topk=512, seed=seed)
+    _check(case, topk=case.topk.to(torch.int32))
+    saved = cute_attention.TVM_FFI
+    cute_attention.TVM_FFI = False
+    try:
+        case.batch.__dict__.pop("_cute_attention_plan", None)
+        _check(case, num_splits=3)
+    finally:
+        cute_attention.TVM_FFI = saved
+
+
+def test_plan_is_cached_per_batch():
+    case = make_case([100, 5000], [1, 1], 64, 512, 128, seed=3)
+    p1 = cute_attention.plan_for(case.batch, case.q.device)
+    _check(case)
+    assert cute_attention.plan_for(case.batch, case.q.device) is p1 and len(p1.launch_cfg) >= 1
+    assert p1.seq.tolist() == [0, 1] and p1.swa_table(case.window, 128).shape[0] == 2
 
 
 @pytest.mark.parametrize("ratio", [0, 4, 128])

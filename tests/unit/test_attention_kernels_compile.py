@@ -13,6 +13,7 @@ from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # n
 
 from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, SparseDecodeAttention,  # noqa: E402
                                            SplitCombine, plan_splits)
+from dsv4_kernels.indexer import IndexerScores  # noqa: E402
 from dsv4_kernels.kv_write import KVScatter  # noqa: E402
 
 BF, I32, I64, F32 = cutlass.BFloat16, cutlass.Int32, cutlass.Int64, cutlass.Float32
@@ -24,23 +25,50 @@ def _fake(dtype, rank, rows=True):
                                     assumed_align=16 if rows else dtype.width // 8)
 
 
-@pytest.mark.parametrize("d,M,mode,split", [
-    (512, 16, MODE_CSA, True), (512, 16, MODE_HCA, False), (512, 16, MODE_WINDOW, True),
-    (512, 32, MODE_HCA, True), (512, 64, MODE_CSA, True), (512, 64, MODE_HCA, False),
-    (512, 64, MODE_WINDOW, False), (64, 16, MODE_CSA, False), (64, 16, MODE_HCA, True),
+@pytest.mark.parametrize("d,M,mode,split,part_bf16,i64", [
+    (512, 16, MODE_CSA, True, True, True), (512, 16, MODE_HCA, False, True, False),
+    (512, 16, MODE_WINDOW, True, False, False), (512, 32, MODE_HCA, True, True, False),
+    (512, 64, MODE_CSA, True, False, False), (512, 64, MODE_HCA, False, True, False),
+    (512, 64, MODE_WINDOW, False, True, False), (64, 16, MODE_CSA, False, True, True),
+    (64, 16, MODE_HCA, True, True, False),
 ])
-def test_sparse_attention_compiles(d, M, mode, split):
-    k = SparseDecodeAttention(d, M, mode, 128, 128, 4 if mode == MODE_CSA else 128, 64, split)
+def test_sparse_attention_compiles(d, M, mode, split, part_bf16, i64):
+    k = SparseDecodeAttention(d, M, mode, 128, 128, 4 if mode == MODE_CSA else 128, 64, split, part_bf16=part_bf16,
+                              topk_i64=i64)
     assert k.smem_bytes() <= 227 * 1024
     cute.compile(k, _fake(BF, 3), _fake(BF, 2), _fake(BF, 2), _fake(I32, 1, False), _fake(I32, 1, False),
-                 _fake(I32, 2, False), _fake(I32, 2, False), _fake(I32, 2, False), _fake(F32, 1, False),
-                 _fake(BF, 3), _fake(F32, 4), _fake(F32, 4, False), F32(0.1), I32(1), I32(1), make_fake_stream())
+                 _fake(I32, 2, False), _fake(I32, 2, False), _fake(I64 if i64 else I32, 2, False),
+                 _fake(F32, 1, False), _fake(BF, 3), _fake(BF if part_bf16 else F32, 4), _fake(F32, 4, False),
+                 F32(0.1), I32(1), I32(1), make_fake_stream())
 
 
 @pytest.mark.parametrize("d", [64, 512])
-def test_split_combine_compiles(d):
-    cute.compile(SplitCombine(d), _fake(F32, 4), _fake(F32, 4, False), _fake(F32, 1, False), _fake(BF, 3), I32(2),
+@pytest.mark.parametrize("pdt", [F32, BF])
+def test_split_combine_compiles(d, pdt):
+    cute.compile(SplitCombine(d), _fake(pdt, 4), _fake(F32, 4, False), _fake(F32, 1, False), _fake(BF, 3), I32(2),
                  make_fake_stream())
+
+
+@pytest.mark.parametrize("dk,M", [(128, 64), (128, 16), (64, 32)])
+def test_indexer_scores_compiles(dk, M):
+    cute.compile(IndexerScores(dk, M, 128), _fake(BF, 3), _fake(F32, 2, False), _fake(BF, 2), _fake(I32, 1, False),
+                 _fake(I32, 1, False), _fake(I32, 2, False), _fake(I64, 2, False), make_fake_stream())
+
+
+def test_tvm_ffi_compile_path():
+    """The host path the engine uses: fake tensors built from torch dtypes, compiled with --enable-tvm-ffi."""
+    pytest.importorskip("tvm_ffi")
+    import torch
+
+    from dsv4.ops import cute_attention as ca
+    if not ca.TVM_FFI:
+        pytest.skip("TVM-FFI disabled by DSV4_CUTE_NO_TVM_FFI")
+    bf = torch.empty((1, 1, 8), dtype=torch.bfloat16)
+    i32 = torch.empty(1, dtype=torch.int32)
+    ex = [bf, bf[0], bf[0], i32, i32, i32.view(1, 1), i32.view(1, 1), torch.empty((1, 1), dtype=torch.int64),
+          torch.empty(1), bf, torch.empty((1, 1, 1, 8), dtype=torch.bfloat16), torch.empty((1, 1, 1, 2)), 1.0, 1, 1]
+    ca.Launcher(("cpu-test-attn",), lambda: SparseDecodeAttention(512, 64, MODE_CSA, 128, 128, 4, 512, True,
+                                                                  topk_i64=True), ca._ATTN_SPEC, ex)
 
 
 @pytest.mark.parametrize("d", [64, 512])
@@ -49,8 +77,10 @@ def test_kv_scatter_compiles(d):
 
 
 def test_plan_splits_fills_gpu():
-    assert plan_splits(640, 1, 1) == (5, 2)          # batch 1: two tiles per split
+    assert plan_splits(640, 1, 1) == (10, 1)         # batch 1: one tile per split when it all fits in one wave
+    assert plan_splits(640, 1, 2) == (10, 1)
+    assert plan_splits(640, 16, 2) == (4, 3)         # batch 16, 2 groups of 32 heads: one wave, >= 2 tiles
     s, per = plan_splits(65536 // 128 + 128, 1, 1)
     assert s * per >= (640 + 63) // 64 and s > 1
-    assert plan_splits(640, 64, 1) == (2, 5)          # best measured split count at batch 64, H=64
+    assert plan_splits(640, 64, 2) == (1, 10)         # 128 CTAs already fill the GPU (best measured at batch 64)
     assert plan_splits(640, 300, 1)[0] == 1           # 300 CTAs already fill the GPU

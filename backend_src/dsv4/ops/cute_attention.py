@@ -6,17 +6,28 @@ TorchOps implementation through `super()`.
 
 Status:
 - `sparse_attention`: CuTe kernel (kernels/dsv4_kernels/attention_decode.py) for decode *and* prefill (one CTA per
-  query token and KV split; prefill re-reads shared rows per token, mostly from L2).
+  query token, KV split and head group; prefill re-reads shared rows per token, mostly from L2).
 - `store_window_kv`: CuTe scatter kernel (kernels/dsv4_kernels/kv_write.py).
-- `indexer_topk`: still TorchOps (scores + stable top-k in torch on the GPU).
+- `indexer_topk`: CuTe score kernel (kernels/dsv4_kernels/indexer.py) writing unique int64 sort keys, then
+  `torch.topk` on them (= stable descending sort: ties toward the earlier entry); -1 padding as TorchOps.
 - compressed-entry writes (`compress_and_store`) stay in TorchOps.
+
+Host cost (decode runs ~60 attention calls per step): kernels are compiled once per variant against fake tensors with
+dynamic shapes and, where apache-tvm-ffi is importable, called through the TVM-FFI path (torch tensors passed
+directly, the current torch stream taken from the environment: a few µs per launch instead of ~40 µs per
+`from_dlpack` conversion). Everything derived from the ForwardBatch alone (token -> sequence, positions, block
+tables as int32 device tensors, split plans) is built once per step and kept on the batch object.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+import os
 from typing import Any
 
+import numpy as np
 import torch
 
 from dsv4.ops.base import ForwardBatch, LayerCache
@@ -24,6 +35,12 @@ from dsv4.ops.base import ForwardBatch, LayerCache
 Tensor = torch.Tensor
 
 _COMPILED: dict[tuple, Any] = {}
+
+try:  # the TVM-FFI call path (set DSV4_CUTE_NO_TVM_FFI=1 to force explicit DLPack conversions)
+    import tvm_ffi  # noqa: F401
+    TVM_FFI = os.environ.get("DSV4_CUTE_NO_TVM_FFI", "0") != "1"
+except ImportError:  # pragma: no cover - depends on the machine
+    TVM_FFI = False
 
 
 def _cute():
@@ -45,29 +62,139 @@ def to_cute(t: Tensor, row_align: bool = True):
     return ct
 
 
+_DT = {torch.bfloat16: "BFloat16", torch.float32: "Float32", torch.int32: "Int32", torch.int64: "Int64"}
+
+
+def _fake(t: Tensor, row_align: bool = True):
+    """Fake compile-time tensor matching `t`: dtype and rank; every extent dynamic; row-major compact; the last
+    extent divisible by one 16-byte vector where `row_align`."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor
+    dtype = getattr(cutlass, _DT[t.dtype])
+    r = t.dim()
+    vec = 16 // t.element_size()
+    shape = tuple(cute.sym_int(divisibility=vec if (row_align and i == r - 1) else 1) for i in range(r))
+    return make_fake_compact_tensor(dtype, shape, stride_order=tuple(range(r - 1, -1, -1)),
+                                    assumed_align=16 if row_align else t.element_size())
+
+
 def _stream():
     import cuda.bindings.driver as cuda
     return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+class Launcher:
+    """One compiled kernel variant and how to call it. `spec`: per argument, ("t", row_align) for a tensor,
+    ("f",) for a Float32 scalar, ("i",) for an Int32 scalar."""
+
+    def __init__(self, key: tuple, make, spec: tuple, example: list):
+        self.tvm = TVM_FFI
+        self.spec = spec
+        fn = _COMPILED.get(key + (self.tvm,))
+        if fn is None:
+            import cutlass
+            import cutlass.cute as cute
+            if self.tvm:
+                cargs = [self._fake_arg(s, a) for s, a in zip(spec, example)]
+                cargs.append(cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+                fn = cute.compile(make(), *cargs, options="--enable-tvm-ffi")
+            else:
+                fn = cute.compile(make(), *self._convert(example))
+            _COMPILED[key + (self.tvm,)] = fn
+        self.fn = fn
+
+    @staticmethod
+    def _fake_arg(s, a):
+        import cutlass
+        if s[0] == "t":
+            return _fake(a, s[1])
+        return cutlass.Float32(a) if s[0] == "f" else cutlass.Int32(a)
+
+    def _convert(self, args):
+        import cutlass
+        out = []
+        for s, a in zip(self.spec, args):
+            if s[0] == "t":
+                out.append(to_cute(a, s[1]))
+            else:
+                out.append(cutlass.Float32(a) if s[0] == "f" else cutlass.Int32(a))
+        out.append(_stream())
+        return out
+
+    def __call__(self, *args):
+        if self.tvm:
+            return self.fn(*args)
+        return self.fn(*self._convert(args))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def heads_per_cta(h: int) -> int:
-    return 16 if h <= 16 else (32 if h <= 32 else 64)
+    """Heads per CTA. 64 heads run as 2 groups of 32 (grid: head groups side by side, so the second group reads the
+    rows from L2): measured on H100 faster than one group of 64 at batch 16 and 64 (docs/PERF_ATTENTION.md)."""
+    return 16 if h <= 16 else 32
 
 
 class AttentionPlan:
-    """Per-ForwardBatch device tensors shared by all layers of one step (token -> sequence, block tables)."""
+    """Per-ForwardBatch device tensors shared by all layers of one step (token -> sequence, block tables), and the
+    per-step launch decisions (split plans, kernel handles) keyed by layer shape."""
 
     def __init__(self, batch: ForwardBatch, device: torch.device):
         n = [batch.query_start[b + 1] - batch.query_start[b] for b in range(batch.num_seqs)]
-        self.seq = torch.repeat_interleave(torch.arange(batch.num_seqs, dtype=torch.int32), torch.tensor(n)).to(device)
-        self.pos = batch.positions.to(device=device, dtype=torch.int32).contiguous()
-        self.swa_bt = _table(batch.swa_block_tables, device)
-        self.comp_bt = _table(batch.comp_block_tables, device)
+        seq = [b for b in range(batch.num_seqs) for _ in range(n[b])]
         self.max_pos = max((batch.seq_len(b) - 1 for b in range(batch.num_seqs) if n[b] > 0), default=0)
+        # one host->device copy for the small int32 tables (numpy fill; converting Python ints costs ~40 ns each,
+        # so the window table is built lazily with only the columns a window can reach: see swa_table)
+        comp_w = max(2, max((len(r) for r in batch.comp_block_tables), default=0))
+        B = max(1, batch.num_seqs)
+        T = len(seq)
+        flat = np.full(T + B * comp_w, -1, dtype=np.int32)
+        flat[:T] = seq
+        _fill_rows(flat, T, comp_w, batch.comp_block_tables)
+        dev_flat = torch.from_numpy(flat).to(device)
+        self.seq = dev_flat[:T]
+        self.comp_bt = dev_flat[T:].view(B, comp_w)
+        self._batch = batch
+        self._device = device
+        self._swa: dict[int, Tensor] = {}
+        self.pos = batch.positions.to(device=device, dtype=torch.int32).contiguous()
+        self.pos2 = self.pos.view(-1, 1)
+        self.num_sms = (_num_sms(device.index if device.index is not None else torch.cuda.current_device())
+                        if device.type == "cuda" else 132)
+        self.launch_cfg: dict[tuple, Any] = {}
+
+    def swa_table(self, window: int, block_size: int) -> Tensor:
+        """[B, width] window block table holding only the columns of blocks some query of this step can see
+        (positions >= first query position - window + 1); the other columns are -1 and never read."""
+        key = (window, block_size)
+        t = self._swa.get(key)
+        if t is None:
+            b = self._batch
+            width = max(2, max((len(r) for r in b.swa_block_tables), default=0))
+            rows = []
+            for i, r in enumerate(b.swa_block_tables):
+                lo = max(0, b.context_lens[i] - window + 1) // block_size
+                hi = min(len(r), (b.seq_len(i) - 1) // block_size + 1)
+                rows.append((lo, r[lo:hi]))
+            flat = np.full(max(1, len(rows)) * width, -1, dtype=np.int32)
+            for i, (lo, part) in enumerate(rows):
+                if part:
+                    flat[i * width + lo:i * width + lo + len(part)] = part
+            t = self._swa[key] = torch.from_numpy(flat).to(self._device).view(-1, width)
+        return t
+
+
+def _fill_rows(flat: np.ndarray, off: int, width: int, rows: list[list[int]]) -> None:
+    lens = [len(r) for r in rows]
+    n = sum(lens)
+    if n:
+        starts = np.repeat(np.arange(len(rows)) * width + off, lens)
+        within = np.arange(n) - np.repeat(np.cumsum([0] + lens[:-1]), lens)
+        flat[starts + within] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=n)
 
 
 def _table(rows: list[list[int]], device: torch.device) -> Tensor:
@@ -80,6 +207,7 @@ def _table(rows: list[list[int]], device: torch.device) -> Tensor:
 
 
 def plan_for(batch: ForwardBatch, device: torch.device) -> AttentionPlan:
+    """The step's plan, built on first use and kept on the batch object (the engine builds one batch per step)."""
     plan = getattr(batch, "_cute_attention_plan", None)
     if plan is None:
         plan = AttentionPlan(batch, device)
@@ -87,114 +215,207 @@ def plan_for(batch: ForwardBatch, device: torch.device) -> AttentionPlan:
     return plan
 
 
+_WORKSPACE: dict[tuple, Tensor] = {}
+
+
+def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Scratch reused across calls (split partials, indexer keys): written and consumed on the same stream."""
+    key = (name, dtype, device)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1 << 16), dtype=dtype, device=device)
+        _WORKSPACE[key] = buf
+    return buf[:numel]
+
+
+# split partials in bf16 halve their bytes but measured slower on H100 (half-sector stores): fp32 by default
+PART_BF16 = os.environ.get("DSV4_ATTN_PART_BF16", "0") == "1"
+
+
 def sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
                      sink: Tensor, scale: float, batch: ForwardBatch, plan: AttentionPlan | None = None,
-                     num_splits: int | None = None) -> Tensor:
+                     num_splits: int | None = None, heads_cta: int | None = None) -> Tensor:
     """The CuTe kernel path of Ops.sparse_attention (BF16 caches, head_dim % 64 == 0)."""
     launch, result = prepare_sparse_attention(q, cache, ratio, window, topk_entries, sink, scale, batch, plan,
-                                              num_splits)
+                                              num_splits, heads_cta)
     launch()
     return result()
 
 
 def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
                              sink: Tensor, scale: float, batch: ForwardBatch, plan: AttentionPlan | None = None,
-                             num_splits: int | None = None):
-    """-> (launch, result): launch() enqueues the kernel(s) on the current stream with arguments converted once
-    (what the benchmark times); result() returns the [T, H, d] output in q's dtype."""
-    from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, SparseDecodeAttention,
-                                               SplitCombine, plan_splits)
-
+                             num_splits: int | None = None, heads_cta: int | None = None,
+                             part_bf16: bool | None = None, block_n: int = 64, stages: int = 2):
+    """-> (launch, result): launch() enqueues the kernel(s) on the current stream (what the benchmark times);
+    result() returns the [T, H, d] output in q's dtype. `num_splits`, `heads_cta`, `part_bf16`: overrides for
+    tests and sweeps."""
     T, H, d = q.shape
     dev = q.device
     plan = plan or plan_for(batch, dev)
-    M = heads_per_cta(H)
+    part_bf16 = PART_BF16 if part_bf16 is None else part_bf16
+    M = heads_cta or heads_per_cta(H)
     Hp = -(-H // M) * M
-    qk = q.to(torch.bfloat16)
-    sk = sink.float()
+    csa = ratio == 4 and topk_entries is not None
+    ck = (H, d, ratio, window, cache.block_size, topk_entries.shape[1] if csa else 0,
+          topk_entries.dtype if csa else None, num_splits, M, part_bf16, block_n, stages)
+    cfg = plan.launch_cfg.get(ck)
+    if cfg is None:
+        cfg = plan.launch_cfg[ck] = _launch_config(T, H, d, M, ratio, window, cache.block_size, csa,
+                                                   topk_entries, plan, num_splits, part_bf16, dev, block_n,
+                                                   stages)
+    fn, cfn, splits, per, mode_tk = cfg
+    qk = q if q.dtype == torch.bfloat16 else q.to(torch.bfloat16)
+    sk = sink if sink.dtype == torch.float32 else sink.float()
     if Hp != H:
         qk = torch.cat([qk, qk.new_zeros(T, Hp - H, d)], 1)
         sk = torch.cat([sk, sk.new_zeros(Hp - H)])
-    qk, sk = qk.contiguous(), sk.contiguous()
-    if ratio == 4 and topk_entries is not None:
-        mode, topk = MODE_CSA, topk_entries.shape[1]
-        tk = topk_entries.to(torch.int32).contiguous()
-        n_comp = topk
-    elif ratio and ratio != 4:
-        mode, topk, tk = MODE_HCA, 0, plan.pos.view(-1, 1)
-        n_comp = (plan.max_pos + 1) // ratio
-    else:
-        mode, topk, tk = MODE_WINDOW, 0, plan.pos.view(-1, 1)
-        n_comp = 0
+    if not qk.is_contiguous():
+        qk = qk.contiguous()
+    tk = plan.pos2
+    if csa:
+        tk = topk_entries if topk_entries.is_contiguous() else topk_entries.contiguous()
     swa = cache.swa_kv.view(-1, d)
-    comp = cache.comp_kv.view(-1, d) if (mode != MODE_WINDOW and cache.comp_kv is not None) else swa
-    max_rows = min(plan.max_pos + 1, window) + n_comp
-    G = Hp // M
-    if num_splits is None:
-        splits, per = plan_splits(max_rows, T, G, num_sms=_num_sms(dev))
-    else:
-        tiles = max(1, math.ceil(max_rows / 64))
-        per = math.ceil(tiles / num_splits)
-        splits = math.ceil(tiles / per)
-    split = splits > 1
+    comp = cache.comp_kv.view(-1, d) if (ratio and cache.comp_kv is not None) else swa
     out = torch.empty((T, Hp, d), dtype=torch.bfloat16, device=dev)
-    if split:
-        opart = torch.empty((T, splits, Hp, d), dtype=torch.float32, device=dev)
-        ml = torch.empty((T, splits, Hp, 2), dtype=torch.float32, device=dev)
+    pdt = torch.bfloat16 if part_bf16 else torch.float32
+    if splits > 1:
+        opart = _workspace("opart", T * splits * Hp * d, pdt, dev).view(T, splits, Hp, d)
+        ml = _workspace("ml", T * splits * Hp * 2, torch.float32, dev).view(T, splits, Hp, 2)
     else:
-        opart = torch.empty((1, 1, 1, d), dtype=torch.float32, device=dev)
-        ml = torch.empty((1, 1, 1, 2), dtype=torch.float32, device=dev)
-    import cutlass
-    import cutlass.cute as cute
-    args = [to_cute(qk), to_cute(swa), to_cute(comp), to_cute(plan.pos, False), to_cute(plan.seq, False),
-            to_cute(plan.swa_bt, False), to_cute(plan.comp_bt, False), to_cute(tk, False), to_cute(sk, False),
-            to_cute(out), to_cute(opart), to_cute(ml, False),
-            cutlass.Float32(scale * 1.4426950408889634), cutlass.Int32(per), cutlass.Int32(splits), _stream()]
-    key = ("attn", d, M, mode, window, cache.block_size, ratio, topk, split)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        kern = SparseDecodeAttention(d, M, mode, window, cache.block_size, ratio if ratio else 1, topk, split)
-        fn = _COMPILED[key] = cute.compile(kern, *args)
-    cfn = cargs = None
-    if split:
-        ckey = ("combine", d)
-        cfn = _COMPILED.get(ckey)
-        cargs = [to_cute(opart), to_cute(ml, False), to_cute(sk, False), to_cute(out), cutlass.Int32(splits),
-                 _stream()]
-        if cfn is None:
-            cfn = _COMPILED[ckey] = cute.compile(SplitCombine(d), *cargs)
+        opart = _workspace("opart", d, pdt, dev).view(1, 1, 1, d)
+        ml = _workspace("ml", 2, torch.float32, dev).view(1, 1, 1, 2)
+    args = (qk, swa, comp, plan.pos, plan.seq, plan.swa_table(window, cache.block_size), plan.comp_bt, tk, sk, out,
+            opart, ml,
+            scale * 1.4426950408889634, per, splits)
 
     def launch():
         fn(*args)
         if cfn is not None:
-            cfn(*cargs)
+            cfn(opart, ml, sk, out, splits)
 
     def result():
         res = out if Hp == H else out[:, :H]
-        return res.to(q.dtype)
+        return res if q.dtype == torch.bfloat16 else res.to(q.dtype)
 
+    launch.splits = splits
     return launch, result
 
 
-def store_window_kv(kv: Tensor, cache: LayerCache, batch: ForwardBatch) -> None:
-    import cutlass.cute as cute
+_ATTN_SPEC = (("t", True), ("t", True), ("t", True), ("t", False), ("t", False), ("t", False), ("t", False),
+              ("t", False), ("t", False), ("t", True), ("t", True), ("t", False), ("f",), ("i",), ("i",))
+_COMBINE_SPEC = (("t", True), ("t", False), ("t", False), ("t", True), ("i",))
 
+
+def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, plan, num_splits, part_bf16, dev,
+                   block_n=64, stages=2):
+    from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, SparseDecodeAttention,
+                                               SplitCombine, plan_splits)
+    Hp = -(-H // M) * M
+    if csa:
+        mode, topk = MODE_CSA, topk_entries.shape[1]
+        n_comp = topk
+        tk_ex = topk_entries
+    elif ratio and ratio != 4:
+        mode, topk = MODE_HCA, 0
+        n_comp = (plan.max_pos + 1) // ratio
+        tk_ex = plan.pos2
+    else:
+        mode, topk, n_comp = MODE_WINDOW, 0, 0
+        tk_ex = plan.pos2
+    max_rows = min(plan.max_pos + 1, window) + n_comp
+    G = Hp // M
+    if num_splits is None:
+        splits, per = plan_splits(max_rows, T, G, block_n=block_n, num_sms=plan.num_sms)
+    else:
+        tiles = max(1, math.ceil(max_rows / block_n))
+        per = math.ceil(tiles / num_splits)
+        splits = math.ceil(tiles / per)
+    split = splits > 1
+    i64 = csa and topk_entries.dtype == torch.int64
+    pdt = torch.bfloat16 if part_bf16 else torch.float32
+    bf = torch.empty((1, 1, 8), dtype=torch.bfloat16, device=dev)
+    ex = [bf, bf[0], bf[0], plan.pos, plan.seq, plan.comp_bt, plan.comp_bt, tk_ex,
+          torch.empty(1, dtype=torch.float32, device=dev), bf, torch.empty((1, 1, 1, 8), dtype=pdt, device=dev),
+          torch.empty((1, 1, 1, 2), dtype=torch.float32, device=dev), 1.0, 1, 1]
+    key = ("attn", d, M, mode, window, block_size, ratio, topk, split, part_bf16, i64, block_n, stages)
+    r = ratio if ratio else 1
+    fn = Launcher(key, lambda: SparseDecodeAttention(d, M, mode, window, block_size, r, topk, split, block_n=block_n,
+                                                     stages=stages, part_bf16=part_bf16, topk_i64=i64),
+                  _ATTN_SPEC, ex)
+    cfn = None
+    if split:
+        cex = [ex[10], ex[11], ex[8], bf, 1]
+        cfn = Launcher(("combine", d, part_bf16), lambda: SplitCombine(d), _COMBINE_SPEC, cex)
+    return fn, cfn, splits, per, mode
+
+
+def indexer_topk(q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
+                 batch: ForwardBatch, plan: AttentionPlan | None = None) -> Tensor:
+    """The CuTe path of Ops.indexer_topk: [T, topk] int64 entry numbers, best first, -1 padded."""
+    from dsv4_kernels.indexer import INT64_MIN, IndexerScores
+
+    T, nh, dk = q.shape
+    dev = q.device
+    plan = plan or plan_for(batch, dev)
+    result = torch.full((T, topk), -1, dtype=torch.long, device=dev)
+    width = (plan.max_pos + 1) // 4
+    if width == 0 or T == 0:
+        return result
+    M = 16 if nh <= 16 else (32 if nh <= 32 else 64)      # all heads in one CTA (the sum runs over them)
+    qk = q if q.dtype == torch.bfloat16 else q.to(torch.bfloat16)
+    w = head_weights if head_weights.dtype == torch.float32 else head_weights.float()
+    if M != nh:
+        qk = torch.cat([qk, qk.new_zeros(T, M - nh, dk)], 1)
+        w = torch.cat([w, w.new_zeros(T, M - nh)], 1)
+    qk = qk if qk.is_contiguous() else qk.contiguous()
+    w = w if w.is_contiguous() else w.contiguous()
+    keys = _workspace("idxkeys", T * width, torch.int64, dev).view(T, width)
+    pool = index_k.view(-1, dk)
+    fkey = ("idxlaunch", dk, M, block_size)
+    fn = plan.launch_cfg.get(fkey)
+    if fn is None:
+        bf = torch.empty((1, 1, 8), dtype=torch.bfloat16, device=dev)
+        ex = [bf, torch.empty((1, 1), dtype=torch.float32, device=dev), bf[0], plan.pos, plan.seq, plan.comp_bt,
+              torch.empty((1, 1), dtype=torch.int64, device=dev)]
+        spec = (("t", True), ("t", False), ("t", True), ("t", False), ("t", False), ("t", False), ("t", False))
+        fn = plan.launch_cfg[fkey] = Launcher(("indexer", dk, M, block_size),
+                                              lambda: IndexerScores(dk, M, block_size), spec, ex)
+    fn(qk, w, pool, plan.pos, plan.seq, plan.comp_bt, keys)
+    k = min(topk, width)
+    vals, idx = torch.topk(keys, k, dim=1, largest=True, sorted=True)
+    result[:, :k] = idx.masked_fill_(vals == INT64_MIN, -1)
+    return result
+
+
+def store_window_kv(kv: Tensor, cache: LayerCache, batch: ForwardBatch) -> None:
     from dsv4_kernels.kv_write import KVScatter
 
     d = kv.shape[-1]
-    src = kv.to(cache.swa_kv.dtype).contiguous()
-    slots = batch.swa_slot_mapping.to(device=kv.device, dtype=torch.int64).contiguous()
+    src = kv if kv.dtype == cache.swa_kv.dtype else kv.to(cache.swa_kv.dtype)
+    src = src if src.is_contiguous() else src.contiguous()
+    slots = batch.swa_slot_mapping
+    if slots.dtype != torch.int64 or slots.device != kv.device or not slots.is_contiguous():
+        slots = slots.to(device=kv.device, dtype=torch.int64).contiguous()
     pool = cache.swa_kv.view(-1, d)
-    args = [to_cute(src), to_cute(slots, False), to_cute(pool), _stream()]
-    key = ("kvw", d, src.dtype)
-    fn = _COMPILED.get(key)
+    fn = _LAUNCHERS.get(("kvw", d))
     if fn is None:
-        fn = _COMPILED[key] = cute.compile(KVScatter(d), *args)
-    fn(*args)
+        fn = _LAUNCHERS[("kvw", d)] = Launcher(("kvw", d), lambda: KVScatter(d),
+                                               (("t", True), ("t", False), ("t", True)), [src, slots, pool])
+    fn(src, slots, pool)
+
+
+_LAUNCHERS: dict[tuple, Launcher] = {}
+
+
 
 
 def supported(q_or_kv: Tensor, cache: LayerCache) -> bool:
     return (q_or_kv.is_cuda and cache.swa_kv.dtype == torch.bfloat16 and q_or_kv.shape[-1] % 64 == 0)
+
+
+def indexer_supported(q: Tensor, index_k: Tensor | None) -> bool:
+    return (q.is_cuda and index_k is not None and index_k.dtype == torch.bfloat16 and q.dim() == 3
+            and q.shape[-1] % 64 == 0 and q.shape[1] <= 64)
 
 
 class CuteAttentionMixin:
@@ -213,4 +434,6 @@ class CuteAttentionMixin:
 
     def indexer_topk(self, q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
                      batch: ForwardBatch) -> Tensor:
+        if indexer_supported(q, index_k):
+            return indexer_topk(q, head_weights, index_k, block_size, topk, batch)
         return super().indexer_topk(q, head_weights, index_k, block_size, topk, batch)
