@@ -30,11 +30,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_input_data(path: Path, prompts: list[str], sampling: dict) -> Path:
+    """perf_analyzer --input-data. Every return_* flag is set: perf_analyzer 2.50 records each model output of
+    every response in --profile-export-file and reads garbage for outputs a response lacks; a garbage FP32
+    ``logprobs`` that is NaN/inf makes its JSON writer stop, leaving an EMPTY profile file (seen in ~1 of 4
+    runs). With the flags only ``output_ids`` (INT32, always valid JSON) stays absent."""
     data = {"data": [{
         "text_input": [p],
         "stream": [True],
         "exclude_input_in_output": [True],
         "sampling_parameters": [json.dumps(sampling)],
+        "return_finish_reason": [True],
+        "return_num_input_tokens": [True],
+        "return_num_output_tokens": [True],
+        "return_logprobs": [True],
     } for p in prompts]}
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
     return path
@@ -96,6 +104,11 @@ def summarize_profile(profile: Path) -> dict:
     }
 
 
+# the components of perf_analyzer's average client latency, as columns of its -f CSV
+_LATENCY_PARTS = ("Client Send", "Network+Server Send/Recv", "Server Queue", "Server Compute Input",
+                  "Server Compute Infer", "Server Compute Output", "Client Recv")
+
+
 def read_perf_csv(path: Path) -> dict:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -103,8 +116,11 @@ def read_perf_csv(path: Path) -> dict:
         raise RuntimeError(f"{path} has no rows")
     r = rows[-1]
     us = lambda k: float(r.get(k, "nan") or "nan") / 1000.0  # noqa: E731  (perf_analyzer reports usec)
+    avg = us("Avg latency")
+    if avg != avg and all(k in r for k in _LATENCY_PARTS):  # 2.50's -f CSV has no "Avg latency": sum its parts
+        avg = sum(us(k) for k in _LATENCY_PARTS)
     return {"requests_per_s": float(r.get("Inferences/Second", "nan") or "nan"),
-            "latency_ms_avg": us("Avg latency"), "latency_ms_p50": us("p50 latency"),
+            "latency_ms_avg": avg, "latency_ms_p50": us("p50 latency"),
             "latency_ms_p90": us("p90 latency"), "latency_ms_p99": us("p99 latency")}
 
 

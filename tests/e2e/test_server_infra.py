@@ -1,5 +1,6 @@
 """The local Triton infrastructure, without the engine: launcher, Python-backend stub, the stub's numpy<2,
 BYTES round trip (non-ASCII included) over gRPC streaming, decoupled responses, custom histogram metric.
+The deepseek_v4 model itself: test_streaming.py, test_bad_requests.py, test_cancellation.py, test_perf_analyzer.py.
 
 Uses tests/e2e/echo_repository and a real tritonserver (scripts/triton_local.py) on loopback, free ports.
 Skipped when .triton/ was never built (`make setup`), unless DSV4_REQUIRE_E2E=1.
@@ -24,6 +25,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 grpcclient = pytest.importorskip("tritonclient.grpc")
 np = pytest.importorskip("numpy")
 
+from _triton import wait_metrics_up  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def echo_server():
@@ -35,6 +38,11 @@ def echo_server():
         pytest.skip(str(e))
     srv = triton_local.start_server(REPO / "tests" / "e2e" / "echo_repository", model="echo",
                                     startup_timeout=60)
+    try:
+        wait_metrics_up(srv, "nv_inference_count")  # the metrics service starts after HTTP reports READY
+    except BaseException:
+        srv.stop()
+        raise
     yield srv
     rc = srv.stop()
     assert rc == 0, f"tritonserver exit code {rc}:\n{srv.log_tail()}"
@@ -109,157 +117,3 @@ def test_start_failure_reports_log_tail(tmp_path):
     with pytest.raises(triton_local.ServerStartError) as ei:
         triton_local.start_server(tmp_path / "repo", model="broken", startup_timeout=60)
     assert "boom-from-broken-model" in str(ei.value)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# deepseek_v4 (model_repository/) on a freshly generated tiny checkpoint: the adapter against the real engine.
-
-SERVE_MODEL = "deepseek_v4"
-
-
-@pytest.fixture(scope="module")
-def dsv4_server(tmp_path_factory):
-    try:
-        triton_local.load_layout()
-    except triton_local.SetupMissing as e:
-        if os.environ.get("DSV4_REQUIRE_E2E") == "1":
-            raise
-        pytest.skip(str(e))
-    from dsv4.checkpoint.presets import preset
-    from dsv4.checkpoint.writer import make_checkpoint
-
-    ckpt = make_checkpoint(preset("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny")
-    srv = triton_local.start_server(REPO / "model_repository", model=SERVE_MODEL, checkpoint=str(ckpt),
-                                    ops_backend="torch", env={"DSV4_DEVICE": "cpu"}, startup_timeout=120)
-    yield srv
-    rc = srv.stop()
-    assert rc == 0, f"tritonserver exit code {rc}:\n{srv.log_tail()}"
-
-
-def _infer(url, inputs, outputs=None, cancel_after=None, timeout=60):
-    """One request on its own gRPC stream; returns (responses as dicts of numpy outputs, error or None)."""
-    q: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    out, err = [], None
-    try:
-        client.start_stream(callback=lambda result, error: q.put((result, error)))
-        client.async_stream_infer(SERVE_MODEL, inputs, outputs=outputs, request_id=uuid.uuid4().hex,
-                                  enable_empty_final_response=True)
-        while True:
-            result, error = q.get(timeout=timeout)
-            if error is not None:
-                err = error
-                break
-            resp = result.get_response()
-            if resp.outputs:
-                out.append({o.name: result.as_numpy(o.name) for o in resp.outputs})
-            if cancel_after is not None and len(out) >= cancel_after:
-                client.stop_stream(cancel_requests=True)
-                break
-            if resp.parameters["triton_final_response"].bool_param:
-                break
-    finally:
-        client.stop_stream()
-        client.close()
-    return out, err
-
-
-def _t(name, value, dtype):
-    arr = np.array(value, dtype={"BYTES": np.object_, "BOOL": bool, "INT32": np.int32}[dtype])
-    t = grpcclient.InferInput(name, list(arr.shape), dtype)
-    t.set_data_from_numpy(arr)
-    return t
-
-
-def _req(prompt="Hello world", stream=True, exclude=True, **sampling):
-    sampling.setdefault("max_tokens", 8)
-    sampling.setdefault("temperature", 0)
-    return [_t("text_input", [prompt.encode()], "BYTES"), _t("stream", [stream], "BOOL"),
-            _t("exclude_input_in_output", [exclude], "BOOL"),
-            _t("sampling_parameters", [json.dumps(sampling).encode()], "BYTES"),
-            _t("return_finish_reason", [True], "BOOL"), _t("return_num_output_tokens", [True], "BOOL")]
-
-
-def _text(responses):
-    return "".join(r["text_output"][0].decode("utf-8", "replace") for r in responses)
-
-
-def test_dsv4_streaming_matches_non_streaming(dsv4_server):
-    streamed, err = _infer(dsv4_server.grpc_url, _req(max_tokens=8, ignore_eos=True))
-    assert err is None, err
-    assert len(streamed) >= 2  # really streams
-    assert sum(int(r["num_output_tokens"][0]) for r in streamed) == 8
-    assert streamed[-1]["finish_reason"][0] == b"length"
-    whole, err = _infer(dsv4_server.grpc_url, _req(stream=False, max_tokens=8, ignore_eos=True))
-    assert err is None, err
-    assert len(whole) == 1 and int(whole[0]["num_output_tokens"][0]) == 8
-    assert _text(whole) == _text(streamed)  # greedy: same tokens either way
-    prepended, _ = _infer(dsv4_server.grpc_url, _req(stream=False, exclude=False, max_tokens=8, ignore_eos=True))
-    assert _text(prepended) == "Hello world" + _text(whole)
-
-
-def test_dsv4_input_ids_return_output_ids(dsv4_server):
-    inputs = [_t("input_ids", [1, 5, 9, 12], "INT32"),
-              _t("sampling_parameters", [b'{"max_tokens": 4, "temperature": 0, "ignore_eos": true}'], "BYTES")]
-    out, err = _infer(dsv4_server.grpc_url, inputs)
-    assert err is None, err
-    assert len(out) == 1 and out[0]["output_ids"].dtype == np.int32 and out[0]["output_ids"].shape == (4,)
-
-
-@pytest.mark.parametrize("inputs, needle", [
-    (lambda: [_t("text_input", [b"hi"], "BYTES"), _t("sampling_parameters", [b"{max_tokens: 3"], "BYTES")],
-     "sampling_parameters"),
-    (lambda: _req(temperature=-1), "temperature"),
-    (lambda: _req(max_tokens=10**6), "max_tokens"),
-    (lambda: [_t("text_input", [b"hi"], "BYTES"), _t("input_ids", [1, 2], "INT32")], "input_ids"),
-    (lambda: [_t("stream", [True], "BOOL")], "text_input"),
-    (lambda: [_t("text_input", [b"\xff\xfe"], "BYTES")], "UTF-8"),
-])
-def test_dsv4_invalid_requests_get_named_errors(dsv4_server, inputs, needle):
-    out, err = _infer(dsv4_server.grpc_url, inputs())
-    assert err is not None and not out, out
-    assert needle in str(err), str(err)
-    assert dsv4_server.alive()
-
-
-def test_dsv4_concurrent_streams_and_metrics(dsv4_server):
-    """8 concurrent streams: all complete (the 2.51 backend crashed the server when several Python threads
-    sent responses concurrently; model.py funnels all stub IPC through one dispatcher thread)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(8) as ex:
-        results = list(ex.map(lambda i: _infer(dsv4_server.grpc_url, _req(f"prompt {i}", max_tokens=24,
-                                                                            ignore_eos=True)), range(8)))
-    for out, err in results:
-        assert err is None, err
-        assert sum(int(r["num_output_tokens"][0]) for r in out) == 24
-    assert dsv4_server.alive(), dsv4_server.log_tail()
-    m = dsv4_server.metrics()
-    for name in ("dsv4_time_to_first_token_seconds_bucket", "dsv4_inter_token_latency_seconds_bucket",
-                 "dsv4_generation_tokens_total", "dsv4_kv_blocks_in_use", "dsv4_num_requests_waiting"):
-        assert name in m, name
-
-
-def _metric(text, name, **labels):
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
-def test_dsv4_cancel_aborts_and_frees_blocks(dsv4_server):
-    import time
-
-    before = _metric(dsv4_server.metrics(), "dsv4_requests_total", outcome="cancelled") or 0
-    out, err = _infer(dsv4_server.grpc_url, _req(max_tokens=3000, ignore_eos=True), cancel_after=3)
-    assert len(out) == 3
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        m = dsv4_server.metrics()
-        if (_metric(m, "dsv4_requests_total", outcome="cancelled") or 0) > before and \
-                _metric(m, "dsv4_kv_blocks_in_use") == 0:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("cancelled request not aborted / blocks not freed:\n" + m[-1500:])
-    assert dsv4_server.alive()
