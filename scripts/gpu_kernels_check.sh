@@ -4,14 +4,7 @@
 # Logs and JSON go to $OUT (default ./gpu_out). Unpacks the wheels in .gpu/tvmffi/whl (apache-tvm-ffi, pytest)
 # when present.
 set -uo pipefail
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-[ -f /root/dsv4/env.sh ] && . /root/dsv4/env.sh
-if ls .gpu/tvmffi/whl/*.whl >/dev/null 2>&1 && [ ! -d /root/dsv4/tvmffi ]; then
-  mkdir -p /root/dsv4/tvmffi && for w in .gpu/tvmffi/whl/*.whl; do python3 -m zipfile -e "$w" /root/dsv4/tvmffi; done
-fi
-[ -d /root/dsv4/tvmffi ] && export PYTHONPATH=/root/dsv4/tvmffi:${PYTHONPATH:-}
-export PYTHONPATH=$PWD/backend_src:$PWD/kernels:${PYTHONPATH:-}
+. "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import tvm_ffi; print('tvm_ffi', tvm_ffi.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 steps=${*:-all}

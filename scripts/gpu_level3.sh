@@ -3,13 +3,7 @@
 # engine with torch ops on the `small` checkpoint (generated here: it is 330 MB, too big to carry).
 #   bash scripts/gpu_level3.sh [STEPS] [PROMPT_LENS...]
 set -uo pipefail
-OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
-[ -f /root/dsv4/env.sh ] && . /root/dsv4/env.sh
-if ls .gpu/tvmffi/whl/*.whl >/dev/null 2>&1 && [ ! -d /root/dsv4/tvmffi ]; then
-  mkdir -p /root/dsv4/tvmffi && for w in .gpu/tvmffi/whl/*.whl; do python3 -m zipfile -e "$w" /root/dsv4/tvmffi; done
-fi
-[ -d /root/dsv4/tvmffi ] && export PYTHONPATH=/root/dsv4/tvmffi:${PYTHONPATH:-}
-export PYTHONPATH=$PWD/backend_src:$PWD/kernels:${PYTHONPATH:-}
+. "$(dirname "$0")/gpu_env.sh"
 steps=${1:-64}; shift || true
 lens=${*:-17 300 2100}
 [ -d /tmp/small ] || python3 -m dsv4.cli make-checkpoint --preset small --out /tmp/small --quiet
