@@ -64,6 +64,9 @@ def find_perf_analyzer(explicit: str | None) -> tuple[list[str], dict]:
 
 
 def parse_range(spec: str) -> list[int]:
+    """`start:end:step` (inclusive) or a comma-separated list such as `1,8,32,64`."""
+    if "," in spec:
+        return [int(x) for x in spec.split(",")]
     parts = [int(x) for x in spec.split(":")]
     start, end, step = (parts + [parts[0], 1])[:3] if len(parts) < 3 else parts
     return list(range(start, end + 1, step))

@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""One command for a bare GPU machine (after the gpu-bundle parts are applied): everything a user would measure.
+
+1. the GPU unit tests (`pytest -m gpu tests/gpu`);
+2. direct-engine throughput at each concurrency (closed loop, greedy, fixed prompt and max_tokens);
+3. a real tritonserver with the model repository (ops backend `cute` by default) on the checkpoint;
+4. a streaming smoke test whose tokens must equal the direct engine's greedy output;
+5. the same closed-loop workload through Triton's gRPC streaming API, and a perf_analyzer sweep (latencies, errors);
+6. one summary JSON and one PNG in the output folder.
+
+    bash scripts/gpu_check.sh OUT_DIR [--checkpoint DIR] [--backend cute] [--concurrency 1 8 32 64]
+
+On the CPU it runs too (`--backend torch --device cpu`), which is how the script itself is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "backend_src"), str(REPO / "kernels"), str(REPO), str(REPO / "scripts")]
+
+PROMPT = ("Paged attention keeps the key and value cache in fixed-size blocks, so that many requests of "
+          "different lengths can share one pool of memory without fragmentation. ") * 3
+
+
+def bundle_layout(tmp: Path) -> Path:
+    """A .triton-style layout file for the gpu-bundle's tritonserver (what scripts/triton_setup.py writes locally)."""
+    home = Path(os.environ["DSV4_TRITON_HOME"])
+    libs = os.environ["DSV4_TRITON_LIBS"]
+    import torch
+    torch_site = str(Path(torch.__file__).resolve().parents[1])
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    stub_path = [str(Path(libs).parent)]  # numpy 1.26 + tritonclient of the bundle: the 2.51 stub needs numpy < 2
+    stub_path += [p for p in extra if p not in stub_path] + [torch_site]
+    stub_path += [str(REPO / "backend_src"), str(REPO / "kernels"), str(REPO)]
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    layout = {"schema": 2, "repo": str(REPO), "python": sys.executable, "python_version": pyver,
+              "tritonserver": str(home / "bin" / "tritonserver"),
+              "perf_analyzer": str(Path(libs).parent / "bin" / "perf_analyzer"),
+              "backend_directory": str(home / "backends"),
+              "ld_library_path": [libs, str(Path(sys.base_prefix) / "lib")],
+              "stub_sys_path": list(dict.fromkeys(stub_path))}
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "triton_env.json").write_text(json.dumps(layout, indent=1))
+    return tmp
+
+
+def run_gpu_tests(out: Path) -> dict:
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu", "-p", "no:cacheprovider"],
+                       cwd=REPO, text=True, capture_output=True, timeout=900)
+    (out / "pytest_gpu.log").write_text(r.stdout + r.stderr)
+    last = [l for l in r.stdout.splitlines() if l.strip()][-1:] or ["(no output)"]
+    return {"rc": r.returncode, "summary": last[0], "seconds": round(time.time() - t0, 1)}
+
+
+def closed_loop(submit, concurrency: int, requests_per_worker: int) -> dict:
+    """`submit()` runs one request and returns (tokens, ttft_s, itl_list). Returns throughput and latencies."""
+    lock = threading.Lock()
+    tokens, ttfts, itls, errors = [0], [], [], []
+
+    def worker() -> None:
+        for _ in range(requests_per_worker):
+            try:
+                n, ttft, itl = submit()
+            except Exception as e:  # noqa: BLE001 - counted, reported
+                with lock:
+                    errors.append(repr(e))
+                continue
+            with lock:
+                tokens[0] += n
+                ttfts.append(ttft)
+                itls.extend(itl)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+
+    def avg(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+    return {"concurrency": concurrency, "tokens": tokens[0], "seconds": round(wall, 3),
+            "tokens_per_s": round(tokens[0] / wall, 2), "ttft_ms_avg": round(1e3 * avg(ttfts), 2),
+            "itl_ms_avg": round(1e3 * avg(itls), 3), "errors": len(errors), "first_error": errors[0] if errors else None}
+
+
+def direct_engine(args, sampling: dict) -> tuple[dict, list[dict]]:
+    from dsv4.config import EngineConfig
+    from dsv4.engine.engine import Engine
+    from dsv4.engine.params import SamplingParams
+
+    eng = Engine(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
+                              max_num_seqs=max(args.concurrency), max_model_len=args.max_model_len))
+    try:
+        greedy = eng.generate(prompt=PROMPT, params=SamplingParams(**sampling))
+        rows = []
+        for c in args.concurrency:
+            counter = [0]
+
+            def submit():
+                counter[0] += 1
+                t0 = time.perf_counter()
+                last, ttft, itl, n = t0, None, [], 0
+                for o in eng.add_request(f"d{c}-{counter[0]}-{threading.get_ident()}", prompt=PROMPT,
+                                         params=SamplingParams(**sampling)):
+                    if o.error:
+                        raise RuntimeError(o.error)
+                    now = time.perf_counter()
+                    if o.token_ids:
+                        if ttft is None:
+                            ttft = now - t0
+                        else:
+                            itl.append(now - last)
+                        last = now
+                        n += len(o.token_ids)
+                return n, ttft or 0.0, itl
+
+            closed_loop(submit, c, 1)  # warm-up at this batch size
+            rows.append(closed_loop(submit, c, args.requests_per_worker))
+            print("direct", rows[-1], flush=True)
+        return {"text": greedy.text, "token_ids": greedy.token_ids}, rows
+    finally:
+        eng.shutdown()
+
+
+def triton_stream(url: str, sampling: dict) -> tuple[int, float, list[float], str]:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    done = threading.Event()
+    times, texts, counts, err = [], [], [], []
+
+    def cb(result, error):
+        if error is not None:
+            err.append(str(error))
+            done.set()
+            return
+        resp = result.get_response()
+        now = time.perf_counter()
+        t = result.as_numpy("text_output")
+        if t is not None and t.size:
+            texts.append(b"".join(x if isinstance(x, bytes) else bytes(x) for x in t.reshape(-1)).decode("utf-8", "replace"))
+            times.append(now)
+        n = result.as_numpy("num_output_tokens")
+        if n is not None and n.size:
+            counts.append(int(n.reshape(-1)[0]))
+        if resp.parameters.get("triton_final_response") and resp.parameters["triton_final_response"].bool_param:
+            done.set()
+
+    inputs = []
+    for name, val, dt in (("text_input", np.array([PROMPT.encode()], dtype=object), "BYTES"),
+                          ("stream", np.array([True]), "BOOL"),
+                          ("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=object), "BYTES"),
+                          ("return_num_output_tokens", np.array([True]), "BOOL")):
+        x = grpcclient.InferInput(name, list(val.shape), dt)
+        x.set_data_from_numpy(val)
+        inputs.append(x)
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=cb)
+    t0 = time.perf_counter()
+    client.async_stream_infer("deepseek_v4", inputs, enable_empty_final_response=True)
+    done.wait(600)
+    client.stop_stream()
+    client.close()
+    if err:
+        raise RuntimeError(err[0])
+    ttft = times[0] - t0 if times else 0.0
+    itl = [b - a for a, b in zip(times, times[1:])]
+    return sum(counts), ttft, itl, "".join(texts)
+
+
+def plot(summary: dict, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in (("direct engine", summary["direct"]), ("tritonserver (gRPC streaming)", summary["triton"])):
+        c = [r["concurrency"] for r in rows]
+        ax[0].plot(c, [r["tokens_per_s"] for r in rows], "o-", label=name)
+        ax[1].plot(c, [r["itl_ms_avg"] for r in rows], "o-", label=name + " ITL")
+        ax[1].plot(c, [r["ttft_ms_avg"] for r in rows], "s--", label=name + " TTFT")
+    ax[0].set(xlabel="concurrency", ylabel="generated tokens/s", xscale="log", title="throughput")
+    ax[1].set(xlabel="concurrency", ylabel="ms", xscale="log", yscale="log", title="latency")
+    for a in ax:
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle(f"{summary['device']} | {summary['checkpoint']} | ops {summary['backend']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("--checkpoint", default=None, help="default: generate the `small` preset in a temp dir")
+    ap.add_argument("--backend", default="cute")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--requests-per-worker", type=int, default=2)
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-perf-analyzer", action="store_true")
+    ap.add_argument("--local-triton", action="store_true", help="use .triton/ (make setup) instead of the gpu-bundle")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+    summary: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                     "backend": args.backend, "max_tokens": args.max_tokens}
+    if not args.skip_tests:
+        summary["gpu_tests"] = run_gpu_tests(out)
+        print("gpu tests:", summary["gpu_tests"], flush=True)
+    if args.checkpoint is None:
+        args.checkpoint = str(Path(tempfile.gettempdir()) / "dsv4-small")
+        if not Path(args.checkpoint, "config.json").exists():
+            subprocess.run([sys.executable, "-m", "dsv4.cli", "make-checkpoint", "--preset", "small", "--out",
+                            args.checkpoint, "--quiet"], check=True, cwd=REPO)
+    summary["checkpoint"] = args.checkpoint
+    sampling = {"temperature": 0, "max_tokens": args.max_tokens, "ignore_eos": True}
+
+    reference, summary["direct"] = direct_engine(args, sampling)
+
+    from triton_local import start_server
+    root = None if args.local_triton else bundle_layout(out / "triton_layout")
+    env = {"DSV4_DEVICE": args.device, "DSV4_MAX_NUM_SEQS": str(max(args.concurrency)),
+           "DSV4_MAX_MODEL_LEN": str(args.max_model_len)}
+    server = start_server(REPO / "model_repository", checkpoint=args.checkpoint, ops_backend=args.backend, env=env,
+                          triton_root=root, log_path=out / "tritonserver.log", startup_timeout=600)
+    try:
+        n, _, _, text = triton_stream(server.grpc_url, sampling)
+        summary["smoke"] = {"tokens": n, "equal_to_direct_engine": text == reference["text"],
+                            "triton_text": text[:200], "direct_text": reference["text"][:200]}
+        print("smoke:", summary["smoke"], flush=True)
+        rows = []
+        for c in args.concurrency:
+            closed_loop(lambda: triton_stream(server.grpc_url, sampling)[:3], c, 1)
+            rows.append(closed_loop(lambda: triton_stream(server.grpc_url, sampling)[:3], c, args.requests_per_worker))
+            print("triton", rows[-1], flush=True)
+        summary["triton"] = rows
+        summary["triton_over_direct"] = {r["concurrency"]: round(r["tokens_per_s"] / d["tokens_per_s"], 3)
+                                         for r, d in zip(rows, summary["direct"])}
+        if not args.skip_perf_analyzer:
+            cmd = [sys.executable, "-m", "client.loadtest", "--url", server.grpc_url, "--out", str(out / "perf"),
+                   "--concurrency", ",".join(map(str, args.concurrency)), "--max-tokens", str(args.max_tokens),
+                   "--measurement-interval", "5000", "--max-trials", "3"]
+            if root is not None:
+                cmd += ["--perf-analyzer", json.loads((root / "triton_env.json").read_text())["perf_analyzer"]]
+            r = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=1200,
+                               env={**os.environ, "LD_LIBRARY_PATH": os.environ.get("DSV4_TRITON_LIBS", "") + ":" +
+                                    os.environ.get("LD_LIBRARY_PATH", "")})
+            (out / "perf_analyzer.log").write_text(r.stdout + r.stderr)
+            summary["perf_analyzer"] = {"rc": r.returncode, "tail": (r.stdout + r.stderr).splitlines()[-6:]}
+        metrics = server.metrics()
+        summary["kv_blocks_in_use_after"] = next((float(l.split()[-1]) for l in metrics.splitlines()
+                                                  if l.startswith("dsv4_kv_blocks_in_use")), None)
+    finally:
+        server.stop()
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(summary, out / "summary.png")
+    print(json.dumps({k: summary[k] for k in ("device", "triton_over_direct", "smoke")}, indent=1))
+    ok = summary["smoke"]["equal_to_direct_engine"] and all(r["errors"] == 0 for r in summary["triton"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
