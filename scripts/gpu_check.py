@@ -211,6 +211,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--requests-per-worker", type=int, default=2)
+    ap.add_argument("--pa-interval-ms", type=int, default=30000,
+                    help="perf_analyzer measurement window: it must hold several whole requests")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-perf-analyzer", action="store_true")
     ap.add_argument("--local-triton", action="store_true", help="use .triton/ (make setup) instead of the gpu-bundle")
@@ -255,7 +257,7 @@ def main() -> int:
         if not args.skip_perf_analyzer:
             cmd = [sys.executable, "-m", "client.loadtest", "--url", server.grpc_url, "--out", str(out / "perf"),
                    "--concurrency", ",".join(map(str, args.concurrency)), "--max-tokens", str(args.max_tokens),
-                   "--measurement-interval", "5000", "--max-trials", "3"]
+                   "--measurement-interval", str(args.pa_interval_ms), "--max-trials", "3"]
             if root is not None:
                 cmd += ["--perf-analyzer", json.loads((root / "triton_env.json").read_text())["perf_analyzer"]]
             r = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=1200,
