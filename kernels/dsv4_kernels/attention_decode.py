@@ -36,19 +36,13 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warp
 
+from dsv4_kernels.cute_utils import mn_view
+
 LOG2_E = 1.4426950408889634
 
 MODE_WINDOW, MODE_HCA, MODE_CSA = 0, 1, 2
 
 
-def _mn_view(acc: cute.Tensor) -> cute.Tensor:
-    """((2,2), MMA_M, MMA_N) accumulator -> ((2, MMA_M), (2, MMA_N)) row/column view."""
-    lay = cute.make_layout(acc.layout.shape)
-    mn = cute.make_layout(
-        ((lay.shape[0][1], lay.shape[1]), (lay.shape[0][0], lay.shape[2])),
-        stride=((lay.stride[0][1], lay.stride[1]), (lay.stride[0][0], lay.stride[2])),
-    )
-    return cute.make_tensor(acc.iterator, cute.composition(acc.layout, mn))
 
 
 def _quad(val, op):
@@ -226,8 +220,8 @@ class SparseDecodeAttention:
         tPsP = thr_stP.partition_D(sP)
 
         cS = cute.make_identity_tensor((self.M, self.BN))
-        tScS_mn = _mn_view(thr_mma.partition_C(cS))
-        acc_O_mn = _mn_view(acc_O)
+        tScS_mn = mn_view(thr_mma.partition_C(cS))
+        acc_O_mn = mn_view(acc_O)
         n_r = cute.size(tScS_mn, mode=[0])
         n_c = cute.size(tScS_mn, mode=[1])
         row_max = cute.make_rmem_tensor((n_r,), Float32)
@@ -260,7 +254,7 @@ class SparseDecodeAttention:
                 cute.gemm(tiled_mma, acc_S, tSrQ[None, None, k], tSrK[None, None, k], acc_S)
 
             # online softmax, log2 domain, row max shared by the wn warps of a row
-            acc_S_mn = _mn_view(acc_S)
+            acc_S_mn = mn_view(acc_S)
             for r in cutlass.range_constexpr(n_r):
                 mx = -Float32.inf
                 for c in cutlass.range_constexpr(n_c):

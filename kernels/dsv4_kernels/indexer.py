@@ -23,6 +23,8 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.cute.nvgpu import cpasync, warp
 
+from dsv4_kernels.cute_utils import mn_view
+
 INT64_MIN = -(1 << 63)
 
 
@@ -36,13 +38,6 @@ def _order_bits(x: Float32, *, loc=None, ip=None) -> Int32:
         "=r,f", loc=loc, ip=ip))
 
 
-def _mn_view(acc: cute.Tensor) -> cute.Tensor:
-    lay = cute.make_layout(acc.layout.shape)
-    mn = cute.make_layout(
-        ((lay.shape[0][1], lay.shape[1]), (lay.shape[0][0], lay.shape[2])),
-        stride=((lay.stride[0][1], lay.stride[1]), (lay.stride[0][0], lay.stride[2])),
-    )
-    return cute.make_tensor(acc.iterator, cute.composition(acc.layout, mn))
 
 
 class IndexerScores:
@@ -152,8 +147,8 @@ class IndexerScores:
                 cute.gemm(tiled_mma, acc, tSrQ[None, None, k], tSrK[None, None, k], acc)
 
             cS = cute.make_identity_tensor((self.M, self.BN))
-            tScS = _mn_view(thr_mma.partition_C(cS))
-            acc_mn = _mn_view(acc)
+            tScS = mn_view(thr_mma.partition_C(cS))
+            acc_mn = mn_view(acc)
             n_r = cute.size(tScS, mode=[0])
             n_c = cute.size(tScS, mode=[1])
             wrow = cute.make_rmem_tensor((n_r,), Float32)
