@@ -86,6 +86,14 @@ def small(n_layers: int | None = None) -> ModelConfig:
     )
 
 
+# What V4-Flash and V4-Pro share (docs/MODEL_SOURCES.md); head_dim etc. stay explicit in each preset.
+_REAL_V4_COMMON = dict(
+    hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, n_shared_experts=1, score_func="sqrtsoftplus", swiglu_limit=10.0,
+    norm_eps=1e-6, rope_theta=10000.0, compress_rope=REAL_COMPRESS_ROPE, n_mtp_layers=1,
+    max_position_embeddings=1048576, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID,
+)
+
+
 def flash_layers(n_layers: int | None = None) -> ModelConfig:
     """DeepSeek-V4-Flash dims; the first n layers of its ratio pattern [0, 0, 4, 128, 4, ...] + MTP (ratio 0)."""
     n = _layers(n_layers, 2, limit=43)
@@ -94,10 +102,7 @@ def flash_layers(n_layers: int | None = None) -> ModelConfig:
         vocab_size=REAL_VOCAB_SIZE, dim=4096, n_layers=n, n_heads=64, n_routed_experts=256, n_activated_experts=6,
         moe_inter_dim=2048, q_lora_rank=1024, head_dim=512, rope_head_dim=64, o_groups=8, o_lora_rank=1024,
         window_size=128, compress_ratios=tuple(ratios), index_n_heads=64, index_head_dim=128, index_topk=512,
-        hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, n_shared_experts=1, score_func="sqrtsoftplus",
-        route_scale=1.5, swiglu_limit=10.0, norm_eps=1e-6, rope_theta=10000.0, compress_rope=REAL_COMPRESS_ROPE,
-        n_hash_layers=min(3, n), n_mtp_layers=1, max_position_embeddings=1048576,
-        bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID,
+        route_scale=1.5, n_hash_layers=min(3, n), **_REAL_V4_COMMON,
     )
 
 
@@ -109,10 +114,7 @@ def pro_layers(n_layers: int | None = None) -> ModelConfig:
         vocab_size=REAL_VOCAB_SIZE, dim=7168, n_layers=n, n_heads=128, n_routed_experts=384, n_activated_experts=6,
         moe_inter_dim=3072, q_lora_rank=1536, head_dim=512, rope_head_dim=64, o_groups=16, o_lora_rank=1024,
         window_size=128, compress_ratios=tuple(ratios), index_n_heads=64, index_head_dim=128, index_topk=1024,
-        hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, n_shared_experts=1, score_func="sqrtsoftplus",
-        route_scale=2.5, swiglu_limit=10.0, norm_eps=1e-6, rope_theta=10000.0, compress_rope=REAL_COMPRESS_ROPE,
-        n_hash_layers=min(3, n), n_mtp_layers=1, max_position_embeddings=1048576,
-        bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID,
+        route_scale=2.5, n_hash_layers=min(3, n), **_REAL_V4_COMMON,
     )
 
 
