@@ -7,7 +7,8 @@ Writes into --out:
   input_data.json      perf_analyzer --input-data (text_input + sampling_parameters + stream=true)
   perf_c<N>.csv        perf_analyzer -f output per concurrency (request latency percentiles, infer/s)
   profile_c<N>.json    perf_analyzer --profile-export-file (per-request response timestamps)
-  summary.csv          one row per concurrency: req/s, output tokens/s, latency p50/p99, TTFT, ITL
+  summary.csv          one row per concurrency: req/s, output tokens/s (req/s x max_tokens: ignore_eos), responses/s,
+                       latency p50/p99, TTFT, ITL (between responses)
   loadtest.png         throughput and latency vs concurrency
 
 perf_analyzer comes from the tritonclient 2.50 wheel via `make setup` (.triton/bin/perf_analyzer sets its
@@ -135,7 +136,8 @@ def plot(rows: list[dict], png: Path, title: str) -> None:
 
     c = [r["concurrency"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax1.plot(c, [r["responses_per_s"] for r in rows], "o-", label="output tokens/s (responses/s)")
+    ax1.plot(c, [r["tokens_per_s"] for r in rows], "o-", label="output tokens/s")
+    ax1.plot(c, [r["responses_per_s"] for r in rows], "x:", label="responses/s")
     ax1.set_xlabel("concurrency")
     ax1.set_ylabel("tokens/s")
     ax1b = ax1.twinx()
@@ -185,8 +187,12 @@ def run_sweep(args) -> list[dict]:
             tail = "\n".join((r.stdout + r.stderr).splitlines()[-25:])
             raise SystemExit(f"perf_analyzer failed at concurrency {conc} (rc={r.returncode}):\n{tail}")
         row = {"concurrency": conc, **read_perf_csv(csv_path), **summarize_profile(prof)}
+        # ignore_eos: every request yields exactly max_tokens tokens. Responses/s undercounts them once the server
+        # merges deltas that queued up while it was busy (one response then carries several tokens).
+        row["tokens_per_s"] = row["requests_per_s"] * args.max_tokens
         rows.append(row)
-        print(f"  c={conc}: {row['requests_per_s']:.2f} req/s, {row['responses_per_s']:.1f} tok/s, "
+        print(f"  c={conc}: {row['requests_per_s']:.2f} req/s, {row['tokens_per_s']:.1f} tok/s "
+              f"({row['responses_per_s']:.1f} responses/s), "
               f"p50 {row['latency_ms_p50']:.0f} ms, TTFT {row['ttft_ms_avg']:.0f} ms, ITL {row['itl_ms_avg']:.1f} ms",
               flush=True)
     with open(out / "summary.csv", "w", newline="") as f:

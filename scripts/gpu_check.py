@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,55 @@ def closed_loop(submit, concurrency: int, requests_per_worker: int) -> dict:
             "itl_ms_avg": round(1e3 * avg(itls), 3), "errors": len(errors), "first_error": errors[0] if errors else None}
 
 
+def direct_closed_loop(eng, concurrency: int, requests_per_worker: int, sampling: dict) -> dict:
+    """The closed loop of `closed_loop`, driven the way a server drives the engine: every request's deltas go to
+    one queue (on_output) that one thread drains, resubmitting as requests finish. (A consumer thread per request
+    in the engine's own process would compete with the engine thread for the GIL and understate it.)"""
+    from dsv4.engine.params import SamplingParams
+
+    q: queue.Queue = queue.Queue()
+    total = concurrency * requests_per_worker
+    state: dict[str, list] = {}
+    ttfts, itls, errors, tokens, submitted, finished = [], [], [], 0, 0, 0
+
+    def submit() -> None:
+        nonlocal submitted
+        rid = f"d{concurrency}-{submitted}-{time.monotonic_ns()}"
+        submitted += 1
+        state[rid] = [time.perf_counter(), None, 0]          # start, last token time, tokens
+        eng.add_request(rid, prompt=PROMPT, params=SamplingParams(**sampling),
+                        on_output=lambda o, rid=rid: q.put((rid, o, time.perf_counter())))
+
+    t0 = time.perf_counter()
+    for _ in range(concurrency):
+        submit()
+    while finished < total:
+        rid, o, now = q.get()
+        st = state[rid]
+        if o.error:
+            errors.append(o.error)
+        if o.token_ids:
+            if st[1] is None:
+                ttfts.append(now - st[0])
+            else:
+                itls.append(now - st[1])
+            st[1] = now
+            st[2] += len(o.token_ids)
+        if o.finished:
+            finished += 1
+            tokens += st[2]
+            del state[rid]
+            if submitted < total:
+                submit()
+    wall = time.perf_counter() - t0
+
+    def avg(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+    return {"concurrency": concurrency, "tokens": tokens, "seconds": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 2), "ttft_ms_avg": round(1e3 * avg(ttfts), 2),
+            "itl_ms_avg": round(1e3 * avg(itls), 3), "errors": len(errors), "first_error": errors[0] if errors else None}
+
+
 def direct_engine(args, sampling: dict) -> tuple[dict, list[dict]]:
     from dsv4.config import EngineConfig
     from dsv4.engine.engine import Engine
@@ -107,28 +157,8 @@ def direct_engine(args, sampling: dict) -> tuple[dict, list[dict]]:
         greedy = eng.generate(prompt=PROMPT, params=SamplingParams(**sampling))
         rows = []
         for c in args.concurrency:
-            counter = [0]
-
-            def submit():
-                counter[0] += 1
-                t0 = time.perf_counter()
-                last, ttft, itl, n = t0, None, [], 0
-                for o in eng.add_request(f"d{c}-{counter[0]}-{threading.get_ident()}", prompt=PROMPT,
-                                         params=SamplingParams(**sampling)):
-                    if o.error:
-                        raise RuntimeError(o.error)
-                    now = time.perf_counter()
-                    if o.token_ids:
-                        if ttft is None:
-                            ttft = now - t0
-                        else:
-                            itl.append(now - last)
-                        last = now
-                        n += len(o.token_ids)
-                return n, ttft or 0.0, itl
-
-            closed_loop(submit, c, 1)  # warm-up at this batch size
-            rows.append(closed_loop(submit, c, args.requests_per_worker))
+            direct_closed_loop(eng, c, 1, sampling)  # warm-up at this batch size
+            rows.append(direct_closed_loop(eng, c, args.requests_per_worker, sampling))
             print("direct", rows[-1], flush=True)
         return {"text": greedy.text, "token_ids": greedy.token_ids}, rows
     finally:
@@ -191,6 +221,10 @@ def plot(summary: dict, png: Path) -> None:
         ax[0].plot(c, [r["tokens_per_s"] for r in rows], "o-", label=name)
         ax[1].plot(c, [r["itl_ms_avg"] for r in rows], "o-", label=name + " ITL")
         ax[1].plot(c, [r["ttft_ms_avg"] for r in rows], "s--", label=name + " TTFT")
+    if summary.get("perf_analyzer_rows"):
+        pa = summary["perf_analyzer_rows"]
+        ax[0].plot([r["concurrency"] for r in pa], [r["tokens_per_s"] for r in pa], "^-",
+                   label="tritonserver, perf_analyzer (C++ client)")
     ax[0].set(xlabel="concurrency", ylabel="generated tokens/s", xscale="log", title="throughput")
     ax[1].set(xlabel="concurrency", ylabel="ms", xscale="log", yscale="log", title="latency")
     for a in ax:
@@ -210,7 +244,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--requests-per-worker", type=int, default=2)
+    ap.add_argument("--requests-per-worker", type=int, default=6)
     ap.add_argument("--pa-interval-ms", type=int, default=30000,
                     help="perf_analyzer measurement window: it must hold several whole requests")
     ap.add_argument("--skip-tests", action="store_true")
@@ -256,6 +290,7 @@ def main() -> int:
                                          for r, d in zip(rows, summary["direct"])}
         if not args.skip_perf_analyzer:
             cmd = [sys.executable, "-m", "client.loadtest", "--url", server.grpc_url, "--out", str(out / "perf"),
+                   "--prompt", PROMPT,
                    "--concurrency", ",".join(map(str, args.concurrency)), "--max-tokens", str(args.max_tokens),
                    "--measurement-interval", str(args.pa_interval_ms), "--max-trials", "3"]
             if root is not None:
@@ -265,14 +300,34 @@ def main() -> int:
                                     os.environ.get("LD_LIBRARY_PATH", "")})
             (out / "perf_analyzer.log").write_text(r.stdout + r.stderr)
             summary["perf_analyzer"] = {"rc": r.returncode, "tail": (r.stdout + r.stderr).splitlines()[-6:]}
-        metrics = server.metrics()
-        summary["kv_blocks_in_use_after"] = next((float(l.split()[-1]) for l in metrics.splitlines()
-                                                  if l.startswith("dsv4_kv_blocks_in_use")), None)
+            pa_csv = out / "perf" / "summary.csv"
+            if r.returncode == 0 and pa_csv.exists():
+                import csv
+                with open(pa_csv, newline="") as f:
+                    pa_rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+                summary["perf_analyzer_rows"] = pa_rows
+                # the served throughput as a C++ client sees it: the Python closed loop above is bounded by its
+                # own GIL at high concurrency (one client thread per stream), perf_analyzer is not
+                summary["triton_pa_over_direct"] = {
+                    int(p["concurrency"]): round(p["tokens_per_s"] / d["tokens_per_s"], 3)
+                    for p in pa_rows for d in summary["direct"] if d["concurrency"] == int(p["concurrency"])}
+        # requests a client abandoned (perf_analyzer exits with streams open when it cannot stabilise) are
+        # cancelled within a poll period: give the server a moment before calling blocks leaked
+        deadline = time.monotonic() + 15
+        while True:
+            metrics = server.metrics()
+            in_use = next((float(l.split()[-1]) for l in metrics.splitlines()
+                           if l.startswith("dsv4_kv_blocks_in_use")), None)
+            if not in_use or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        summary["kv_blocks_in_use_after"] = in_use
     finally:
         server.stop()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out / "summary.png")
-    print(json.dumps({k: summary[k] for k in ("device", "triton_over_direct", "smoke")}, indent=1))
+    print(json.dumps({k: summary.get(k) for k in ("device", "triton_over_direct", "triton_pa_over_direct")},
+                     indent=1))
     ok = summary["smoke"]["equal_to_direct_engine"] and all(r["errors"] == 0 for r in summary["triton"])
     return 0 if ok else 1
 

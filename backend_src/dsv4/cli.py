@@ -68,10 +68,11 @@ def _from_module(module: str) -> Register:
 
 
 def add_bench(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("bench", help="GPU kernel benchmarks: gemm, moe, attention (tables + JSON)")
+    p = sub.add_parser("bench", help="GPU benchmarks: gemm, moe, attention kernels; the decode step (tables + JSON)")
     group = p.add_subparsers(dest="bench_what", required=True, metavar="KERNEL")
     importlib.import_module("dsv4.bench_cmd").add_parser(group)
     importlib.import_module("dsv4.bench_attention_cmd").add_parser(group)
+    importlib.import_module("dsv4.bench_decode_cmd").add_parser(group)
 
 
 SUBCOMMANDS: dict[str, Register] = {

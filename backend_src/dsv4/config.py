@@ -309,6 +309,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None         # if None, derived from kv_cache_memory_bytes
     kv_cache_memory_bytes: int = 512 * 1024 * 1024
     seed: int = 0
+    enforce_eager: bool = False              # True: no CUDA graphs (every step launched op by op)
+    cuda_graph_max_batch: int | None = None  # largest decode batch captured; None: max_num_seqs
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -326,6 +328,9 @@ class EngineConfig:
         need(self.block_size % 128 == 0, "block_size",
              f"must be a multiple of 128 so that compressed entries of every ratio align to blocks, got {self.block_size}")
         need(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks", "must be positive")
+        need(self.cuda_graph_max_batch is None or (isinstance(self.cuda_graph_max_batch, int)
+                                                   and self.cuda_graph_max_batch > 0),
+             "cuda_graph_max_batch", f"must be a positive integer or None, got {self.cuda_graph_max_batch!r}")
         need(self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be positive")
 
 

@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (launch every op of every step)")
     p.add_argument("--json", action="store_true", help="print prompt ids, generated ids and text as JSON")
     p.set_defaults(func=run)
 
@@ -68,7 +69,8 @@ def _engine(args: argparse.Namespace) -> dict:
     from dsv4.engine.engine import Engine
     from dsv4.engine.params import SamplingParams
 
-    engine = Engine(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend))
+    engine = Engine(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
+                                 enforce_eager=args.enforce_eager))
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)

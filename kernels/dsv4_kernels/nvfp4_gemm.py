@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from dsv4_kernels.workspace import workspace
+
 import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, Uint32, Float32
@@ -574,17 +576,12 @@ def _check(x: torch.Tensor, pw: PackedNVFP4) -> None:
         raise ValueError(f"nvfp4_linear: x has K={x.shape[-1]}, weight is [N={pw.n}, K={pw.k}]")
 
 
-_WORKSPACE: dict[tuple, torch.Tensor] = {}
 DEQUANT_WORKSPACE_ELEMS = 1 << 27   # bf16 elements of the prefill dequant workspace (256 MiB)
 
 
 def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (name, dtype, device)
-    buf = _WORKSPACE.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
-        _WORKSPACE[key] = buf
-    return buf[:numel]
+    # the prefill dequant buffer (up to 256 MiB, never used inside a CUDA graph) grows only to what is asked
+    return workspace("gemm." + name, numel, dtype, device, growth=1.0 if name == "dequant" else 2.0)
 
 
 def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = None,

@@ -15,6 +15,8 @@ from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, Spar
                                            SplitCombine, plan_splits)
 from dsv4_kernels.indexer import IndexerScores  # noqa: E402
 from dsv4_kernels.kv_write import KVScatter  # noqa: E402
+from dsv4_kernels.mhc import HcCoefficients  # noqa: E402
+from dsv4_kernels.rope import RopeTail  # noqa: E402
 
 BF, I32, I64, F32 = cutlass.BFloat16, cutlass.Int32, cutlass.Int64, cutlass.Float32
 
@@ -76,6 +78,20 @@ def test_kv_scatter_compiles(d):
     cute.compile(KVScatter(d), _fake(BF, 2), _fake(I64, 1, False), _fake(BF, 2), make_fake_stream())
 
 
+@pytest.mark.parametrize("n,iters", [(4, 20), (2, 1)])
+def test_mhc_coefficients_compile(n, iters):
+    cute.compile(HcCoefficients(n, iters, 1e-6, 1e-6), _fake(F32, 2, False), _fake(F32, 1, False),
+                 _fake(F32, 1, False), _fake(F32, 1, False), _fake(F32, 2, False), _fake(F32, 2, False),
+                 _fake(F32, 2, False), make_fake_stream())
+
+
+@pytest.mark.parametrize("d,rd,inverse,dtype", [(512, 64, False, BF), (512, 64, True, BF), (128, 64, False, BF),
+                                                (512, 64, False, F32), (64, 16, True, F32)])
+def test_rope_tail_compiles(d, rd, inverse, dtype):
+    cute.compile(RopeTail(d, rd, inverse), _fake(dtype, 2), _fake(I64, 1, False), _fake(F32, 2, False),
+                 _fake(F32, 2, False), _fake(dtype, 2), I32(1), make_fake_stream())
+
+
 def test_plan_splits_fills_gpu():
     assert plan_splits(640, 1, 1) == (10, 1)         # batch 1: one tile per split when it all fits in one wave
     assert plan_splits(640, 1, 2) == (10, 1)
@@ -84,3 +100,13 @@ def test_plan_splits_fills_gpu():
     assert s * per >= (640 + 63) // 64 and s > 1
     assert plan_splits(640, 64, 2) == (1, 10)         # 128 CTAs already fill the GPU (best measured at batch 64)
     assert plan_splits(640, 300, 1)[0] == 1           # 300 CTAs already fill the GPU
+
+
+@pytest.mark.parametrize("d,ratio,rd,dtype", [(512, 4, 64, BF), (512, 128, 64, BF), (128, 4, 64, BF),
+                                              (64, 4, 16, F32), (64, 128, 16, F32)])
+def test_compress_decode_compiles(d, ratio, rd, dtype):
+    from dsv4_kernels.compress_decode import CompressDecode
+    cute.compile(CompressDecode(d, ratio, rd, 128, 1e-6), _fake(dtype, 2), _fake(dtype, 2), _fake(F32, 2, False),
+                 _fake(F32, 1, False), _fake(I64, 1, False), _fake(I64, 1, False), _fake(I32, 2, False),
+                 _fake(F32, 3, False), _fake(F32, 3, False), _fake(F32, 2, False), _fake(F32, 2, False),
+                 _fake(dtype, 2), make_fake_stream())

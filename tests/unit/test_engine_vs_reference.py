@@ -209,3 +209,28 @@ def test_text_prompt_streams_utf8_text(tiny_checkpoint):
         assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     finally:
         engine.shutdown()
+
+
+def test_on_output_callback_receives_the_same_deltas(tiny_checkpoint, prompts, expected):
+    """A server passes on_output to collect every request's deltas on one queue instead of one thread each."""
+    engine = make_engine(tiny_checkpoint)
+    try:
+        got: dict[str, list] = {"a": [], "b": []}
+        done = threading.Event()
+
+        def sink(rid):
+            def put(out):
+                got[rid].append(out)
+                if all(o and o[-1].finished for o in got.values()):
+                    done.set()
+            return put
+
+        for rid, k in (("a", 2), ("b", 4)):
+            engine.add_request(rid, prompt_token_ids=prompts[k], params=greedy(), on_output=sink(rid))
+        assert done.wait(60)
+        assert [i for o in got["a"] for i in o.token_ids] == expected[2]
+        assert [i for o in got["b"] for i in o.token_ids] == expected[4]
+        wait_until_idle(engine)
+        assert engine.stats().kv_blocks_in_use == 0
+    finally:
+        engine.shutdown()

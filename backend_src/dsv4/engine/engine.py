@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tokenizers import Tokenizer
@@ -22,6 +23,7 @@ from dsv4.engine.detokenizer import IncrementalDetokenizer
 from dsv4.engine.kv_cache import KVCache
 from dsv4.engine.params import SamplingParams, check_fits_context
 from dsv4.engine.request import RequestOutput, RequestStream, Sequence, Status
+from dsv4.engine.cuda_graphs import DecodeGraphs, bucket_sizes
 from dsv4.engine.runner import ModelRunner
 from dsv4.engine.sampler import Sampler, make_generator
 from dsv4.engine.scheduler import Scheduler
@@ -41,6 +43,8 @@ class EngineStats:
     kv_blocks_total: int
     num_preemptions: int
     steps: int
+    graph_steps: int = 0           # decode steps replayed from a CUDA graph
+    cuda_graph_sizes: tuple[int, ...] = ()
 
 
 class Engine:
@@ -66,7 +70,9 @@ class Engine:
                               "kv_cache_memory_bytes or lower max_model_len")
         self.cache = KVCache(cfg, num_blocks, config.block_size, config.max_num_seqs, self.device, self.dtype)
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.cache, self.device)
+        self.ops.reserve_positions(config.max_model_len)
+        self.runner = ModelRunner(self.model, self.cache, self.device, config.max_model_len,
+                                  self._capture_graphs(config))
         self.sampler = Sampler()
         self.eos_token_id = cfg.eos_token_id
         self._lock = threading.Condition()
@@ -79,9 +85,29 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
         self._thread.start()
 
+    def _capture_graphs(self, config: EngineConfig) -> DecodeGraphs | None:
+        """Decode CUDA graphs where they apply; a capture that fails is logged and the engine runs eagerly."""
+        if config.enforce_eager or self.device.type != "cuda":
+            return None
+        if not self.ops.supports_cuda_graphs:
+            log.warning("ops backend %r cannot be captured in CUDA graphs: decode runs eagerly", self.ops.name)
+            return None
+        sizes = bucket_sizes(min(config.cuda_graph_max_batch or config.max_num_seqs, config.max_num_seqs))
+        graphs = DecodeGraphs(self.model, self.cache.layers, self.device, sizes, config.max_model_len,
+                              config.block_size)
+        try:
+            graphs.capture()
+        except Exception as e:  # noqa: BLE001 - serving eagerly beats not serving
+            log.warning("CUDA graph capture failed, decode runs eagerly: %s\n%s", e, traceback.format_exc())
+            return None
+        return graphs
+
     # --- public API --------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                    params: SamplingParams | None = None) -> RequestStream:
+                    params: SamplingParams | None = None,
+                    on_output: Callable[[RequestOutput], None] | None = None) -> RequestStream:
+        """Queue a request. Its deltas arrive on the returned stream, or, with `on_output`, are passed to that
+        callable on the engine thread (it must be quick and must not raise)."""
         params = params or SamplingParams()
         if (prompt is None) == (prompt_token_ids is None):
             raise InvalidRequestError("give exactly one of 'prompt' (text) and 'prompt_token_ids'")
@@ -100,7 +126,7 @@ class Engine:
             if bad:
                 raise InvalidRequestError(f"'input_ids' has {len(bad)} id(s) outside [0, {vocab}), e.g. {bad[0]!r}")
         check_fits_context(len(ids), self.config.max_model_len, params.max_tokens)
-        stream = RequestStream(request_id)
+        stream = RequestStream(request_id, on_output)
         seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, stream=stream,
                        detokenizer=IncrementalDetokenizer(self.tokenizer, ids),
                        stop=StopChecker(params, self.eos_token_id),
@@ -127,7 +153,9 @@ class Engine:
             return EngineStats(num_waiting=len(self.scheduler.waiting) + len(self._new),
                                num_running=len(self.scheduler.running),
                                kv_blocks_in_use=self.cache.blocks_in_use, kv_blocks_total=self.cache.blocks_total,
-                               num_preemptions=self.scheduler.num_preemptions, steps=self._steps)
+                               num_preemptions=self.scheduler.num_preemptions, steps=self._steps,
+                               graph_steps=self.runner.graph_steps,
+                               cuda_graph_sizes=tuple(self.runner.graphs.sizes) if self.runner.graphs else ())
 
     def shutdown(self) -> None:
         with self._lock:

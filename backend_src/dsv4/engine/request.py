@@ -6,6 +6,7 @@ import enum
 import queue
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -41,13 +42,19 @@ _END = object()
 class RequestStream:
     """The consumer side of a request: iterate to receive `RequestOutput` deltas until one is `finished`."""
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, sink: Callable[[RequestOutput], None] | None = None):
         self.request_id = request_id
         self._q: queue.Queue[RequestOutput] = queue.Queue()
+        self._sink = sink
         self.finished = False
 
     def put(self, out: RequestOutput) -> None:
-        self._q.put(out)
+        """Called by the engine thread. With a sink (a server forwarding many requests to one queue) the delta goes
+        straight to it, sparing a consumer thread per request; the stream itself then stays empty."""
+        if self._sink is not None:
+            self._sink(out)
+        else:
+            self._q.put(out)
 
     def get(self, timeout: float | None = None) -> RequestOutput:
         """Next delta; raises queue.Empty after `timeout` seconds."""
@@ -81,6 +88,10 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
     @property
     def num_tokens(self) -> int:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.config import ceil_div
+from dsv4.engine.cuda_graphs import DecodeGraphs
+from dsv4.engine.decode_inputs import DecodeInputs, decode_batch
 from dsv4.engine.kv_cache import KVCache
 from dsv4.engine.scheduler import ScheduledStep
 from dsv4.model.deepseek_v4 import DeepseekV4Model
@@ -11,8 +14,19 @@ from dsv4.ops.base import ForwardBatch
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV4Model, cache: KVCache, device: torch.device):
+    """Decode-only steps (one token per sequence) go through `DecodeInputs`: replayed from a CUDA graph when one of
+    their size was captured, else run eagerly over the same device-side tables. Steps with prefill tokens build a
+    general ForwardBatch."""
+
+    def __init__(self, model: DeepseekV4Model, cache: KVCache, device: torch.device, max_model_len: int,
+                 graphs: DecodeGraphs | None = None):
         self.model, self.cache, self.device = model, cache, device
+        self.table_width = ceil_div(max_model_len, cache.block_size)
+        # eager decode sizes its launch plans for the same bound as the graphs, so both run identical kernels
+        self.max_position = max_model_len - 1
+        self.graphs = graphs
+        self.graph_steps = 0
+        self.eager_steps = 0
 
     def build_batch(self, step: ScheduledStep) -> tuple[ForwardBatch, list[int]]:
         """-> (batch, indices into step.seqs of the sequences whose last token is computed now and so sample)."""
@@ -46,9 +60,30 @@ class ModelRunner:
         )
         return batch, sampling
 
+    def decode_logits(self, step: ScheduledStep) -> torch.Tensor:
+        """fp32 logits [B, vocab] of a decode-only step."""
+        n = len(step.seqs)
+        size = self.graphs.bucket(n) if self.graphs is not None else None
+        inputs = DecodeInputs.build(step.seqs, self.cache, size or n, self.table_width)
+        if size is not None:
+            self.graph_steps += 1
+            return self.graphs.run(inputs)
+        self.eager_steps += 1
+        i64 = torch.from_numpy(inputs.i64).to(self.device)
+        i32 = torch.from_numpy(inputs.i32).to(self.device)
+        batch = decode_batch(i64, i32, self.max_position, torch.arange(n, device=self.device), host=inputs)
+        return self.model.forward(batch, self.cache.layers)
+
     def execute(self, step: ScheduledStep) -> tuple[torch.Tensor, list[int]]:
-        batch, sampling = self.build_batch(step)
-        logits = self.model.forward(batch, self.cache.layers)
+        if all(n == 1 for n in step.num_tokens):
+            logits = self.decode_logits(step)
+            sampling = [k for k, s in enumerate(step.seqs) if s.num_computed + 1 == s.num_tokens]
+            if len(sampling) < len(step.seqs):
+                logits = logits[torch.tensor(sampling, dtype=torch.long, device=logits.device)]
+        else:
+            self.eager_steps += 1
+            batch, sampling = self.build_batch(step)
+            logits = self.model.forward(batch, self.cache.layers)
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
             self.cache.release_window(seq.request_id, seq.num_computed)

@@ -19,6 +19,19 @@ Tensor = torch.Tensor
 
 
 @dataclass
+class DecodeTables:
+    """Device-side description of a decode-only step (one new token per sequence), so that the ops need no host
+    lists and no host synchronisation: what a CUDA graph replays. Rows may be padding copies of row 0 (every write
+    they make repeats row 0's, so the caches see identical values)."""
+
+    state_slots: Tensor          # [B] long
+    swa_block_tables: Tensor     # [B, W] int32, -1 where released / unallocated
+    comp_block_tables: Tensor    # [B, W] int32
+    seq_index: Tensor            # [B] int32: 0 .. B-1 (token t belongs to sequence t)
+    max_position: int            # upper bound of every position in the batch (sizes kernel launch plans)
+
+
+@dataclass
 class ForwardBatch:
     """One engine step: for sequence b, tokens [query_start[b], query_start[b+1]) of the flat batch sit at
     positions context_lens[b] ... context_lens[b] + n_b - 1."""
@@ -32,6 +45,7 @@ class ForwardBatch:
     comp_block_tables: list[list[int]]  # [B][...] compressed-cache block of each logical block
     swa_slot_mapping: Tensor     # [T] long: flat slot of each token's raw KV in the window cache
     logits_indices: Tensor       # [B'] long: flat token rows whose logits are needed
+    decode: DecodeTables | None = None  # set for decode-only steps: ops take the device-side path
 
     @property
     def num_seqs(self) -> int:
@@ -59,6 +73,10 @@ class Ops(ABC):
     """Interface; weights are prepared by the ops so that each implementation picks its own layout."""
 
     name: str = "abstract"
+    supports_cuda_graphs: bool = False   # decode steps run without host synchronisation (see engine.cuda_graphs)
+
+    def reserve_positions(self, n: int) -> None:
+        """Every position will be < n (lets implementations precompute tables instead of checking per call)."""
 
     # --- weights ---------------------------------------------------------------------------------------------
     @abstractmethod

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from dsv4.checkpoint.formats import NVFP4Tensor
-from dsv4.ops.cute_attention import CuteAttentionMixin
+from dsv4.config import RopeConfig
+from dsv4.ops.base import ForwardBatch
+from dsv4.ops.cute_attention import CuteAttentionMixin, Launcher
 from dsv4.ops.torch_ops import TorchOps
 
 import dsv4_kernels  # noqa: F401  (raises ImportError where CuTe DSL is missing: select_ops then picks torch)
@@ -35,6 +37,7 @@ def _kernel_ok(w: Any) -> bool:
 
 class CuteOps(CuteAttentionMixin, TorchOps):
     name = "cute"
+    supports_cuda_graphs = True
 
     def __init__(self, device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16):
         super().__init__(device, dtype)
@@ -61,11 +64,83 @@ class CuteOps(CuteAttentionMixin, TorchOps):
             return y if self.dtype == torch.bfloat16 else y.to(self.dtype)
         return super().linear(x, w)
 
+    def rope_tail(self, x: Tensor, positions: Tensor, rope: RopeConfig, rope_dim: int, inverse: bool = False) -> Tensor:
+        """One kernel (dsv4_kernels.rope) instead of TorchOps' ~12 launches; same fp32 math, one rounding."""
+        D = x.shape[-1]
+        T = positions.shape[0]
+        if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) and D % 8 == 0 and rope_dim % 8 == 0
+                and T and x.numel() % (T * D) == 0 and positions.dtype == torch.long):
+            return super().rope_tail(x, positions, rope, rope_dim, inverse)
+        x2 = x.reshape(-1, D)
+        x2 = x2 if x2.is_contiguous() else x2.contiguous()
+        pos = positions if positions.is_contiguous() else positions.contiguous()
+        cos, sin = self.rope_table(rope, rope_dim, pos)
+        out = torch.empty_like(x2)
+        _rope_launcher(D, rope_dim, inverse, x2, pos, cos, sin, out)(x2, pos, cos, sin, out, x2.shape[0] // T)
+        return out.view(x.shape)
+
+    def compress_and_store(self, kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
+                           ratio: int, rope: RopeConfig, rope_dim: int, carry_kv: Tensor, carry_score: Tensor,
+                           out: Tensor, block_size: int, batch: ForwardBatch) -> None:
+        """Decode steps: one kernel (dsv4_kernels.compress_decode) instead of TorchOps' ~25 launches."""
+        t = batch.decode
+        d = out.shape[-1]
+        ok_dt = (torch.bfloat16, torch.float32)
+        if (t is None or not kv.is_cuda or kv.dtype not in ok_dt or score.dtype != kv.dtype or out.dtype not in ok_dt
+                or d % 4 or rope_dim % 4 or (d // 4 > 32 and (d // 4) % 32) or carry_kv.dtype != torch.float32):
+            return super().compress_and_store(kv, score, ape, norm_weight, norm_eps, ratio, rope, rope_dim, carry_kv,
+                                              carry_score, out, block_size, batch)
+        pos = batch.positions
+        cos, sin = self.rope_table(rope, rope_dim, pos)
+        args = (kv.contiguous(), score.contiguous(), ape.float().contiguous(), norm_weight.float().contiguous(), pos,
+                t.state_slots, t.comp_block_tables, carry_kv, carry_score, cos, sin, out.view(-1, d))
+        key = ("compress", d, ratio, rope_dim, block_size, norm_eps, kv.dtype, out.dtype)
+
+        def make():
+            from dsv4_kernels.compress_decode import CompressDecode
+            return CompressDecode(d, ratio, rope_dim, block_size, norm_eps)
+        Launcher(key, make, _COMPRESS_SPEC, list(args))(*args)
+
+    def hc_pre(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
+               hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """TorchOps.hc_pre with the Sinkhorn part as one kernel (dsv4_kernels.mhc): ~130 launches -> one."""
+        T, n, _ = streams.shape
+        flat = streams.flatten(1).float()
+        mixes = flat @ fn.T
+        sq = flat.square().mean(-1)
+        pre = torch.empty((T, n), dtype=torch.float32, device=streams.device)
+        post = torch.empty_like(pre)
+        comb = torch.empty((T, n * n), dtype=torch.float32, device=streams.device)
+        if T:
+            _hc_launcher(n, iters, hc_eps, norm_eps, mixes, sq, scale, base, pre, post, comb)(
+                mixes, sq, scale.float().contiguous(), base.float().contiguous(), pre, post, comb)
+        x = torch.einsum("tn,tnd->td", pre, streams.float())
+        return x.to(streams.dtype), post, comb.view(T, n, n)
+
     def moe(self, x: Tensor, expert_ids: Tensor, expert_weights: Tensor, experts: Any, swiglu_limit: float) -> Tensor:
         if isinstance(experts, PackedExperts):
             y = nvfp4_moe(x.to(torch.bfloat16), expert_ids, expert_weights, experts, swiglu_limit)
             return y.to(x.dtype)
         return super().moe(x, expert_ids, expert_weights, experts, swiglu_limit)
+
+
+_HC_SPEC = (("t", False),) * 7
+_COMPRESS_SPEC = (("t", True), ("t", True)) + (("t", False),) * 9 + (("t", True),)
+
+
+def _hc_launcher(n: int, iters: int, eps: float, norm_eps: float, *example: Tensor) -> Launcher:
+    from dsv4_kernels.mhc import HcCoefficients
+    return Launcher(("mhc", n, iters, eps, norm_eps), lambda: HcCoefficients(n, iters, eps, norm_eps), _HC_SPEC,
+                    list(example))
+
+
+_ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t", True), ("i",))
+
+
+def _rope_launcher(dim: int, rope_dim: int, inverse: bool, *example: Tensor) -> Launcher:
+    from dsv4_kernels.rope import RopeTail
+    return Launcher(("rope", dim, rope_dim, inverse, example[0].dtype), lambda: RopeTail(dim, rope_dim, inverse),
+                    _ROPE_SPEC, list(example) + [1])
 
 
 def _to(w: NVFP4Tensor, device: torch.device) -> NVFP4Tensor:

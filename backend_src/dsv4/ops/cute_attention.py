@@ -144,6 +144,24 @@ class AttentionPlan:
     per-step launch decisions (split plans, kernel handles) keyed by layer shape."""
 
     def __init__(self, batch: ForwardBatch, device: torch.device):
+        self._batch = batch
+        self._device = device
+        self._swa: dict[int, Tensor] = {}
+        self.pos = batch.positions.to(device=device, dtype=torch.int32).contiguous()
+        self.pos2 = self.pos.view(-1, 1)
+        self.num_sms = (_num_sms(device.index if device.index is not None else torch.cuda.current_device())
+                        if device.type == "cuda" else 132)
+        self.launch_cfg: dict[tuple, Any] = {}
+        if batch.decode is not None:
+            # decode step: tables already on the device; launch plans sized for the bound on positions (a CUDA
+            # graph replays them for every later step of its batch size)
+            t = batch.decode
+            self.max_pos = t.max_position
+            self.seq = t.seq_index
+            self.comp_bt = t.comp_block_tables
+            self._swa_full = t.swa_block_tables
+            return
+        self._swa_full = None
         n = [batch.query_start[b + 1] - batch.query_start[b] for b in range(batch.num_seqs)]
         seq = [b for b in range(batch.num_seqs) for _ in range(n[b])]
         self.max_pos = max((batch.seq_len(b) - 1 for b in range(batch.num_seqs) if n[b] > 0), default=0)
@@ -158,18 +176,12 @@ class AttentionPlan:
         dev_flat = torch.from_numpy(flat).to(device)
         self.seq = dev_flat[:T]
         self.comp_bt = dev_flat[T:].view(B, comp_w)
-        self._batch = batch
-        self._device = device
-        self._swa: dict[int, Tensor] = {}
-        self.pos = batch.positions.to(device=device, dtype=torch.int32).contiguous()
-        self.pos2 = self.pos.view(-1, 1)
-        self.num_sms = (_num_sms(device.index if device.index is not None else torch.cuda.current_device())
-                        if device.type == "cuda" else 132)
-        self.launch_cfg: dict[tuple, Any] = {}
 
     def swa_table(self, window: int, block_size: int) -> Tensor:
         """[B, width] window block table holding only the columns of blocks some query of this step can see
         (positions >= first query position - window + 1); the other columns are -1 and never read."""
+        if self._swa_full is not None:
+            return self._swa_full
         key = (window, block_size)
         t = self._swa.get(key)
         if t is None:
@@ -215,17 +227,9 @@ def plan_for(batch: ForwardBatch, device: torch.device) -> AttentionPlan:
     return plan
 
 
-_WORKSPACE: dict[tuple, Tensor] = {}
-
-
 def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Scratch reused across calls (split partials, indexer keys): written and consumed on the same stream."""
-    key = (name, dtype, device)
-    buf = _WORKSPACE.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, 1 << 16), dtype=dtype, device=device)
-        _WORKSPACE[key] = buf
-    return buf[:numel]
+    from dsv4_kernels.workspace import workspace
+    return workspace("attn." + name, numel, dtype, device, min_numel=1 << 16)
 
 
 # split partials in bf16 halve their bytes but measured slower on H100 (half-sector stores): fp32 by default

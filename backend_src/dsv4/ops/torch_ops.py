@@ -48,6 +48,12 @@ class TorchOps(Ops):
         self.device = torch.device(device)
         self.dtype = dtype
         self._rope_cache: dict[tuple[RopeConfig, int], tuple[Tensor, Tensor]] = {}
+        self.max_positions = 0   # the engine's max_model_len: tables this long need no bounds check (no host sync)
+
+    def reserve_positions(self, n: int) -> None:
+        """Promise that every position is < n, so RoPE lookups skip the host-synchronising bounds check (decode
+        steps then stay CUDA-graph capturable)."""
+        self.max_positions = max(self.max_positions, n)
 
     # --- weights ---------------------------------------------------------------------------------------------
     def prepare_linear(self, weight: Any) -> Tensor:
@@ -63,22 +69,28 @@ class TorchOps(Ops):
         return F.linear(x.to(w.dtype), w)
 
     def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-        if weight is not None:
-            y = y * weight.float()
-        return y.to(x.dtype)
+        # one fused kernel on the GPU (the composite form is ~7 launches, and decode runs ~5 norms per layer)
+        w = None if weight is None else weight.float()
+        return F.rms_norm(x.float(), (x.shape[-1],), w, eps).to(x.dtype)
 
-    def _cos_sin(self, rope: RopeConfig, rope_dim: int, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rope_table(self, rope: RopeConfig, rope_dim: int, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Full (cos, sin) tables [P, rope_dim // 2] fp32 covering every position in `positions` (no host sync
+        once reserve_positions covers them)."""
         key = (rope, rope_dim)
-        need = int(positions.max()) + 1 if positions.numel() else 1
         cached = self._rope_cache.get(key)
+        if cached is not None and self.max_positions and cached[0].shape[0] >= self.max_positions:
+            return cached
+        need = max(int(positions.max()) + 1 if positions.numel() else 1, self.max_positions)
         if cached is None or cached[0].shape[0] < need:
             n = max(need, 4096 if cached is None else 2 * cached[0].shape[0])
             angle = torch.arange(n, dtype=torch.float64)[:, None] * _rope_freqs(rope, rope_dim)[None, :]
             cached = (angle.cos().float().to(self.device), angle.sin().float().to(self.device))
             self._rope_cache[key] = cached
-        return cached[0][positions], cached[1][positions]
+        return cached
+
+    def _cos_sin(self, rope: RopeConfig, rope_dim: int, positions: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = self.rope_table(rope, rope_dim, positions)
+        return cos[positions], sin[positions]
 
     def rope_tail(self, x: Tensor, positions: Tensor, rope: RopeConfig, rope_dim: int, inverse: bool = False) -> Tensor:
         cos, sin = self._cos_sin(rope, rope_dim, positions)
@@ -154,6 +166,9 @@ class TorchOps(Ops):
     def compress_and_store(self, kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
                            ratio: int, rope: RopeConfig, rope_dim: int, carry_kv: Tensor, carry_score: Tensor,
                            out: Tensor, block_size: int, batch: ForwardBatch) -> None:
+        if batch.decode is not None:
+            return self._compress_decode(kv, score, ape, norm_weight, norm_eps, ratio, rope, rope_dim, carry_kv,
+                                         carry_score, out, block_size, batch)
         overlap = ratio == 4
         d = out.shape[-1]
         kv, score = kv.float(), score.float()
@@ -195,6 +210,53 @@ class TorchOps(Ops):
             if left:
                 carry_kv[slot, cur0:cur0 + left] = rows_kv[rows_kv.shape[0] - left:]
                 carry_score[slot, cur0:cur0 + left] = rows_sc[rows_sc.shape[0] - left:]
+
+    def _compress_decode(self, kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
+                         ratio: int, rope: RopeConfig, rope_dim: int, carry_kv: Tensor, carry_score: Tensor,
+                         out: Tensor, block_size: int, batch: ForwardBatch) -> None:
+        """compress_and_store for one new token per sequence, batched, from device tables only (no host sync).
+
+        Every row pools its window as it stands and writes that entry to the window's slot: a window that is not
+        yet closed gets a provisional entry, which no query can see ((pos + 1) // ratio excludes it) and which the
+        step that closes the window overwrites. Branch-free, so one CUDA graph serves every step."""
+        t = batch.decode
+        overlap = ratio == 4
+        d = out.shape[-1]
+        cur0 = ratio if overlap else 0
+        pos = batch.positions
+        j = pos % ratio                                               # row of the new token in its window
+        slots = t.state_slots
+        # one gather and one scatter per state tensor (row-wise index ops cost a launch each)
+        ck, cs = carry_kv[slots], carry_score[slots]                  # [B, rows, coff*d]
+        new_row = (torch.arange(ck.shape[1], device=pos.device)[None, :] == (cur0 + j)[:, None])[:, :, None]
+        ck = torch.where(new_row, kv.float()[:, None, :], ck)
+        cs = torch.where(new_row, (score.float() + ape[j])[:, None, :], cs)
+        cur_k, cur_s = ck[:, cur0:cur0 + ratio], cs[:, cur0:cur0 + ratio]   # the window so far
+        if overlap:
+            pk = torch.cat([ck[:, :ratio, :d], cur_k[:, :, d:]], dim=1)
+            ps = torch.cat([cs[:, :ratio, :d], cur_s[:, :, d:]], dim=1)
+        else:
+            pk, ps = cur_k, cur_s
+        # rows after j hold the previous window's values until overwritten: mask them out of the provisional
+        # entry so that it never sees stale scores (the closing step has none)
+        future = torch.arange(ratio, device=pos.device)[None, :] > j[:, None]
+        if overlap:
+            future = torch.cat([torch.zeros_like(future), future], dim=1)
+        ps = ps.masked_fill(future[:, :, None], -math.inf)
+        # softmax over dim 1 written out: torch's strided-softmax kernel takes ~25 us on these shapes
+        e = (ps - ps.amax(dim=1, keepdim=True)).exp_()
+        entries = (pk * e).sum(dim=1) / e.sum(dim=1)
+        entries = self.rms_norm(entries, norm_weight, norm_eps)
+        start = pos - j                                               # first position of the window
+        entries = self.rope_tail(entries, start, rope, rope_dim)
+        blk = t.comp_block_tables.gather(1, (start // block_size)[:, None]).squeeze(1).long()
+        out[blk, (start % block_size) // ratio] = entries.to(out.dtype)
+        if overlap:   # a closing window becomes the previous one
+            closing = (j == ratio - 1)[:, None, None]
+            ck = torch.cat([torch.where(closing, cur_k, ck[:, :ratio]), cur_k], dim=1)
+            cs = torch.cat([torch.where(closing, cur_s, cs[:, :ratio]), cur_s], dim=1)
+        carry_kv[slots] = ck
+        carry_score[slots] = cs
 
     def _gather_entries(self, pool: Tensor, table: list[int], count: int, ratio: int, block_size: int) -> Tensor:
         """The first `count` compressed entries of one sequence, in order: [count, d]."""

@@ -1,8 +1,8 @@
 """Triton Python-backend adapter: Triton request <-> dsv4 engine request. No model logic lives here.
 
-Decoupled: ``execute()`` validates and enqueues (``Engine.add_request``) and returns at once; a reader thread
-per request drains its ``RequestStream`` into a queue and ONE dispatcher thread answers through the requests'
-response senders (all stub IPC from one thread: see ``TritonPythonModel``).
+Decoupled: ``execute()`` validates and enqueues (``Engine.add_request``) and returns at once; the engine thread
+puts every delta on one queue (``on_output``) and ONE dispatcher thread answers through the requests' response
+senders (all stub IPC from one thread: see ``TritonPythonModel``).
 
 I/O follows Triton's vLLM backend (see config.pbtxt), with these rules:
 * exactly one of ``text_input`` (BYTES[1], UTF-8) / ``input_ids`` (INT32[-1]);
@@ -90,6 +90,8 @@ _ENGINE_PARAMS = {
     "max_num_seqs": ("max_num_seqs", "DSV4_MAX_NUM_SEQS", int),
     "max_model_len": ("max_model_len", "DSV4_MAX_MODEL_LEN", int),
     "max_num_batched_tokens": ("max_num_batched_tokens", "DSV4_MAX_NUM_BATCHED_TOKENS", int),
+    "enforce_eager": ("enforce_eager", "DSV4_ENFORCE_EAGER", bool),
+    "cuda_graph_max_batch": ("cuda_graph_max_batch", "DSV4_CUDA_GRAPH_MAX_BATCH", int),
 }
 _TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 _ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
@@ -113,6 +115,15 @@ def _parse_int(name, value, parser):
         return parser(value)
     except (TypeError, ValueError):
         raise ValueError(f"model parameter '{name}': expected {parser.__name__}, got {value!r}") from None
+
+
+def _parse_bool(name, value):
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"model parameter '{name}': expected true/false, got {value!r}")
 
 
 class _Metrics:
@@ -178,13 +189,13 @@ class _Metrics:
 
 
 class _Job:
-    """One request in flight. Mutated only by the dispatcher thread (``done`` is also read by its reader)."""
+    """One request in flight. Mutated only by the dispatcher thread."""
 
-    __slots__ = ("rid", "sender", "stream", "engine_stream", "prompt", "prepend", "want", "t0", "first_sent",
-                 "last_tok_t", "texts", "ids", "lps", "n_prompt", "done", "next_cancel_check", "reader")
+    __slots__ = ("rid", "sender", "stream", "prompt", "prepend", "want", "t0", "first_sent",
+                 "last_tok_t", "texts", "ids", "lps", "n_prompt", "done", "next_cancel_check")
 
-    def __init__(self, rid, sender, stream, engine_stream, prompt, prepend, want, t0):
-        self.rid, self.sender, self.stream, self.engine_stream = rid, sender, stream, engine_stream
+    def __init__(self, rid, sender, stream, prompt, prepend, want, t0):
+        self.rid, self.sender, self.stream = rid, sender, stream
         self.prompt, self.prepend, self.want, self.t0 = prompt, prepend, want, t0
         self.first_sent = False
         self.last_tok_t = None
@@ -192,12 +203,11 @@ class _Job:
         self.n_prompt = 0
         self.done = False
         self.next_cancel_check = 0.0
-        self.reader = None
 
 
 class TritonPythonModel:
-    """Threads: the stub's thread runs execute() (validate + Engine.add_request, no IPC); one reader thread per
-    request blocks on its RequestStream and forwards deltas (timestamped) to a queue; ONE dispatcher thread does
+    """Threads: the stub's thread runs execute() (validate + Engine.add_request, no IPC); the engine thread puts each
+    delta (timestamped) on one queue through the request's on_output callback; ONE dispatcher thread does
     every call into the stub's IPC (response sends, is_cancelled, metrics). The 2.51 Python backend crashes the
     server (boost::interprocess::lock_exception / SIGSEGV in libtriton_python.so) when several Python threads
     make those calls concurrently: seen at perf_analyzer concurrency 4 with one sender thread per request."""
@@ -217,7 +227,10 @@ class TritonPythonModel:
             value = os.environ.get(env) or params.get(key, "")
             if value == "" or value is None:
                 continue
-            cfg_kwargs[fld] = _parse_int(key, value, parser) if parser is int else value
+            if parser is bool:
+                cfg_kwargs[fld] = _parse_bool(key, value)
+            else:
+                cfg_kwargs[fld] = _parse_int(key, value, parser) if parser is int else value
         cfg_kwargs["checkpoint"] = _resolve(cfg_kwargs.get("checkpoint") or "checkpoints/demo")
         if not Path(cfg_kwargs["checkpoint"]).exists():
             raise pb_utils.TritonModelException(
@@ -366,25 +379,16 @@ class TritonPythonModel:
         client_id = request.request_id() or ""
         rid = f"{client_id[:64]}-{uuid.uuid4().hex[:16]}" if client_id else uuid.uuid4().hex
         t0 = time.monotonic()
-        engine_stream = self.engine.add_request(rid, prompt=prompt, prompt_token_ids=prompt_ids, params=params)
-        job = _Job(rid, sender, stream, engine_stream, prompt if prompt is not None else "", prepend, want, t0)
+        job = _Job(rid, sender, stream, prompt if prompt is not None else "", prepend, want, t0)
         self._q.put(("start", job))  # before any of its outputs
-        job.reader = threading.Thread(target=self._reader, args=(job,), name=f"dsv4-read-{rid[-8:]}", daemon=True)
-        job.reader.start()
-
-    def _reader(self, job):
-        """Blocks on the engine stream; forwards (delta, arrival time). Never touches pb_utils."""
+        q = self._q
         try:
-            while not job.done:
-                try:
-                    out = job.engine_stream.get(timeout=1.0)
-                except queue.Empty:
-                    continue
-                self._q.put(("out", job, out, time.monotonic()))
-                if out.finished:
-                    return
-        except Exception as e:  # noqa: BLE001
-            self._q.put(("exc", job, e, time.monotonic()))
+            # the engine thread hands each delta (timestamped) straight to the dispatcher's queue
+            self.engine.add_request(rid, prompt=prompt, prompt_token_ids=prompt_ids, params=params,
+                                    on_output=lambda out: q.put(("out", job, out, time.monotonic())))
+        except BaseException:
+            q.put(("discard", job))
+            raise
 
     # ------------------------------------------------------------------ dispatcher: the only IPC caller
     def _dispatch_loop(self):
@@ -411,15 +415,8 @@ class TritonPythonModel:
                     elif kind == "reject":
                         self.metrics.finished("rejected")
                         self._send_error(item[1], item[2], item[3])
-                    elif kind == "exc":
-                        job, e = item[1], item[2]
-                        if isinstance(e, self.errors.RequestAbortedError):
-                            self._fail(job, f"request aborted: {e}", pb_utils.TritonError.CANCELLED, "abort")
-                        elif isinstance(e, self.errors.EngineDeadError):
-                            self._fail(job, f"engine stopped: {e}", pb_utils.TritonError.UNAVAILABLE, "error")
-                        else:
-                            self._fail(job, f"internal error: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL,
-                                       "error")
+                    elif kind == "discard":   # the engine refused it; execute() queued the error response
+                        self._active.pop(item[1].rid, None)
                     elif kind == "stop":
                         stop = True
                 except Exception:  # noqa: BLE001

@@ -1,0 +1,210 @@
+"""`dsv4 bench decode`: the engine's decode step on the GPU, eager vs CUDA graph, and per layer vs its HBM floor.
+
+Weights come from a checkpoint (--checkpoint) or are drawn on the GPU for a preset (--preset flash-layers
+--layers 4: real V4-Flash dims without writing ~4 GB per layer to disk). Sequences sit at position --context with
+their blocks allocated; the cache contents are whatever the pools hold (timing does not depend on them).
+
+Per layer (batch 1): a graph of the step with the first k layers for k = 0..L; layer k's time is t(k+1) - t(k). Its
+floor: the bytes it must read (its weights as they sit in GPU memory, routed experts only those the token uses, the
+KV rows and index keys attention reads) over the measured HBM copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("decode", help="decode step: eager vs CUDA graph, per-layer time vs HBM floor")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (else --preset, random weights)")
+    p.add_argument("--preset", default="flash-layers")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--context", type=int, default=1024, help="tokens already in the cache per sequence")
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--json-out", default="")
+    p.add_argument("--profile", action="store_true", help="print the kernels of one batch-1 step (torch profiler)")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class _Seq:
+    """What DecodeInputs reads of a running sequence."""
+
+    request_id: str
+    num_computed: int
+    vocab: int
+
+    def token_at(self, i: int) -> int:
+        return 2 + (int(self.request_id[1:]) * 7919 + i * 104729) % (self.vocab - 2)
+
+
+def _random_tensors(cfg, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """Every main-layer tensor the model reads: projections as BF16 (what CuteOps keeps for FP8 checkpoints),
+    routed experts NVFP4 (quantised on the GPU), the rest as the generator makes them."""
+    from dsv4.checkpoint.formats import quantize_nvfp4
+    from dsv4.checkpoint.generator import generate_tensor
+    from dsv4.checkpoint.names import model_specs
+
+    torch.manual_seed(seed)
+    out: dict[str, Any] = {}
+    for spec in model_specs(cfg):
+        if spec.name.startswith("mtp."):
+            continue
+        if spec.role in ("linear", "expert") and spec.init == "normal":
+            w = torch.randn(spec.shape, device=device) * spec.std
+            out[spec.param_name] = quantize_nvfp4(w) if spec.role == "expert" else w.to(torch.bfloat16)
+        else:
+            out[spec.param_name] = generate_tensor(cfg, spec, seed)
+    return out
+
+
+def _nbytes(h: Any) -> int:
+    if h is None:
+        return 0
+    if isinstance(h, torch.Tensor):
+        return h.numel() * h.element_size()
+    if isinstance(h, (tuple, list)):
+        return sum(_nbytes(x) for x in h)
+    if hasattr(h, "codes") and hasattr(h, "scales"):            # PackedNVFP4
+        return _nbytes(h.codes) + _nbytes(h.scales)
+    if hasattr(h, "wkv"):                                        # CompressorWeights
+        return _nbytes(h.wkv) + _nbytes(h.wgate) + _nbytes(h.ape) + _nbytes(h.norm)
+    raise TypeError(f"no byte count for {type(h).__name__}")
+
+
+def layer_floor_bytes(model, i: int, context: int) -> dict[str, int]:
+    """Bytes layer i must read for one decode token at position `context`."""
+    cfg, L = model.cfg, model.layers[i]
+    w = sum(_nbytes(getattr(L, f)) for f in ("attn_norm", "ffn_norm", "wq_a", "q_norm", "wq_b", "wkv", "kv_norm",
+                                             "wo_a", "wo_b", "sink", "compressor", "idx_wq_b", "idx_weights_proj",
+                                             "idx_compressor", "gate", "gate_bias", "shared"))
+    w += sum(_nbytes(t) for t in L.hc.values())
+    ex = L.experts
+    per_expert = ex.expert_bytes() if hasattr(ex, "expert_bytes") else sum(_nbytes(t) for t in ex.values()) // \
+        cfg.n_routed_experts
+    experts = cfg.n_activated_experts * per_expert
+    ratio = cfg.compress_ratio(i)
+    es = 2
+    rows = min(context + 1, cfg.window_size)
+    if ratio == 4:
+        rows += min(cfg.index_topk, (context + 1) // 4)
+    elif ratio:
+        rows += (context + 1) // ratio
+    kv = rows * cfg.head_dim * es
+    if ratio == 4:
+        kv += (context + 1) // 4 * cfg.index_head_dim * es
+    return {"weights": w, "experts": experts, "kv": kv, "total": w + experts + kv}
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("dsv4 bench decode needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from dsv4.bench_cmd import _device, hbm_bandwidth, time_ms
+    from dsv4.checkpoint.loader import load_checkpoint
+    from dsv4.checkpoint.presets import PRESETS
+    from dsv4.engine.cuda_graphs import DecodeGraphs
+    from dsv4.engine.decode_inputs import DecodeInputs, decode_batch
+    from dsv4.engine.kv_cache import KVCache
+    from dsv4.model.deepseek_v4 import DeepseekV4Model
+    from dsv4.ops import select_ops
+
+    dev = torch.device("cuda")
+    t0 = time.monotonic()
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint, progress=False)
+        cfg, tensors = ckpt.config, ckpt.tensors
+    else:
+        cfg = PRESETS[args.preset](args.layers)
+        tensors = _random_tensors(cfg, dev)
+    ops = select_ops("cute", dev, torch.bfloat16)
+    batches = [int(b) for b in args.batches.split(",")]
+    max_len = args.context + 64
+    ops.reserve_positions(max_len)
+    model = DeepseekV4Model(cfg, tensors, ops, dev, torch.bfloat16)
+    del tensors
+    bs = 128
+    per_seq = -(-max_len // bs)
+    cache = KVCache(cfg, num_blocks=max(batches) * per_seq + 1, block_size=bs, max_seqs=max(batches), device=dev,
+                    dtype=torch.bfloat16)
+    seqs = []
+    for b in range(max(batches)):
+        rid = f"s{b}"
+        cache.add(rid)
+        cache.grow(rid, args.context + 1)
+        seqs.append(_Seq(rid, args.context, cfg.vocab_size))
+    print(f"model built in {time.monotonic() - t0:.0f} s; device {_device()}", file=sys.stderr)
+    bw = hbm_bandwidth()
+    width = per_seq
+    all_layers = list(model.layers)
+    result: dict[str, Any] = {"device": _device(), "hbm_copy_GBps": bw / 1e9, "context": args.context,
+                              "model": args.checkpoint or f"{args.preset} x{cfg.n_layers} (random weights)",
+                              "steps": [], "layers": []}
+
+    def eager_ms(B: int) -> float:
+        inputs = DecodeInputs.build(seqs[:B], cache, B, width)
+        i64 = torch.from_numpy(inputs.i64).to(dev)
+        i32 = torch.from_numpy(inputs.i32).to(dev)
+
+        def step():
+            model.forward(decode_batch(i64, i32, max_len - 1, torch.arange(B, device=dev)), cache.layers)
+        step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.reps):
+            step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / args.reps * 1e3
+
+    def graph_ms(B: int) -> float:
+        graphs = DecodeGraphs(model, cache.layers, dev, [B], max_len, bs)
+        graphs.capture()
+        inputs = DecodeInputs.build(seqs[:B], cache, B, width)
+        ms = time_ms(lambda: graphs.run(inputs), args.reps, graph=False)
+        del graphs
+        return ms
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        eager_ms(1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eager_ms(1)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+
+    print(f"{'batch':>5} {'eager ms':>9} {'graph ms':>9} {'speed-up':>8} {'tok/s (graph)':>13}")
+    for B in batches:
+        e, g = eager_ms(B), graph_ms(B)
+        row = {"batch": B, "eager_ms": round(e, 3), "graph_ms": round(g, 3), "speedup": round(e / g, 2),
+               "tokens_per_s": round(B / g * 1e3, 1)}
+        result["steps"].append(row)
+        print(f"{B:5d} {e:9.2f} {g:9.3f} {e / g:8.1f} {B / g * 1e3:13.0f}")
+
+    times = []
+    for k in range(len(all_layers) + 1):
+        model.layers = all_layers[:k]
+        times.append(graph_ms(1))
+    model.layers = all_layers
+    print(f"\nbatch 1, context {args.context}: step with 0 layers (embedding + head) {times[0] * 1e3:.1f} us")
+    print(f"{'layer':>5} {'ratio':>5} {'us':>8} {'floor us':>8} {'x floor':>7} {'MB read':>8}  (weights/experts/kv MB)")
+    for i in range(len(all_layers)):
+        us = (times[i + 1] - times[i]) * 1e3
+        fb = layer_floor_bytes(model, i, args.context)
+        floor_us = fb["total"] / bw * 1e6
+        row = {"layer": i, "ratio": cfg.compress_ratio(i), "us": round(us, 1), "floor_us": round(floor_us, 1),
+               "x_floor": round(us / floor_us, 2), **{f"{k}_bytes": v for k, v in fb.items()}}
+        result["layers"].append(row)
+        print(f"{i:5d} {cfg.compress_ratio(i):5d} {us:8.1f} {floor_us:8.1f} {us / floor_us:7.2f} "
+              f"{fb['total'] / 1e6:8.1f}  ({fb['weights'] / 1e6:.1f}/{fb['experts'] / 1e6:.1f}/{fb['kv'] / 1e6:.2f})")
+    result["head_us"] = round(times[0] * 1e3, 1)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0

@@ -1,0 +1,82 @@
+"""The host-side inputs of a decode-only step, packed into two arrays so that one copy each puts them on the GPU.
+
+`i64` rows: token id, position, window-cache slot, state slot. `i32`: window and compressed block tables, [2, B, W]
+with W = max_model_len / block_size columns, -1 past a sequence's blocks (and where window blocks were released).
+A batch padded to a CUDA-graph size repeats row 0 in the extra rows: they recompute row 0's token and write exactly
+what row 0 writes, so the caches see the same values and no request's state changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dsv4.engine.kv_cache import KVCache
+from dsv4.engine.request import Sequence
+from dsv4.ops.base import DecodeTables, ForwardBatch
+
+TOKEN, POSITION, SLOT, STATE = range(4)
+
+
+@dataclass
+class DecodeInputs:
+    i64: np.ndarray      # [4, B_padded]
+    i32: np.ndarray      # [2, B_padded, W]
+    num_seqs: int        # real rows (the rest repeat row 0)
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], cache: KVCache, padded: int, width: int) -> "DecodeInputs":
+        n = len(seqs)
+        i64 = np.empty((4, padded), dtype=np.int64)
+        i32 = np.full((2, padded, width), -1, dtype=np.int32)
+        bs = cache.block_size
+        for r, seq in enumerate(seqs):
+            c = seq.num_computed
+            swa = cache.window.block_table(seq.request_id)
+            comp = cache.compressed.block_table(seq.request_id)
+            i64[TOKEN, r] = seq.token_at(c)
+            i64[POSITION, r] = c
+            i64[SLOT, r] = swa[c // bs] * bs + c % bs
+            i64[STATE, r] = cache.slot(seq.request_id)
+            i32[0, r, :len(swa)] = swa
+            i32[1, r, :len(comp)] = comp
+        if padded > n:
+            i64[:, n:] = i64[:, :1]
+            i32[:, n:] = i32[:, :1]
+        return cls(i64, i32, n)
+
+    @classmethod
+    def dummy(cls, padded: int, width: int) -> "DecodeInputs":
+        """Position 0 of a sequence owning block 0 and state slot 0: what warm-up and capture run at start-up,
+        while no request holds any block (the writes land in free blocks that their next owner overwrites before
+        reading, and `KVCache.add` clears the state slot)."""
+        return cls(np.zeros((4, padded), dtype=np.int64), np.zeros((2, padded, width), dtype=np.int32), padded)
+
+
+def decode_batch(i64: torch.Tensor, i32: torch.Tensor, max_position: int, logits_indices: torch.Tensor,
+                 host: DecodeInputs | None = None) -> ForwardBatch:
+    """A ForwardBatch over device copies of DecodeInputs. `host` (the eager path) also fills the host lists the
+    torch ops read; a CUDA graph's batch leaves them at placeholders, which the graph-capable ops never read."""
+    B = i64.shape[1]
+    tables = DecodeTables(state_slots=i64[STATE], swa_block_tables=i32[0], comp_block_tables=i32[1],
+                          seq_index=torch.arange(B, dtype=torch.int32, device=i64.device), max_position=max_position)
+    if host is not None:
+        ctx = host.i64[POSITION].tolist()
+        states = host.i64[STATE].tolist()
+        swa = [row[:_used(row)] for row in host.i32[0].tolist()]
+        comp = [row[:_used(row)] for row in host.i32[1].tolist()]
+    else:
+        ctx, states, swa, comp = [0] * B, [0] * B, [[0]] * B, [[0]] * B
+    return ForwardBatch(token_ids=i64[TOKEN], positions=i64[POSITION], query_start=list(range(B + 1)),
+                        context_lens=ctx, state_slots=states, swa_block_tables=swa, comp_block_tables=comp,
+                        swa_slot_mapping=i64[SLOT], logits_indices=logits_indices, decode=tables)
+
+
+def _used(row: list[int]) -> int:
+    """Length of a block-table row: up to its last allocated column (released window blocks inside stay -1)."""
+    n = len(row)
+    while n and row[n - 1] == -1:
+        n -= 1
+    return n

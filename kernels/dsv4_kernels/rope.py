@@ -1,0 +1,54 @@
+"""RoPE on the last `rope_dim` channels of each row, interleaved pairs (DeepSeek's layout), out of place.
+
+x [R, D] rows belong to tokens r // heads; out[r] = x[r] with pairs (2i, 2i+1) of the tail rotated by
+angle(pos[token], i) (negated for the inverse rotation the attention output gets). One CTA per row, D / 8 threads,
+8 channels (one 16/32-byte vector) each: threads of the head part copy, threads of the tail rotate in fp32 and round
+once to x's dtype, as TorchOps.rope_tail does. Replaces ~12 launches per call (decode runs 5-7 calls per layer).
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32
+
+VEC = 8
+
+
+class RopeTail:
+    def __init__(self, dim: int, rope_dim: int, inverse: bool):
+        assert dim % VEC == 0 and rope_dim % VEC == 0 and rope_dim <= dim
+        self.d, self.rd, self.inverse = dim, rope_dim, inverse
+        self.threads = dim // VEC
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mPos: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mOut: cute.Tensor,
+                 heads: Int32, stream):
+        self.kernel(mX, mPos, mCos, mSin, mOut, heads).launch(
+            grid=(cute.size(mX.shape[0]), 1, 1), block=[self.threads, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mPos: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mOut: cute.Tensor,
+               heads: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        r, _, _ = cute.arch.block_idx()
+        frag = cute.make_rmem_tensor((VEC,), mX.element_type)
+        cute.autovec_copy(cute.local_tile(mX[r, None], (VEC,), (tidx,)), frag)
+        first = tidx * VEC - (self.d - self.rd)          # channel index inside the tail (< 0: head part)
+        if first >= 0:
+            p = mPos[r // heads]
+            f = cute.make_rmem_tensor((VEC,), Float32)
+            f.store(frag.load().to(Float32))
+            rot = cute.make_rmem_tensor((VEC,), Float32)
+            for k in cutlass.range_constexpr(VEC // 2):
+                i = first // 2 + k
+                c = mCos[p, i]
+                s = mSin[p, i]
+                if cutlass.const_expr(self.inverse):
+                    s = -s
+                ev = f[2 * k]
+                od = f[2 * k + 1]
+                rot[2 * k] = ev * c - od * s
+                rot[2 * k + 1] = ev * s + od * c
+            frag.store(rot.load().to(mX.element_type))
+        cute.autovec_copy(frag, cute.local_tile(mOut[r, None], (VEC,), (tidx,)))

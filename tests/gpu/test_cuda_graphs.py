@@ -1,0 +1,94 @@
+"""Decode CUDA graphs on the GPU: captured at engine start, replayed for every decode batch up to the largest
+bucket, and as good as the eager step they replace: the same kernels and launch plans, except that a batch padded
+to its bucket size runs cuBLAS (the BF16 projections) at a different M, whose algorithm choice may round
+differently (logprobs measured up to 0.03 apart). On random weights that can flip a near-tie late in a sequence
+(seen once in 5 x 40 tokens), so: logprobs within 0.05 up to any divergence, none in the first 8 tokens, at most
+one sequence of five diverging at all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (Hopper); CPU CI runs the same decode step eagerly (tests/unit/test_decode_step.py)",
+                allow_module_level=True)
+
+from dsv4.checkpoint.presets import PRESETS  # noqa: E402
+from dsv4.checkpoint.writer import make_checkpoint  # noqa: E402
+from dsv4.config import EngineConfig  # noqa: E402
+from dsv4.engine.engine import Engine  # noqa: E402
+from dsv4.engine.params import SamplingParams  # noqa: E402
+
+PROMPT_LENGTHS = (1, 17, 126, 300, 700)   # 126: the first ratio-128 window closes while decoding
+NEW_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def small3(tmp_path_factory):
+    """`small` per-head dims (head_dim 512, 16 heads, indexer 64x128), 3 layers: window, CSA, HCA."""
+    return make_checkpoint(PRESETS["small"](3), tmp_path_factory.mktemp("small3"), fmt="nvfp4", seed=3)
+
+
+def engine(path, **kw) -> Engine:
+    return Engine(EngineConfig(checkpoint=str(path), device="cuda", ops_backend="cute", max_num_seqs=8,
+                               max_model_len=2048, num_kv_blocks=64, **kw))
+
+
+def run(e: Engine, prompts):
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    streams = [e.add_request(f"r{i}", prompt_token_ids=p, params=params) for i, p in enumerate(prompts)]
+    out = []
+    for s in streams:
+        ids, lps = [], []
+        for o in s:
+            assert o.error is None, o.error
+            ids += o.token_ids
+            lps += o.logprobs or []
+        out.append((ids, lps))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(small3):
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(2, 500, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def test_graphs_replay_exactly_what_eager_decode_computes(small3, prompts):
+    graphs = engine(small3)
+    try:
+        assert graphs.stats().cuda_graph_sizes == (1, 2, 4, 8), "capture failed: see the engine log"
+        got = run(graphs, prompts)
+        st = graphs.stats()
+        assert st.graph_steps > NEW_TOKENS - 5, f"only {st.graph_steps} of {st.steps} steps replayed a graph"
+        assert st.kv_blocks_in_use == 0
+    finally:
+        graphs.shutdown()
+    eager = engine(small3, enforce_eager=True)
+    try:
+        assert eager.stats().cuda_graph_sizes == ()
+        want = run(eager, prompts)
+    finally:
+        eager.shutdown()
+    identical = 0
+    for (ids, lps), (wids, wlps) in zip(got, want):
+        assert len(ids) == NEW_TOKENS
+        same = next((k for k, (a, b) in enumerate(zip(ids, wids)) if a != b), NEW_TOKENS)
+        identical += same == NEW_TOKENS
+        assert same >= 8, f"graph and eager decoding diverge at token {same}"
+        worst = max(abs(a - b) for a, b in zip(lps[:same], wlps[:same]))
+        assert worst < 0.05, f"logprob differs by {worst:.4f} before any divergence"
+    # random weights leave near-ties that a different cuBLAS algorithm (padded M) can flip late in a sequence
+    assert identical >= len(PROMPT_LENGTHS) - 1, f"only {identical} of {len(PROMPT_LENGTHS)} sequences identical"
+
+
+def test_batches_beyond_the_largest_graph_run_eagerly(small3, prompts):
+    e = engine(small3, cuda_graph_max_batch=2)
+    try:
+        assert e.stats().cuda_graph_sizes == (1, 2)
+        out = run(e, prompts)          # 5 at once: eager until only 2 remain
+        assert all(len(ids) == NEW_TOKENS for ids, _ in out)
+    finally:
+        e.shutdown()

@@ -1,0 +1,36 @@
+"""The RoPE kernel (CuteOps.rope_tail) vs TorchOps.rope_tail: every shape the model rotates, both directions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (Hopper); CPU CI compiles the kernel (tests/unit/test_attention_kernels_compile.py)",
+                allow_module_level=True)
+
+from dsv4.config import RopeConfig  # noqa: E402
+from dsv4.ops.cute import CuteOps  # noqa: E402
+from dsv4.ops.torch_ops import TorchOps  # noqa: E402
+
+YARN = RopeConfig(theta=160000.0, original_seq_len=4096, factor=16.0, beta_fast=32.0, beta_slow=1.0)
+
+
+@pytest.mark.parametrize("shape,dtype", [((1, 16, 512), torch.bfloat16), ((300, 64, 512), torch.bfloat16),
+                                         ((7, 512), torch.bfloat16), ((33, 64, 128), torch.bfloat16),
+                                         ((5, 512), torch.float32), ((4, 4, 64), torch.float32)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_tail_matches_torch(shape, dtype, inverse):
+    rd = 64 if shape[-1] >= 128 else 16
+    x = torch.randn(shape, device="cuda").to(dtype)
+    pos = torch.randint(0, 8000, (shape[0],), device="cuda")
+    want = TorchOps("cuda", dtype).rope_tail(x, pos, YARN, rd, inverse)
+    cute_ops = CuteOps("cuda", dtype)
+    got = cute_ops.rope_tail(x, pos, YARN, rd, inverse)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.isfinite(got.float()).all()
+    assert torch.equal(got[..., :-rd], x[..., :-rd]), "the head part must pass through unchanged"
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol), \
+        f"max |diff| {(got.float() - want.float()).abs().max().item():.3g}"
