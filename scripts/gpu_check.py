@@ -64,6 +64,15 @@ def run_gpu_tests(out: Path) -> dict:
     return {"rc": r.returncode, "summary": last[0], "seconds": round(time.time() - t0, 1)}
 
 
+def loop_result(concurrency: int, tokens: int, wall: float, ttfts: list[float], itls: list[float],
+                errors: list[str]) -> dict:
+    def avg(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+    return {"concurrency": concurrency, "tokens": tokens, "seconds": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 2), "ttft_ms_avg": round(1e3 * avg(ttfts), 2),
+            "itl_ms_avg": round(1e3 * avg(itls), 3), "errors": len(errors), "first_error": errors[0] if errors else None}
+
+
 def closed_loop(submit, concurrency: int, requests_per_worker: int) -> dict:
     """`submit()` runs one request and returns (tokens, ttft_s, itl_list). Returns throughput and latencies."""
     lock = threading.Lock()
@@ -90,11 +99,7 @@ def closed_loop(submit, concurrency: int, requests_per_worker: int) -> dict:
         t.join()
     wall = time.perf_counter() - t0
 
-    def avg(xs: list[float]) -> float:
-        return sum(xs) / len(xs) if xs else float("nan")
-    return {"concurrency": concurrency, "tokens": tokens[0], "seconds": round(wall, 3),
-            "tokens_per_s": round(tokens[0] / wall, 2), "ttft_ms_avg": round(1e3 * avg(ttfts), 2),
-            "itl_ms_avg": round(1e3 * avg(itls), 3), "errors": len(errors), "first_error": errors[0] if errors else None}
+    return loop_result(concurrency, tokens[0], wall, ttfts, itls, errors)
 
 
 def direct_closed_loop(eng, concurrency: int, requests_per_worker: int, sampling: dict) -> dict:
@@ -139,11 +144,7 @@ def direct_closed_loop(eng, concurrency: int, requests_per_worker: int, sampling
                 submit()
     wall = time.perf_counter() - t0
 
-    def avg(xs: list[float]) -> float:
-        return sum(xs) / len(xs) if xs else float("nan")
-    return {"concurrency": concurrency, "tokens": tokens, "seconds": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 2), "ttft_ms_avg": round(1e3 * avg(ttfts), 2),
-            "itl_ms_avg": round(1e3 * avg(itls), 3), "errors": len(errors), "first_error": errors[0] if errors else None}
+    return loop_result(concurrency, tokens, wall, ttfts, itls, errors)
 
 
 def direct_engine(args, sampling: dict) -> tuple[dict, list[dict]]:
