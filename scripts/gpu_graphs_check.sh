@@ -13,7 +13,7 @@ for step in ${*:-tests small flash}; do
     small) timeout 300 python3 -m dsv4.cli bench decode --preset small --layers 7 --context ${CONTEXT:-1024} \
              --json-out "$OUT/bench_decode_small.json" 2>&1 | tee "$OUT/bench_decode_small.log" | grep -v Warning | tail -20 ;;
     flash) timeout 400 python3 -m dsv4.cli bench decode --preset flash-layers --layers 4 --context ${CONTEXT:-1024} \
-             --batches ${FLASH_BATCHES:-1,8,32} --json-out "$OUT/bench_decode_flash.json" 2>&1 \
+             --batches ${FLASH_BATCHES:-1,8,32} ${FLASH_ARGS:-} --json-out "$OUT/bench_decode_flash.json" 2>&1 \
              | tee "$OUT/bench_decode_flash.log" | grep -v Warning | tail -20 ;;
   esac
 done

@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--json-out", default="")
     p.add_argument("--profile", action="store_true", help="print the kernels of one batch-1 step (torch profiler)")
+    p.add_argument("--profile-stack", action="store_true",
+                   help="with --profile: also the torch ops of layer 0 grouped by Python call site")
     p.set_defaults(func=run)
 
 
@@ -104,6 +106,42 @@ def layer_floor_bytes(model, i: int, context: int) -> dict[str, int]:
     return {"weights": w, "experts": experts, "kv": kv, "total": w + experts + kv}
 
 
+def _profile_layers(model, all_layers: list, eager_ms, steps: int, json_out: str | None) -> None:
+    """Kernels of one eager batch-1 step with only layer k, for each k: name, count and GPU time, so the launches
+    a layer costs (and which of them move no bytes) can be read off. Written next to --json-out."""
+    from torch.profiler import ProfilerActivity, profile
+    per_layer = []
+    for k, layer in enumerate(all_layers):
+        model.layers = [layer]
+        eager_ms(1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eager_ms(1)
+        rows = [{"name": e.key[:120], "count": round(e.count / steps, 2),
+                 "us": round(e.device_time_total / max(e.count, 1), 2)}
+                for e in prof.key_averages() if e.device_time_total > 0]
+        rows.sort(key=lambda r: -r["us"] * r["count"])
+        launches = sum(r["count"] for r in rows)
+        print(f"\nlayer {k} alone (+ embedding and head), kernels per step: {launches}")
+        for r in rows[:45]:
+            print(f"{r['count']:6.1f} x {r['us']:8.2f} us  {r['name']}")
+        per_layer.append({"layer": k, "kernels": rows})
+    model.layers = all_layers
+    if json_out:
+        with open(json_out.replace(".json", "") + "_profile.json", "w") as f:
+            json.dump(per_layer, f, indent=1)
+
+
+def _profile_call_sites(model, layer, eager_ms) -> None:
+    """GPU time of layer 0's torch ops by the model-side call site, to see which line launches what."""
+    from torch.profiler import ProfilerActivity, profile
+    model.layers = [layer]
+    eager_ms(1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        eager_ms(1)
+    print(prof.key_averages(group_by_stack_n=4).table(sort_by="self_device_time_total", row_limit=80,
+                                                      max_name_column_width=40, max_src_column_width=90))
+
+
 def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("dsv4 bench decode needs a CUDA GPU", file=sys.stderr)
@@ -173,11 +211,10 @@ def run(args: argparse.Namespace) -> int:
         return ms
 
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        eager_ms(1)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            eager_ms(1)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+        _profile_layers(model, all_layers, eager_ms, args.reps + 1, args.json_out)
+        if args.profile_stack:
+            _profile_call_sites(model, all_layers[0], eager_ms)
+            model.layers = all_layers
 
     print(f"{'batch':>5} {'eager ms':>9} {'graph ms':>9} {'speed-up':>8} {'tok/s (graph)':>13}")
     for B in batches:

@@ -6,11 +6,18 @@ lanes of a warp own one token, one matrix element each; row and column sums are 
 group. (A first version gave each token one thread: 20 unrolled iterations of 32 dependent divisions took 60 us
 on H100, latency-bound.)
 
-Per token t (m = 2n + n*n mixes, r = rsqrt(sq[t] + norm_eps), x_k = mix[t, k] * r):
+Inputs, two variants (`partials`):
+- False: mixes [T, m] and the mean square sq [T] (cuBLAS GEMV + torch mean), r = rsqrt(sq[t] + norm_eps);
+- True: part [T, S, m + 1], S partial sums per token (dsv4_kernels.mhc_pre.HcMix, one per 1024-wide chunk of the
+  streams; the sq argument is unused): mix[t, k] = sum_s part[t, s, k], r = rsqrt(sum_s part[t, s, m] * inv_k +
+  norm_eps).
+Per token t (m = 2n + n*n mixes, x_k = mix[t, k] * r):
     pre[i]  = sigmoid(x_i * scale[0] + base[i]) + eps
     post[i] = 2 * sigmoid(x_{n+i} * scale[1] + base[n+i])
     comb    = softmax_rows(x_{2n..} * scale[2] + base[2n..]) + eps, then columns normalised (sum + eps), then
               iters - 1 times rows, columns (Sinkhorn), in the order TorchOps.hc_pre uses.
+
+`HcPost` (below) is the other end of the sub-layer: TorchOps.hc_post's stream update in one kernel.
 """
 
 from __future__ import annotations
@@ -34,25 +41,26 @@ def _add(a, b):
 
 
 class HcCoefficients:
-    def __init__(self, n: int, iters: int, eps: float, norm_eps: float):
+    def __init__(self, n: int, iters: int, eps: float, norm_eps: float, partials: bool = False):
         if n * n not in (4, 16):
             raise ValueError(f"HcCoefficients: hc_mult must be 2 or 4 (n*n lanes per token), got {n}")
         self.n, self.iters, self.eps, self.norm_eps = n, iters, eps, norm_eps
+        self.partials = partials
         self.g = n * n
         self.row_offsets = tuple(1 << k for k in range((n - 1).bit_length()))          # lanes of one row
         self.col_offsets = tuple(n << k for k in range((n - 1).bit_length()))          # lanes of one column
 
     @cute.jit
     def __call__(self, mMix: cute.Tensor, mSq: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
-                 mPre: cute.Tensor, mPost: cute.Tensor, mComb: cute.Tensor, stream):
+                 mPre: cute.Tensor, mPost: cute.Tensor, mComb: cute.Tensor, inv_k: Float32, stream):
         T = cute.size(mMix.shape[0])
         per_cta = THREADS // self.g
-        self.kernel(mMix, mSq, mScale, mBase, mPre, mPost, mComb).launch(
+        self.kernel(mMix, mSq, mScale, mBase, mPre, mPost, mComb, inv_k).launch(
             grid=((T + per_cta - 1) // per_cta, 1, 1), block=[THREADS, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mMix: cute.Tensor, mSq: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
-               mPre: cute.Tensor, mPost: cute.Tensor, mComb: cute.Tensor):
+               mPre: cute.Tensor, mPost: cute.Tensor, mComb: cute.Tensor, inv_k: Float32):
         n, g = self.n, self.g
         eps = Float32(self.eps)
         tidx, _, _ = cute.arch.thread_idx()
@@ -62,16 +70,16 @@ class HcCoefficients:
         lane = tidx % g
         # every lane runs the shuffles; a group past the last token works on token T-1 and stores nothing
         tc = cutlass.min(t, T - 1)
-        r = cute.math.rsqrt(mSq[tc] + Float32(self.norm_eps))
+        r = cute.math.rsqrt(self._mean_square(mMix, mSq, tc, inv_k) + Float32(self.norm_eps))
         if t < T:
             if lane < n:
-                a = mMix[tc, lane] * r * mScale[0] + mBase[lane]
+                a = self._mix(mMix, tc, lane) * r * mScale[0] + mBase[lane]
                 mPre[tc, lane] = 1.0 / (1.0 + cute.math.exp2(-a * LOG2_E)) + eps
             if lane >= n:
                 if lane < 2 * n:
-                    b = mMix[tc, lane] * r * mScale[1] + mBase[lane]
+                    b = self._mix(mMix, tc, lane) * r * mScale[1] + mBase[lane]
                     mPost[tc, lane - n] = 2.0 / (1.0 + cute.math.exp2(-b * LOG2_E))
-        x = mMix[tc, 2 * n + lane] * r * mScale[2] + mBase[2 * n + lane]
+        x = self._mix(mMix, tc, 2 * n + lane) * r * mScale[2] + mBase[2 * n + lane]
         mx = _bfly(x, self.row_offsets, cute.arch.fmax)
         e = cute.math.exp2((x - mx) * LOG2_E)
         c = e / _bfly(e, self.row_offsets, _add) + eps
@@ -81,3 +89,70 @@ class HcCoefficients:
             c = c / (_bfly(c, self.col_offsets, _add) + eps)
         if t < T:
             mComb[tc, lane] = c
+
+    @cute.jit
+    def _mean_square(self, mMix: cute.Tensor, mSq: cute.Tensor, t, inv_k: Float32):
+        if cutlass.const_expr(self.partials):
+            return self._mix(mMix, t, 2 * self.n + self.g) * inv_k
+        return mSq[t]
+
+    @cute.jit
+    def _mix(self, mMix: cute.Tensor, t, k):
+        if cutlass.const_expr(self.partials):
+            v = Float32(0.0)
+            for s in cutlass.range(cute.size(mMix.shape[1]), unroll=1):
+                v = v + mMix[t, s, k]
+            return v
+        return mMix[t, k]
+
+
+VEC = 8
+POST_THREADS = 128
+
+
+class HcPost:
+    """The mHC stream update after a sub-layer: out[t, j] = post[t, j] * y[t] + sum_i comb[t, i, j] * streams[t, i].
+
+    TorchOps.hc_post spends ~6 launches (two fp32 copies, a broadcast product, the einsum's bmm, an add, a cast);
+    two calls per layer. Layout: y [T, D], streams and out [T, n, D] (bf16, or fp32 for an fp32 model), post [T, n]
+    and comb [T, n * n] fp32 (row-major, comb[t, i * n + j]); D a multiple of 8. Grid (T, D / 1024): a thread owns
+    one 8-channel vector of every stream (reads y's and the n streams' vectors once, writes n); the n + n*n
+    coefficients of its token are broadcast loads. fp32 math, one rounding to out's dtype, as TorchOps.
+    """
+
+    def __init__(self, n: int):
+        if not 1 <= n <= 8:
+            raise ValueError(f"HcPost: hc_mult must be in [1, 8], got {n}")
+        self.n = n
+
+    @cute.jit
+    def __call__(self, mY: cute.Tensor, mStreams: cute.Tensor, mPost: cute.Tensor, mComb: cute.Tensor,
+                 mOut: cute.Tensor, stream):
+        nv = cute.size(mY.shape[1]) // VEC
+        self.kernel(mY, mStreams, mPost, mComb, mOut).launch(
+            grid=(cute.size(mY.shape[0]), (nv + POST_THREADS - 1) // POST_THREADS, 1), block=[POST_THREADS, 1, 1],
+            stream=stream)
+
+    @cute.kernel
+    def kernel(self, mY: cute.Tensor, mStreams: cute.Tensor, mPost: cute.Tensor, mComb: cute.Tensor,
+               mOut: cute.Tensor):
+        n = self.n
+        tidx, _, _ = cute.arch.thread_idx()
+        t, c, _ = cute.arch.block_idx()
+        v = c * POST_THREADS + tidx
+        if v < cute.size(mY.shape[1]) // VEC:
+            yf = cute.make_rmem_tensor((VEC,), mY.element_type)
+            cute.autovec_copy(cute.local_tile(mY[t, None], (VEC,), (v,)), yf)
+            y = yf.load().to(Float32)
+            xs = []
+            for i in cutlass.range_constexpr(n):
+                f = cute.make_rmem_tensor((VEC,), mStreams.element_type)
+                cute.autovec_copy(cute.local_tile(mStreams[t, i, None], (VEC,), (v,)), f)
+                xs.append(f.load().to(Float32))
+            o = cute.make_rmem_tensor((VEC,), mOut.element_type)
+            for j in cutlass.range_constexpr(n):
+                acc = y * mPost[t, j]
+                for i in cutlass.range_constexpr(n):
+                    acc = acc + xs[i] * mComb[t, i * n + j]
+                o.store(acc.to(mOut.element_type))
+                cute.autovec_copy(o, cute.local_tile(mOut[t, j, None], (VEC,), (v,)))

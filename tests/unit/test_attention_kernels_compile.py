@@ -16,6 +16,7 @@ from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, Spar
 from dsv4_kernels.indexer import IndexerScores  # noqa: E402
 from dsv4_kernels.kv_write import KVScatter  # noqa: E402
 from dsv4_kernels.mhc import HcCoefficients  # noqa: E402
+from dsv4_kernels.mhc_pre import HcCollapse, HcMix  # noqa: E402
 from dsv4_kernels.rope import RopeTail  # noqa: E402
 
 BF, I32, I64, F32 = cutlass.BFloat16, cutlass.Int32, cutlass.Int64, cutlass.Float32
@@ -78,11 +79,21 @@ def test_kv_scatter_compiles(d):
     cute.compile(KVScatter(d), _fake(BF, 2), _fake(I64, 1, False), _fake(BF, 2), make_fake_stream())
 
 
-@pytest.mark.parametrize("n,iters", [(4, 20), (2, 1)])
-def test_mhc_coefficients_compile(n, iters):
-    cute.compile(HcCoefficients(n, iters, 1e-6, 1e-6), _fake(F32, 2, False), _fake(F32, 1, False),
-                 _fake(F32, 1, False), _fake(F32, 1, False), _fake(F32, 2, False), _fake(F32, 2, False),
-                 _fake(F32, 2, False), make_fake_stream())
+@pytest.mark.parametrize("n,iters,partials", [(4, 20, False), (2, 1, False), (4, 20, True), (2, 3, True)])
+def test_mhc_coefficients_compile(n, iters, partials):
+    cute.compile(HcCoefficients(n, iters, 1e-6, 1e-6, partials), _fake(F32, 3 if partials else 2, False),
+                 _fake(F32, 1, False), _fake(F32, 1, False), _fake(F32, 1, False), _fake(F32, 2, False),
+                 _fake(F32, 2, False), _fake(F32, 2, False), F32(1.0), make_fake_stream())
+
+
+@pytest.mark.parametrize("m,dtype", [(24, BF), (8, BF), (24, F32)])
+def test_mhc_mix_compiles(m, dtype):
+    cute.compile(HcMix(m), _fake(dtype, 2), _fake(F32, 2), _fake(F32, 3, False), make_fake_stream())
+
+
+@pytest.mark.parametrize("n,d,dtype", [(4, 4096, BF), (4, 1024, BF), (2, 64, F32)])
+def test_mhc_collapse_compiles(n, d, dtype):
+    cute.compile(HcCollapse(n, d), _fake(dtype, 2), _fake(F32, 2, False), _fake(dtype, 2), make_fake_stream())
 
 
 @pytest.mark.parametrize("d,rd,inverse,dtype", [(512, 64, False, BF), (512, 64, True, BF), (128, 64, False, BF),

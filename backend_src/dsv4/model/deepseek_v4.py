@@ -140,21 +140,8 @@ class DeepseekV4Model:
 
     def moe(self, x: Tensor, i: int, L: LayerWeights, token_ids: Tensor) -> Tensor:
         cfg, ops = self.cfg, self.ops
-        logits = x.float() @ L.gate.T
-        if cfg.score_func == "sqrtsoftplus":
-            scores = torch.nn.functional.softplus(logits).sqrt()
-        elif cfg.score_func == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            scores = logits.softmax(-1)
-        if L.tid2eid is not None:
-            ids = L.tid2eid[token_ids]
-        else:
-            ids = (scores + L.gate_bias).topk(cfg.n_activated_experts, dim=-1).indices
-        weights = scores.gather(1, ids)
-        if cfg.score_func != "softmax":
-            weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights * cfg.route_scale
+        ids, weights = ops.route(x, L.gate, L.gate_bias, L.tid2eid, token_ids, cfg.n_activated_experts,
+                                 cfg.score_func, cfg.route_scale)
         routed = ops.moe(x, ids, weights, L.experts, cfg.swiglu_limit)
         return routed + ops.swiglu_mlp(x, *L.shared, cfg.swiglu_limit)
 

@@ -109,6 +109,13 @@ class Ops(ABC):
     def hc_head(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, hc_eps: float) -> Tensor: ...
 
     @abstractmethod
+    def route(self, x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | None, token_ids: Tensor,
+              topk: int, score_func: str, route_scale: float) -> tuple[Tensor, Tensor]:
+        """MoE gate: (expert ids [T, topk] int64, weights [T, topk] fp32). Hash layers (`tid2eid`) take the ids
+        from the token id; the others the top-k of score + bias. Weights are the unbiased scores, normalised for
+        non-softmax scores, times route_scale."""
+
+    @abstractmethod
     def moe(self, x: Tensor, expert_ids: Tensor, expert_weights: Tensor, experts: Any, swiglu_limit: float) -> Tensor:
         """Routed experts only: sum_k w[t,k] * expert_{ids[t,k]}(x[t])."""
 

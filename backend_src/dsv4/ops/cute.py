@@ -11,6 +11,7 @@ Weights
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from dsv4.checkpoint.formats import NVFP4Tensor
 from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch
 from dsv4.ops.cute_attention import CuteAttentionMixin, Launcher
+from dsv4.ops.cute_glue import CuteGlueMixin
+from dsv4.ops.cute_route import CuteRouteMixin
 from dsv4.ops.torch_ops import TorchOps
 
 import dsv4_kernels  # noqa: F401  (raises ImportError where CuTe DSL is missing: select_ops then picks torch)
@@ -35,14 +38,19 @@ def _kernel_ok(w: Any) -> bool:
     return n % ROWTILE == 0 and k % KCHUNK == 0
 
 
-class CuteOps(CuteAttentionMixin, TorchOps):
+class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
     name = "cute"
     supports_cuda_graphs = True
 
-    def __init__(self, device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                 fused_glue: bool | None = None):
+        """`fused_glue` (default: env DSV4_CUTE_FUSED_GLUE=1) turns on the decode-glue kernels (RMSNorm, SwiGLU,
+        mHC mix/collapse/post, MoE gate): compiled in CI but not yet run on a GPU, so off until a GPU run of
+        tests/gpu/test_glue_kernels.py, test_route.py and test_mhc.py has checked them."""
         super().__init__(device, dtype)
         if self.device.type != "cuda":
             raise ValueError(f"CuteOps needs a CUDA device, got {self.device}")
+        self.fused_glue = os.environ.get("DSV4_CUTE_FUSED_GLUE") == "1" if fused_glue is None else fused_glue
 
     # --- weights ---------------------------------------------------------------------------------------------
     def prepare_linear(self, weight: Any) -> Any:
@@ -103,17 +111,37 @@ class CuteOps(CuteAttentionMixin, TorchOps):
 
     def hc_pre(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
                hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        """TorchOps.hc_pre with the Sinkhorn part as one kernel (dsv4_kernels.mhc): ~130 launches -> one."""
-        T, n, _ = streams.shape
+        """TorchOps.hc_pre with the Sinkhorn part as one kernel (dsv4_kernels.mhc): ~130 launches -> ~10. With
+        `fused_glue`, and up to HC_MIX_MAX_TOKENS tokens, the rest too: three kernels in all (mhc_pre.HcMix,
+        mhc.HcCoefficients, mhc_pre.HcCollapse); above that the mixes GEMV stays cuBLAS (HcMix re-reads fn per token:
+        right for decode, wasteful for a long prefill)."""
+        T, n, D = streams.shape
+        f32 = dict(dtype=torch.float32, device=streams.device)
+        pre = torch.empty((T, n), **f32)
+        post = torch.empty_like(pre)
+        comb = torch.empty((T, n * n), **f32)
+        sc, bs = scale.float().contiguous(), base.float().contiguous()
+        if (self.fused_glue and 0 < T <= HC_MIX_MAX_TOKENS and streams.dtype in (torch.bfloat16, torch.float32)
+                and D % 8 == 0 and fn.dtype == torch.float32):
+            from dsv4_kernels.mhc_pre import num_chunks
+            K = n * D
+            m = fn.shape[0]
+            flat = streams.reshape(T, K)
+            flat = flat if flat.is_contiguous() else flat.contiguous()
+            fnc = fn if fn.is_contiguous() else fn.contiguous()
+            part = torch.empty((T, num_chunks(K), m + 1), **f32)
+            _mix_launcher(m, flat, fnc, part)(flat, fnc, part)
+            args = (part, sc, sc, bs, pre, post, comb)          # the mean-square argument is unused here
+            _hc_launcher(n, iters, hc_eps, norm_eps, True, *args)(*args, 1.0 / K)
+            x = torch.empty((T, D), dtype=streams.dtype, device=streams.device)
+            _collapse_launcher(n, D, flat, pre, x)(flat, pre, x)
+            return x, post, comb.view(T, n, n)
         flat = streams.flatten(1).float()
         mixes = flat @ fn.T
         sq = flat.square().mean(-1)
-        pre = torch.empty((T, n), dtype=torch.float32, device=streams.device)
-        post = torch.empty_like(pre)
-        comb = torch.empty((T, n * n), dtype=torch.float32, device=streams.device)
         if T:
-            _hc_launcher(n, iters, hc_eps, norm_eps, mixes, sq, scale, base, pre, post, comb)(
-                mixes, sq, scale.float().contiguous(), base.float().contiguous(), pre, post, comb)
+            args = (mixes, sq, sc, bs, pre, post, comb)
+            _hc_launcher(n, iters, hc_eps, norm_eps, False, *args)(*args, 1.0)
         x = torch.einsum("tn,tnd->td", pre, streams.float())
         return x.to(streams.dtype), post, comb.view(T, n, n)
 
@@ -124,14 +152,27 @@ class CuteOps(CuteAttentionMixin, TorchOps):
         return super().moe(x, expert_ids, expert_weights, experts, swiglu_limit)
 
 
-_HC_SPEC = (("t", False),) * 7
+HC_MIX_MAX_TOKENS = 256
+_HC_SPEC = (("t", False),) * 7 + (("f",),)
 _COMPRESS_SPEC = (("t", True), ("t", True)) + (("t", False),) * 9 + (("t", True),)
 
 
-def _hc_launcher(n: int, iters: int, eps: float, norm_eps: float, *example: Tensor) -> Launcher:
+def _hc_launcher(n: int, iters: int, eps: float, norm_eps: float, partials: bool, *example: Tensor) -> Launcher:
     from dsv4_kernels.mhc import HcCoefficients
-    return Launcher(("mhc", n, iters, eps, norm_eps), lambda: HcCoefficients(n, iters, eps, norm_eps), _HC_SPEC,
+    return Launcher(("mhc", n, iters, eps, norm_eps, partials),
+                    lambda: HcCoefficients(n, iters, eps, norm_eps, partials), _HC_SPEC, list(example) + [1.0])
+
+
+def _mix_launcher(m: int, *example: Tensor) -> Launcher:
+    from dsv4_kernels.mhc_pre import HcMix
+    return Launcher(("hc_mix", m, example[0].dtype), lambda: HcMix(m), (("t", True), ("t", True), ("t", False)),
                     list(example))
+
+
+def _collapse_launcher(n: int, dim: int, *example: Tensor) -> Launcher:
+    from dsv4_kernels.mhc_pre import HcCollapse
+    return Launcher(("hc_collapse", n, dim, example[0].dtype), lambda: HcCollapse(n, dim),
+                    (("t", True), ("t", False), ("t", True)), list(example))
 
 
 _ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t", True), ("i",))

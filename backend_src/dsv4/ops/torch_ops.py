@@ -128,6 +128,24 @@ class TorchOps(Ops):
         pre = torch.sigmoid(mixes * scale + base) + hc_eps
         return torch.einsum("tn,tnd->td", pre, streams.float()).to(streams.dtype)
 
+    def route(self, x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | None, token_ids: Tensor,
+              topk: int, score_func: str, route_scale: float) -> tuple[Tensor, Tensor]:
+        logits = x.float() @ gate.T
+        if score_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        elif score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(-1)
+        if tid2eid is not None:
+            ids = tid2eid[token_ids]
+        else:
+            ids = (scores + gate_bias).topk(topk, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if score_func != "softmax":
+            weights = weights / weights.sum(-1, keepdim=True)
+        return ids, weights * route_scale
+
     def _swiglu(self, gate: Tensor, up: Tensor, limit: float) -> Tensor:
         gate, up = gate.float(), up.float()
         if limit > 0:

@@ -1,0 +1,140 @@
+"""CuTe DSL kernels for the small element-wise ops between the big ones: `rms_norm`, `swiglu_mlp`, `hc_post`.
+
+Each replaces a chain of 3-7 tiny torch launches with one kernel (decode runs ~5 norms, one shared-expert SwiGLU and
+two mHC updates per layer, so these chains were a good share of a decode step's launches):
+- `rms_norm`: dsv4_kernels.rmsnorm (fp32 math, one rounding to x's dtype, as F.rms_norm on an fp32 copy);
+- `swiglu_mlp`: the two projections and the down projection stay `self.linear`; the activation between them is
+  dsv4_kernels.swiglu, which writes x's dtype directly (TorchOps: fp32 activation, then a cast);
+- `hc_post`: dsv4_kernels.mhc.HcPost.
+
+`CuteGlueMixin` has the TorchOps signatures and goes ahead of TorchOps in the bases (CuteOps(CuteGlueMixin,
+CuteAttentionMixin, TorchOps)); whatever the kernels do not cover (CPU tensors, other dtypes, dims not a multiple of
+8, empty inputs) goes down the MRO through `super()`. Kernels compile once per variant through `Launcher` (TVM-FFI
+where available). Nothing here reads device memory on the host, so decode steps stay CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dsv4.ops.cute_attention import Launcher
+
+Tensor = torch.Tensor
+
+_FLOATS = (torch.bfloat16, torch.float32)
+_VEC = 8
+_RMS_MAX_DIM = 8192      # dsv4_kernels.rmsnorm.MAX_DIM (one vector per thread; kept here so a call imports nothing)
+
+
+def _compact(t: Tensor, align: int = 16) -> Tensor:
+    """`t` itself when it is row-major compact with every stride exact (the kernels are compiled for that layout;
+    torch's is_contiguous() lets a size-1 dim have any stride) and its start `align`-byte aligned; else a copy
+    (the caching allocator's blocks are aligned)."""
+    want, acc = [], 1
+    for n in reversed(t.shape):
+        want.append(acc)
+        acc *= n
+    if tuple(reversed(want)) == t.stride() and t.data_ptr() % align == 0:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _rows(t: Tensor, d: int) -> Tensor:
+    """[..., d] -> a compact, 16-byte aligned [R, d] tensor: a view where it can be, a copy where it must."""
+    return _compact(t.reshape(-1, d))
+
+
+class CuteGlueMixin:
+    fused_glue = True      # CuteOps sets it per instance (off until the kernels have run on a GPU)
+
+    # --- rms_norm ----------------------------------------------------------------------------------------------
+    def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+        """One kernel (dsv4_kernels.rmsnorm) instead of F.rms_norm on an fp32 copy plus a cast."""
+        D = x.shape[-1]
+        if not (self.fused_glue and x.is_cuda and x.dtype in _FLOATS and D % _VEC == 0 and D <= _RMS_MAX_DIM
+                and x.numel()
+                and (weight is None or (weight.is_cuda and weight.shape == (D,) and weight.is_floating_point()))):
+            return super().rms_norm(x, weight, eps)
+        x2 = _rows(x, D)
+        if weight is None:
+            w = self._glue_dummy(x.device)
+        else:
+            w = weight if weight.dtype == torch.float32 else weight.float()
+            w = _compact(w)
+        out = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+        _rms_launcher(D, float(eps), weight is not None, x2, w, out)(x2, w, out)
+        return out.view(x.shape)
+
+    def _glue_dummy(self, device: torch.device) -> Tensor:
+        """An fp32 stand-in for the absent norm weight (the kernel variant never reads it); one per device, kept so
+        a captured graph does not allocate it."""
+        cache = self.__dict__.setdefault("_glue_dummies", {})
+        t = cache.get(device)
+        if t is None:
+            t = cache[device] = torch.zeros(_VEC, dtype=torch.float32, device=device)
+        return t
+
+    # --- swiglu_mlp --------------------------------------------------------------------------------------------
+    def swiglu_mlp(self, x: Tensor, w1: Any, w2: Any, w3: Any, swiglu_limit: float) -> Tensor:
+        """self.linear for the three projections; the activation between them one kernel (dsv4_kernels.swiglu)."""
+        if not self.fused_glue:
+            return super().swiglu_mlp(x, w1, w2, w3, swiglu_limit)
+        gate = self.linear(x, w1)
+        up = self.linear(x, w3)
+        I = gate.shape[-1]
+        if not (gate.is_cuda and gate.dtype in _FLOATS and up.dtype == gate.dtype and up.shape == gate.shape
+                and x.dtype in _FLOATS and I % _VEC == 0 and gate.numel()):
+            # not super().swiglu_mlp: the projections are done already
+            h = self._swiglu(gate, up, swiglu_limit)
+            return self.linear(h.to(x.dtype), w2)
+        g2, u2 = _rows(gate, I), _rows(up, I)
+        h = torch.empty(g2.shape, dtype=x.dtype, device=g2.device)
+        limit = float(swiglu_limit) if swiglu_limit > 0 else 0.0
+        _swiglu_launcher(limit, g2, u2, h)(g2, u2, h)
+        return self.linear(h.view(*gate.shape[:-1], I), w2)
+
+    # --- hc_post -----------------------------------------------------------------------------------------------
+    def hc_post(self, y: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        """One kernel (dsv4_kernels.mhc.HcPost) instead of TorchOps' ~6 launches."""
+        if not self.fused_glue or streams.dim() != 3 or y.dim() != 2:
+            return super().hc_post(y, streams, post, comb)
+        T, n, D = streams.shape
+        if not (streams.is_cuda and streams.dtype in _FLOATS and y.dtype in _FLOATS and y.shape == (T, D)
+                and 1 <= n <= 8 and D % _VEC == 0 and T and D and post.shape == (T, n) and comb.shape == (T, n, n)
+                and post.is_floating_point() and comb.is_floating_point()):
+            return super().hc_post(y, streams, post, comb)
+        y2 = _rows(y, D)
+        s3 = _rows(streams, D).view(T, n, D)
+        p2 = _compact(post.float(), 4)
+        c2 = _compact(comb.float().reshape(T, n * n), 4)
+        out = torch.empty((T, n, D), dtype=streams.dtype, device=streams.device)
+        _hc_post_launcher(n, y2, s3, p2, c2, out)(y2, s3, p2, c2, out)
+        return out
+
+
+_RMS_SPEC = (("t", True), ("t", True), ("t", True))
+_SWIGLU_SPEC = (("t", True), ("t", True), ("t", True))
+_HC_POST_SPEC = (("t", True), ("t", True), ("t", False), ("t", False), ("t", True))
+
+
+def _rms_launcher(dim: int, eps: float, has_weight: bool, *example: Tensor) -> Launcher:
+    def make():
+        from dsv4_kernels.rmsnorm import RmsNorm
+        return RmsNorm(dim, eps, has_weight)
+    return Launcher(("glue-rms", dim, eps, has_weight, example[0].dtype), make, _RMS_SPEC, list(example))
+
+
+def _swiglu_launcher(limit: float, *example: Tensor) -> Launcher:
+    def make():
+        from dsv4_kernels.swiglu import Swiglu
+        return Swiglu(limit)
+    return Launcher(("glue-swiglu", limit, example[0].dtype, example[2].dtype), make, _SWIGLU_SPEC, list(example))
+
+
+def _hc_post_launcher(n: int, *example: Tensor) -> Launcher:
+    def make():
+        from dsv4_kernels.mhc import HcPost
+        return HcPost(n)
+    return Launcher(("glue-hc-post", n, example[0].dtype, example[1].dtype), make, _HC_POST_SPEC, list(example))

@@ -1,0 +1,85 @@
+"""CuTe DSL MoE gate for CuteOps: `route` as the gate matmul (cuBLAS, as TorchOps) plus one kernel
+(kernels/dsv4_kernels/moe_route.py) for scores, top-k / hash lookup and weights, instead of ~10 launches per layer.
+
+`CuteRouteMixin` has the TorchOps signature; CuteOps mixes it in ahead of TorchOps. CPU tensors and gates the kernel
+does not cover (E not a multiple of 32 or above 1024, top-k above 32, unknown score functions, a tid2eid table whose
+width is not top-k) go to the TorchOps implementation through `super()`. Nothing is read back to the host, so the
+call is CUDA-graph capturable. Ties in the biased scores go to the lower expert index (torch.topk leaves their order
+unspecified).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.ops.cute_attention import Launcher
+
+Tensor = torch.Tensor
+
+_ROUTE_SPEC = (("t", False),) * 6
+_DUMMIES: dict[tuple, Tensor] = {}
+
+
+def _dummy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Stand-in for an argument the kernel variant never reads (bias of hash layers, tid2eid of the others): kept, so
+    a decode step allocates nothing for it."""
+    key = (shape, dtype, device)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.zeros(shape, dtype=dtype, device=device)
+    return t
+
+
+def _launcher(E: int, topk: int, score_func: str, route_scale: float, hashed: bool, example: list) -> Launcher:
+    from dsv4_kernels.moe_route import MoeRoute
+    return Launcher(("moe_route", E, topk, score_func, float(route_scale), hashed),
+                    lambda: MoeRoute(E, topk, score_func, float(route_scale), hashed), _ROUTE_SPEC, example)
+
+
+def covers(x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | None, token_ids: Tensor, topk: int,
+           score_func: str) -> bool:
+    if not (x.is_cuda and x.dim() == 2 and gate.dim() == 2 and x.shape[0] > 0 and x.shape[1] == gate.shape[1]):
+        return False
+    from dsv4_kernels.moe_route import supported
+    E = gate.shape[0]
+    if not supported(E, topk, score_func) or topk > E:
+        return False
+    if tid2eid is not None:
+        return (tid2eid.dim() == 2 and tid2eid.shape[1] == topk and tid2eid.dtype == torch.int64
+                and token_ids.shape == (x.shape[0],) and not token_ids.is_floating_point())
+    return gate_bias is not None and gate_bias.numel() == E
+
+
+def route(x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | None, token_ids: Tensor, topk: int,
+          score_func: str, route_scale: float) -> tuple[Tensor, Tensor]:
+    """The kernel path of Ops.route (callers check `covers` first)."""
+    logits = x.float() @ gate.T          # the same expression as TorchOps, so the logits are the same
+    logits = logits if logits.is_contiguous() else logits.contiguous()
+    T, E = logits.shape
+    dev = logits.device
+    hashed = tid2eid is not None
+    if hashed:
+        bias = _dummy((1,), torch.float32, dev)
+        table = tid2eid if tid2eid.is_contiguous() else tid2eid.contiguous()
+        tok = token_ids if token_ids.dtype == torch.int64 else token_ids.long()
+        tok = tok if tok.is_contiguous() else tok.contiguous()
+    else:
+        bias = gate_bias.reshape(E)
+        bias = bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.float().contiguous()
+        table = _dummy((1, topk), torch.int64, dev)
+        tok = _dummy((1,), torch.int64, dev)
+    ids = torch.empty((T, topk), dtype=torch.int64, device=dev)
+    weights = torch.empty((T, topk), dtype=torch.float32, device=dev)
+    args = [logits, bias, table, tok, ids, weights]
+    _launcher(E, topk, score_func, route_scale, hashed, args)(*args)
+    return ids, weights
+
+
+class CuteRouteMixin:
+    """`route` through dsv4_kernels.moe_route where it applies; mixed in ahead of TorchOps."""
+
+    def route(self, x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | None, token_ids: Tensor,
+              topk: int, score_func: str, route_scale: float) -> tuple[Tensor, Tensor]:
+        if getattr(self, "fused_glue", True) and covers(x, gate, gate_bias, tid2eid, token_ids, topk, score_func):
+            return route(x, gate, gate_bias, tid2eid, token_ids, topk, score_func, route_scale)
+        return super().route(x, gate, gate_bias, tid2eid, token_ids, topk, score_func, route_scale)

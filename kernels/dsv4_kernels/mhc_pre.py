@@ -1,0 +1,113 @@
+"""The two streaming halves of the mHC pre-mix at decode: the mixes GEMV and the stream collapse.
+
+TorchOps.hc_pre spends ~10 launches per call around the coefficient kernel (dsv4_kernels.mhc): a bf16->fp32 copy of
+the streams, the [T, n*D] x [n*D, m] fp32 GEMV, square + mean for the RMS factor, a second fp32 copy and a bmm for
+the weighted sum, a cast back. Two calls per layer. Here:
+
+- `HcMix`: partial mixes and partial sum of squares of the raw (bf16) streams, grid (K chunks of 1024, tokens),
+  128 threads x 8 elements per chunk, m + 1 fp32 accumulators per thread, CTA reduction by butterfly shuffles and
+  shared memory. Writes part[t, chunk, 0..m-1] = sum_k x[k] fn[j, k] and part[t, chunk, m] = sum_k x[k]^2 over the
+  chunk; the coefficient kernel sums the (K / 1024) partials of its token, deterministically. fn (m x n*D fp32,
+  1.5 MB for V4-Flash) is read once per token from L2 after the first; meant for decode-sized batches.
+- `HcCollapse`: x[t, d] = sum_i pre[t, i] * streams[t, i, d] in fp32, rounded once to the streams' dtype
+  (TorchOps: fp32 bmm, then one cast). One CTA per token, D / 8 threads.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32
+
+VEC = 8
+THREADS = 128
+CHUNK = THREADS * VEC
+WARPS = THREADS // 32
+
+
+def num_chunks(k: int) -> int:
+    return (k + CHUNK - 1) // CHUNK
+
+
+class HcMix:
+    def __init__(self, m: int):
+        self.m = m
+        self.acc = m + 1
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mFn: cute.Tensor, mPart: cute.Tensor, stream):
+        @cute.struct
+        class Storage:
+            red: cute.struct.Align[cute.struct.MemRange[Float32, WARPS * self.acc], 16]
+
+        T = cute.size(mX.shape[0])
+        S = cute.size(mPart.shape[1])
+        self.kernel(mX, mFn, mPart, Storage).launch(grid=(S, T, 1), block=[THREADS, 1, 1],
+                                                    smem=Storage.size_in_bytes(), stream=stream)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mFn: cute.Tensor, mPart: cute.Tensor, Storage: cutlass.Constexpr):
+        tidx, _, _ = cute.arch.thread_idx()
+        s, t, _ = cute.arch.block_idx()
+        K = cute.size(mX.shape[1])
+        smem = cutlass.memory.SmemAllocator()
+        red = smem.allocate(Storage).red.get_tensor(cute.make_layout((WARPS, self.acc), stride=(self.acc, 1)))
+        acc = cute.make_rmem_tensor((self.acc,), Float32)
+        acc.fill(0.0)
+        k0 = s * CHUNK + tidx * VEC
+        if k0 < K:
+            xf = cute.make_rmem_tensor((VEC,), mX.element_type)
+            cute.autovec_copy(cute.local_tile(mX[t, None], (VEC,), (k0 // VEC,)), xf)
+            x = xf.load().to(Float32)
+            xs = cute.make_rmem_tensor((VEC,), Float32)
+            xs.store(x)
+            sq = Float32(0.0)
+            for e in cutlass.range_constexpr(VEC):
+                sq = sq + xs[e] * xs[e]
+            acc[self.m] = sq
+            w = cute.make_rmem_tensor((VEC,), Float32)
+            for j in cutlass.range_constexpr(self.m):
+                cute.autovec_copy(cute.local_tile(mFn[j, None], (VEC,), (k0 // VEC,)), w)
+                a = Float32(0.0)
+                for e in cutlass.range_constexpr(VEC):
+                    a = a + xs[e] * w[e]
+                acc[j] = a
+        lane = tidx % 32
+        warp = tidx // 32
+        for j in cutlass.range_constexpr(self.acc):
+            v = acc[j]
+            for off in cutlass.range_constexpr(5):
+                v = v + cute.arch.shuffle_sync_bfly(v, offset=1 << off, mask=-1, mask_and_clamp=31)
+            if lane == 0:
+                red[warp, j] = v
+        cute.arch.barrier()
+        if tidx < self.acc:
+            v = Float32(0.0)
+            for w_ in cutlass.range_constexpr(WARPS):
+                v = v + red[w_, tidx]
+            mPart[t, s, tidx] = v
+
+
+class HcCollapse:
+    def __init__(self, n: int, dim: int):
+        assert dim % VEC == 0
+        self.n, self.d = n, dim
+        self.threads = dim // VEC
+
+    @cute.jit
+    def __call__(self, mStreams: cute.Tensor, mPre: cute.Tensor, mOut: cute.Tensor, stream):
+        self.kernel(mStreams, mPre, mOut).launch(grid=(cute.size(mStreams.shape[0]), 1, 1),
+                                                 block=[self.threads, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mStreams: cute.Tensor, mPre: cute.Tensor, mOut: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        t, _, _ = cute.arch.block_idx()
+        acc = cute.make_rmem_tensor((VEC,), Float32)
+        acc.fill(0.0)
+        frag = cute.make_rmem_tensor((VEC,), mStreams.element_type)
+        for i in cutlass.range_constexpr(self.n):
+            cute.autovec_copy(cute.local_tile(mStreams[t, None], (VEC,), (i * self.threads + tidx,)), frag)
+            acc.store(acc.load() + frag.load().to(Float32) * mPre[t, i])
+        frag.store(acc.load().to(mOut.element_type))
+        cute.autovec_copy(frag, cute.local_tile(mOut[t, None], (VEC,), (tidx,)))
