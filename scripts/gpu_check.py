@@ -293,7 +293,8 @@ def main() -> int:
             cmd = [sys.executable, "-m", "client.loadtest", "--url", server.grpc_url, "--out", str(out / "perf"),
                    "--prompt", PROMPT,
                    "--concurrency", ",".join(map(str, args.concurrency)), "--max-tokens", str(args.max_tokens),
-                   "--measurement-interval", str(args.pa_interval_ms), "--max-trials", "3"]
+                   "--measurement-interval", str(args.pa_interval_ms), "--max-trials", "3",
+                   "--stability", "999"]
             if root is not None:
                 cmd += ["--perf-analyzer", json.loads((root / "triton_env.json").read_text())["perf_analyzer"]]
             r = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=1200,

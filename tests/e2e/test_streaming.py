@@ -17,8 +17,8 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc")
 
-from _triton import (MODEL, greedy, http_post, infer, kv_blocks_in_use, request, sse_events, tensor,  # noqa: E402
-                     wait_for)
+from _triton import (MODEL, greedy, http_post, infer, kv_blocks_in_use, metric, request, sse_events,  # noqa: E402
+                     tensor, wait_for)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -72,6 +72,25 @@ def test_eight_concurrent_streams_and_metrics(dsv4_server, direct):
                  "dsv4_generation_tokens_total", "dsv4_kv_blocks_in_use", "dsv4_kv_blocks_total",
                  "dsv4_num_requests_waiting", "dsv4_num_requests_running", "dsv4_requests_total"):
         assert name + "{" in m, name
+
+
+def test_latency_metrics_count_responses_and_tokens(dsv4_server):
+    """One TTFT per request, one inter-token-latency observation per response after the first token (metric calls
+    are IPC round trips, so they are per response, not per token), and every generated token counted."""
+    names = ("dsv4_time_to_first_token_seconds_count", "dsv4_inter_token_latency_seconds_count",
+             "dsv4_generation_tokens_total")
+
+    def read(text):
+        return [metric(text, name, model=MODEL) or 0.0 for name in names]
+
+    before = read(dsv4_server.metrics())
+    rep = infer(dsv4_server.grpc_url, request(PROMPTS[2], sampling=greedy(N)))
+    assert rep.error is None, rep.error
+    tokens = rep.ints("num_output_tokens")
+    assert sum(tokens) == N
+    after = read(wait_for(dsv4_server, lambda t: read(t)[2] >= before[2] + N))
+    want_itl = len(tokens) - 1 + (1 if tokens[0] > 1 else 0)
+    assert [a - b for a, b in zip(after, before)] == [1, want_itl, N]
 
 
 def test_stop_string_finish_reason_and_counts(dsv4_server, direct):

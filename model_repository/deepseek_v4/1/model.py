@@ -98,6 +98,7 @@ _ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 _CANCEL_CHECK_S = 0.2     # is_cancelled() poll period per request (an IPC round trip each)
 _STATS_PERIOD_S = 0.5     # gauge refresh
 _MAX_BATCH = 4096         # queue items handled per dispatcher wake-up
+_GIL_SWITCH_MS = 0.5      # default gil_switch_interval_ms (config.pbtxt explains why)
 
 
 class _BadRequest(Exception):
@@ -110,7 +111,7 @@ def _error_response(msg, code=None):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg, code))
 
 
-def _parse_int(name, value, parser):
+def _parse_number(name, value, parser):
     try:
         return parser(value)
     except (TypeError, ValueError):
@@ -143,8 +144,9 @@ class _Metrics:
         if self.histograms:
             self.ttft = fam("dsv4_time_to_first_token_seconds", "Time to first token (s)",
                             MF.HISTOGRAM).Metric(labels=labels, buckets=_TTFT_BUCKETS)
-            self.itl = fam("dsv4_inter_token_latency_seconds", "Inter-token latency per output token (s)",
-                           MF.HISTOGRAM).Metric(labels=labels, buckets=_ITL_BUCKETS)
+            self.itl = fam("dsv4_inter_token_latency_seconds",
+                           "Inter-token latency (s): one observation per streamed response, the mean gap of its "
+                           "tokens", MF.HISTOGRAM).Metric(labels=labels, buckets=_ITL_BUCKETS)
         else:  # older backends: sums and counts
             self.ttft_sum = fam("dsv4_time_to_first_token_seconds_sum", "Sum of TTFT (s)", MF.COUNTER).Metric(labels=labels)
             self.ttft_count = fam("dsv4_time_to_first_token_seconds_count", "Requests with a first token",
@@ -164,6 +166,7 @@ class _Metrics:
         self.waiting = fam("dsv4_num_requests_waiting", "Requests waiting to be scheduled",
                            MF.GAUGE).Metric(labels=labels)
         self.running = fam("dsv4_num_requests_running", "Requests being decoded", MF.GAUGE).Metric(labels=labels)
+        self._pending_gen = self._pending_prompt = 0
 
     def observe_ttft(self, s):
         if self.histograms:
@@ -172,15 +175,26 @@ class _Metrics:
             self.ttft_sum.increment(s)
             self.ttft_count.increment(1)
 
-    def observe_itl(self, s, n):
-        if n <= 0:
-            return
+    def observe_itl(self, s):
         if self.histograms:
-            for _ in range(n):
-                self.itl.observe(s / n)
+            self.itl.observe(s)
         else:
             self.itl_sum.increment(s)
-            self.itl_count.increment(n)
+            self.itl_count.increment(1)
+
+    def add_tokens(self, generated, prompt=0):
+        self._pending_gen += generated
+        self._pending_prompt += prompt
+
+    def flush(self):
+        """Counters go out once per dispatcher wake-up: every metric call is an IPC round trip to the server (as
+        costly as a response send), so per-token increments would halve the responses the dispatcher can send."""
+        if self._pending_gen:
+            self.gen_tokens.increment(self._pending_gen)
+            self._pending_gen = 0
+        if self._pending_prompt:
+            self.prompt_tokens.increment(self._pending_prompt)
+            self._pending_prompt = 0
 
     def finished(self, outcome):
         m = self.requests.get(outcome)
@@ -230,7 +244,13 @@ class TritonPythonModel:
             if parser is bool:
                 cfg_kwargs[fld] = _parse_bool(key, value)
             else:
-                cfg_kwargs[fld] = _parse_int(key, value, parser) if parser is int else value
+                cfg_kwargs[fld] = _parse_number(key, value, parser) if parser is int else value
+        switch = os.environ.get("DSV4_GIL_SWITCH_INTERVAL_MS") or params.get("gil_switch_interval_ms", "")
+        switch_ms = _parse_number("gil_switch_interval_ms", switch, float) if switch else _GIL_SWITCH_MS
+        if not 0 < switch_ms <= 100:
+            raise pb_utils.TritonModelException(f"model parameter 'gil_switch_interval_ms' must be in (0, 100], "
+                                                f"got {switch_ms}")
+        sys.setswitchinterval(switch_ms / 1000.0)
         cfg_kwargs["checkpoint"] = _resolve(cfg_kwargs.get("checkpoint") or "checkpoints/demo")
         if not Path(cfg_kwargs["checkpoint"]).exists():
             raise pb_utils.TritonModelException(
@@ -427,6 +447,10 @@ class TritonPythonModel:
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
                     self._fail(job, f"internal error: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL, "error")
+            try:
+                self.metrics.flush()
+            except Exception:  # noqa: BLE001 - a metrics failure must not stop the responses
+                traceback.print_exc()
             now = time.monotonic()
             if now - last_sweep >= 0.05:
                 last_sweep = now
@@ -507,19 +531,25 @@ class TritonPythonModel:
         """Send the deltas that arrived for ``job`` since the last wake-up (merged into one response if several)."""
         if job.done:
             return
-        for out, t in outs:  # metrics use the arrival time of each delta
-            n_new = len(out.token_ids or ())
+        # metrics use the engine-side arrival time of each delta; one ITL observation per response (see flush)
+        n_new = 0
+        first_t = last_t = None
+        for out, t in outs:
             job.n_prompt = out.num_prompt_tokens
-            if not n_new:
-                continue
+            if out.token_ids:
+                n_new += len(out.token_ids)
+                first_t = t if first_t is None else first_t
+                last_t = t
+        if n_new:
             if job.last_tok_t is None:
-                self.metrics.observe_ttft(t - job.t0)
-                self.metrics.prompt_tokens.increment(job.n_prompt)
-                self.metrics.observe_itl(0.0, n_new - 1)
+                self.metrics.observe_ttft(first_t - job.t0)
+                self.metrics.add_tokens(0, job.n_prompt)
+                if n_new > 1:
+                    self.metrics.observe_itl((last_t - first_t) / (n_new - 1))
             else:
-                self.metrics.observe_itl(t - job.last_tok_t, n_new)
-            job.last_tok_t = t
-            self.metrics.gen_tokens.increment(n_new)
+                self.metrics.observe_itl((last_t - job.last_tok_t) / n_new)
+            job.last_tok_t = last_t
+            self.metrics.add_tokens(n_new)
         last = outs[-1][0]
         for out, _ in outs:
             if out.error or out.finish_reason == "error":
