@@ -54,7 +54,8 @@ def run_reference(checkpoint: str, prompts: list[str], threads: int) -> list[str
     return outs
 
 
-def run_engine(checkpoint: str, prompts: list[str], backend: str, device: str, threads: int) -> list[str]:
+def run_engine(checkpoint: str, prompts: list[str], backend: str, device: str, threads: int,
+               kv_cache_dtype: str = "auto") -> list[str]:
     import torch
 
     from dsv4.config import EngineConfig
@@ -63,7 +64,8 @@ def run_engine(checkpoint: str, prompts: list[str], backend: str, device: str, t
 
     torch.set_num_threads(threads)
     engine = Engine(EngineConfig(checkpoint=checkpoint, device=device, ops_backend=backend, max_num_seqs=16,
-                                 max_model_len=1024, max_num_batched_tokens=2048, num_kv_blocks=16 * 8 + 8))
+                                 max_model_len=1024, max_num_batched_tokens=2048, num_kv_blocks=16 * 8 + 8,
+                                 kv_cache_dtype=kv_cache_dtype))
     try:
         params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
         streams = [engine.add_request(f"demo-{i}", prompt=p, params=params) for i, p in enumerate(prompts)]
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, nargs=2, default=list(demo_tasks.EVAL_PAIRS), metavar=("MIN", "MAX"),
                     help="key-value pairs per recall prompt (default %(default)s, what the acceptance uses)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8_e4m3"), help="engine backends")
     ap.add_argument("--concurrency", type=int, default=8, help="parallel requests to the server")
     ap.add_argument("--examples", type=int, default=4)
     ap.add_argument("--json", default=None, help="write every prompt / answer / output here")
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = args.device or ("cpu" if args.backend == "torch" else "cuda")
         where = f"engine ops={args.backend} device={device} on {args.checkpoint}"
-        outputs = run_engine(args.checkpoint, prompts, args.backend, device, args.threads)
+        outputs = run_engine(args.checkpoint, prompts, args.backend, device, args.threads, args.kv_cache_dtype)
     dt = time.monotonic() - t0
     res = evaluate(outputs, instances)
     print(f"{where}: {res['n']} instances (seed {args.seed}, {args.pairs[0]}-{args.pairs[1]} pairs) in {dt:.0f}s")

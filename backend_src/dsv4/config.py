@@ -311,6 +311,12 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False              # True: no CUDA graphs (every step launched op by op)
     cuda_graph_max_batch: int | None = None  # largest decode batch captured; None: max_num_seqs
+    kv_cache_dtype: str = "auto"             # auto: the model dtype | fp8_e4m3 (alias fp8): FP8 rows, see
+                                             # dsv4.ops.fp8_rows (torch ops only so far; no CUDA graphs with it)
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -332,6 +338,8 @@ class EngineConfig:
                                                    and self.cuda_graph_max_batch > 0),
              "cuda_graph_max_batch", f"must be a positive integer or None, got {self.cuda_graph_max_batch!r}")
         need(self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be positive")
+        need(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), "kv_cache_dtype",
+             f"must be auto, fp8_e4m3 or fp8, got {self.kv_cache_dtype!r}")
 
 
 def ceil_div(a: int, b: int) -> int:

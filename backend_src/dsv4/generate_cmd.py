@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (launch every op of every step)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3", "fp8"],
+                   help="engine KV cache: the model dtype, or FP8 rows (the reference backend then models them too)")
     p.add_argument("--json", action="store_true", help="print prompt ids, generated ids and text as JSON")
     p.set_defaults(func=run)
 
@@ -54,7 +56,7 @@ def _reference(args: argparse.Namespace) -> dict:
     tok = Tokenizer.from_file(str(ckpt.tokenizer_path))
     cfg = ckpt.config
     ids = ([cfg.bos_token_id] if cfg.bos_token_id is not None else []) + tok.encode(args.prompt, add_special_tokens=False).ids
-    model = ReferenceModel(cfg, ckpt.dequantized(torch.float32))
+    model = ReferenceModel(cfg, ckpt.dequantized(torch.float32), kv_cache_dtype=args.kv_cache_dtype)
     out = model.generate_greedy(ids, args.max_tokens, None if args.ignore_eos else cfg.eos_token_id)
     finish = "stop" if out and out[-1] == cfg.eos_token_id and not args.ignore_eos else "length"
     if finish == "stop":
@@ -70,7 +72,7 @@ def _engine(args: argparse.Namespace) -> dict:
     from dsv4.engine.params import SamplingParams
 
     engine = Engine(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
-                                 enforce_eager=args.enforce_eager))
+                                 enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype))
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.config import ModelConfig, RopeConfig
+from dsv4.ops.fp8_rows import Fp8Rows
 
 Tensor = torch.Tensor
 
@@ -104,9 +105,20 @@ class ReferenceOutput:
 class ReferenceModel:
     """DeepSeek-V4, FP32, one sequence at a time. `weights` maps checkpoint names to dequantised tensors."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, Tensor]):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, Tensor], kv_cache_dtype: str = "auto"):
+        """`kv_cache_dtype` "fp8_e4m3" (or "fp8"): attention sees every cached vector (window KV, compressed entries,
+        indexer keys) as an FP8 cache row gives it back (dsv4.ops.fp8_rows), as an engine with that cache does."""
         self.cfg = cfg
         self.w = {k: (v if not v.is_floating_point() else v.float()) for k, v in weights.items()}
+        if kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+            raise ValueError(f"kv_cache_dtype must be auto, fp8_e4m3 or fp8, got {kv_cache_dtype!r}")
+        self.fp8_cache = kv_cache_dtype != "auto"
+
+    def cached(self, x: Tensor) -> Tensor:
+        """x [..., d] as the KV cache would return it."""
+        if not self.fp8_cache:
+            return x
+        return Fp8Rows(x.shape[-1], self.cfg.rope_head_dim).round_trip(x)
 
     # --- attention -------------------------------------------------------------------------------------------
     def compress(self, x: Tensor, p: str, ratio: int, d: int, rope_cfg: RopeConfig) -> Tensor:
@@ -129,7 +141,7 @@ class ReferenceModel:
         pooled = (kv * gate.softmax(dim=1)).sum(dim=1)
         pooled = rms_norm(pooled, w[f"{p}.norm.weight"], cfg.norm_eps)
         positions = torch.arange(n) * ratio
-        return rope_tail(pooled, positions, rope_cfg, cfg.rope_head_dim)
+        return self.cached(rope_tail(pooled, positions, rope_cfg, cfg.rope_head_dim))
 
     def index_topk(self, x: Tensor, q_latent: Tensor, p: str, rope_cfg: RopeConfig) -> Tensor:
         """CSA indexer: for every query t, a boolean mask over compressed entries of the top-k by index score."""
@@ -165,7 +177,7 @@ class ReferenceModel:
         q = (q_latent @ w[f"{p}.wq_b.weight"].T).view(S, H, hd)
         q = rope_tail(rms_norm(q, None, cfg.norm_eps), pos, rope_cfg, rd)
         kv = rms_norm(x @ w[f"{p}.wkv.weight"].T, w[f"{p}.kv_norm.weight"], cfg.norm_eps)
-        kv = rope_tail(kv, pos, rope_cfg, rd)  # one head, keys and values alike
+        kv = self.cached(rope_tail(kv, pos, rope_cfg, rd))  # one head, keys and values alike
 
         # Which keys each query sees: the raw KV of the last `window_size` positions (itself included) ...
         keys = kv

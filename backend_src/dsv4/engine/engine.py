@@ -62,13 +62,15 @@ class Engine:
         self.model = DeepseekV4Model(cfg, ckpt.tensors, self.ops, self.device, self.dtype)
         del ckpt
         num_blocks = config.num_kv_blocks or KVCache.blocks_for_budget(
-            cfg, config.block_size, self.dtype, config.kv_cache_memory_bytes, config.max_num_seqs)
+            cfg, config.block_size, self.dtype, config.kv_cache_memory_bytes, config.max_num_seqs,
+            config.fp8_kv_cache)
         need = ceil_div(config.max_model_len, config.block_size)
         if num_blocks < need:
             raise ConfigError(f"the KV cache has {num_blocks} blocks of {config.block_size} tokens but one request "
                               f"of max_model_len={config.max_model_len} needs {need}: raise num_kv_blocks / "
                               "kv_cache_memory_bytes or lower max_model_len")
-        self.cache = KVCache(cfg, num_blocks, config.block_size, config.max_num_seqs, self.device, self.dtype)
+        self.cache = KVCache(cfg, num_blocks, config.block_size, config.max_num_seqs, self.device, self.dtype,
+                             fp8=config.fp8_kv_cache)
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.ops.reserve_positions(config.max_model_len)
         self.runner = ModelRunner(self.model, self.cache, self.device, config.max_model_len,
@@ -91,6 +93,10 @@ class Engine:
             return None
         if not self.ops.supports_cuda_graphs:
             log.warning("ops backend %r cannot be captured in CUDA graphs: decode runs eagerly", self.ops.name)
+            return None
+        if self.cache.fp8:
+            log.warning("the FP8 KV cache is read and written by torch ops (no GPU kernels for it yet), which need "
+                        "host-side tables: decode runs eagerly")
             return None
         sizes = bucket_sizes(min(config.cuda_graph_max_batch or config.max_num_seqs, config.max_num_seqs))
         graphs = DecodeGraphs(self.model, self.cache.layers, self.device, sizes, config.max_model_len,

@@ -7,6 +7,9 @@ Two pools of equal block count, each block covering `block_size` token positions
 - compressed pool: per compressed layer, the entries of the windows inside the block's positions
   ([blocks, block_size // ratio, head_dim]), and for CSA layers the indexer keys ([blocks, block_size // 4,
   index_head_dim]).
+With `fp8=True` every cached vector is an FP8 row (dsv4.ops.fp8_rows: e4m3 non-RoPE channels with power-of-two
+scales per 64, BF16 RoPE channels; 584 bytes for head_dim 512 instead of 1024 in BF16) in uint8 pools; the ops
+quantize on write and dequantize on read (LayerCache.kv_rows / index_rows say how).
 The compressor carry (rows of the incomplete window, and for ratio 4 the previous window) is per running sequence,
 not per block: it lives in `max_num_seqs` state slots, like recurrent state in vLLM, and is rebuilt by recompute
 after a preemption.
@@ -24,6 +27,7 @@ from dsv4.config import ModelConfig, ceil_div
 from dsv4.engine.block_manager import BlockManager
 from dsv4.errors import OutOfBlocksError
 from dsv4.ops.base import LayerCache
+from dsv4.ops.fp8_rows import Fp8Rows
 
 
 @dataclass(frozen=True)
@@ -35,19 +39,23 @@ class CacheShape:
     state_slot_bytes: int
 
     @classmethod
-    def of(cls, cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> "CacheShape":
+    def of(cls, cfg: ModelConfig, block_size: int, dtype: torch.dtype, fp8: bool = False) -> "CacheShape":
         es = torch.empty((), dtype=dtype).element_size()
-        window = cfg.n_layers * block_size * cfg.head_dim * es
+
+        def row(d: int) -> int:
+            return Fp8Rows(d, cfg.rope_head_dim).row_bytes if fp8 else d * es
+
+        window = cfg.n_layers * block_size * row(cfg.head_dim)
         comp = state = 0
         for i in range(cfg.n_layers):
             r = cfg.compress_ratio(i)
             if not r:
                 continue
-            comp += block_size // r * cfg.head_dim * es
+            comp += block_size // r * row(cfg.head_dim)
             coff = 2 if r == 4 else 1
             state += 2 * coff * r * coff * cfg.head_dim * 4
             if r == 4:
-                comp += block_size // 4 * cfg.index_head_dim * es
+                comp += block_size // 4 * row(cfg.index_head_dim)
                 state += 2 * 2 * 4 * 2 * cfg.index_head_dim * 4
         return cls(window, comp, state)
 
@@ -58,7 +66,7 @@ class CacheShape:
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, max_seqs: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, fp8: bool = False):
         if block_size % 128:
             raise ValueError(f"block_size must be a multiple of 128 (the largest compress ratio), got {block_size}")
         self.cfg, self.block_size, self.num_blocks = cfg, block_size, num_blocks
@@ -67,27 +75,37 @@ class KVCache:
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self._slot_of: dict[Hashable, int] = {}
         hd, L = cfg.head_dim, cfg.n_layers
-        self.window_kv = torch.zeros((L, num_blocks, block_size, hd), dtype=dtype, device=device)
+        self.fp8 = fp8
+        kv_rows = Fp8Rows(hd, cfg.rope_head_dim) if fp8 else None
+        index_rows = Fp8Rows(cfg.index_head_dim, cfg.rope_head_dim) if fp8 else None
+
+        def pool(*shape: int, rows: Fp8Rows | None) -> torch.Tensor:
+            if rows is None:
+                return torch.zeros(shape, dtype=dtype, device=device)
+            return torch.zeros((*shape[:-1], rows.row_bytes), dtype=torch.uint8, device=device)
+
+        self.window_kv = pool(L, num_blocks, block_size, hd, rows=kv_rows)
         self.layers: list[LayerCache] = []
         for i in range(L):
-            lc = LayerCache(swa_kv=self.window_kv[i], block_size=block_size)
+            lc = LayerCache(swa_kv=self.window_kv[i], block_size=block_size, kv_rows=kv_rows)
             r = cfg.compress_ratio(i)
             if r:
                 coff = 2 if r == 4 else 1
-                lc.comp_kv = torch.zeros((num_blocks, block_size // r, hd), dtype=dtype, device=device)
+                lc.comp_kv = pool(num_blocks, block_size // r, hd, rows=kv_rows)
                 lc.comp_carry_kv = torch.zeros((max_seqs, coff * r, coff * hd), dtype=torch.float32, device=device)
                 lc.comp_carry_score = torch.full_like(lc.comp_carry_kv, -math.inf)
             if r == 4:
                 ihd = cfg.index_head_dim
-                lc.index_k = torch.zeros((num_blocks, block_size // 4, ihd), dtype=dtype, device=device)
+                lc.index_k = pool(num_blocks, block_size // 4, ihd, rows=index_rows)
+                lc.index_rows = index_rows
                 lc.index_carry_kv = torch.zeros((max_seqs, 8, 2 * ihd), dtype=torch.float32, device=device)
                 lc.index_carry_score = torch.full_like(lc.index_carry_kv, -math.inf)
             self.layers.append(lc)
 
     @classmethod
     def blocks_for_budget(cls, cfg: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int,
-                          max_seqs: int) -> int:
-        shape = CacheShape.of(cfg, block_size, dtype)
+                          max_seqs: int, fp8: bool = False) -> int:
+        shape = CacheShape.of(cfg, block_size, dtype, fp8)
         n = (budget_bytes - max_seqs * shape.state_slot_bytes) // shape.block_bytes
         if n < 2:
             raise ValueError(f"a KV-cache budget of {budget_bytes} bytes holds fewer than 2 blocks of "

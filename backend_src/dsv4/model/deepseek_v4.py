@@ -130,7 +130,8 @@ class DeepseekV4Model:
             nh, ihd = cfg.index_n_heads, cfg.index_head_dim
             iq = ops.rope_tail(ops.linear(q_latent, L.idx_wq_b).view(T, nh, ihd), pos, rope, rd)
             head_w = ops.linear(x, L.idx_weights_proj).float() * (ihd ** -0.5 * nh ** -0.5)
-            topk = ops.indexer_topk(iq, head_w, cache.index_k, cache.block_size, cfg.index_topk, batch)
+            topk = ops.indexer_topk(iq, head_w, cache.index_k, cache.block_size, cfg.index_topk, batch,
+                                    key_rows=cache.index_rows)
 
         o = ops.sparse_attention(q, cache, ratio, cfg.window_size, topk, L.sink, hd ** -0.5, batch)
         o = ops.rope_tail(o, pos, rope, rd, inverse=True)

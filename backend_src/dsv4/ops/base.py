@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dsv4.config import RopeConfig
+from dsv4.ops.fp8_rows import Fp8Rows
 
 Tensor = torch.Tensor
 
@@ -67,6 +68,8 @@ class LayerCache:
     index_k: Tensor | None = None          # [num_comp_blocks, block_size // 4, index_head_dim]
     index_carry_kv: Tensor | None = None
     index_carry_score: Tensor | None = None
+    kv_rows: Fp8Rows | None = None         # set: swa_kv and comp_kv hold FP8 rows (uint8 [..., row_bytes])
+    index_rows: Fp8Rows | None = None      # set: index_k holds FP8 rows
 
 
 class Ops(ABC):
@@ -131,12 +134,14 @@ class Ops(ABC):
                            ratio: int, rope: RopeConfig, rope_dim: int, carry_kv: Tensor, carry_score: Tensor,
                            out: Tensor, block_size: int, batch: ForwardBatch) -> None:
         """Pool closed windows of `ratio` tokens (projections kv/score [T, coff*d]) into entries of `out`, carrying
-        incomplete windows (and, for the overlapping ratio 4, the previous window) in the per-sequence state."""
+        incomplete windows (and, for the overlapping ratio 4, the previous window) in the per-sequence state. A
+        uint8 `out` holds FP8 rows (Fp8Rows(d, rope_dim))."""
 
     @abstractmethod
     def indexer_topk(self, q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
-                     batch: ForwardBatch) -> Tensor:
-        """-> [T, topk] compressed-entry numbers each query attends (-1 = none), ratio 4."""
+                     batch: ForwardBatch, key_rows: Fp8Rows | None = None) -> Tensor:
+        """-> [T, topk] compressed-entry numbers each query attends (-1 = none), ratio 4. `key_rows`: index_k holds
+        FP8 rows of that format."""
 
     @abstractmethod
     def sparse_attention(self, q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,

@@ -437,7 +437,7 @@ class CuteAttentionMixin:
         return super().sparse_attention(q, cache, ratio, window, topk_entries, sink, scale, batch)
 
     def indexer_topk(self, q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
-                     batch: ForwardBatch) -> Tensor:
-        if indexer_supported(q, index_k):
+                     batch: ForwardBatch, key_rows: Any = None) -> Tensor:
+        if key_rows is None and indexer_supported(q, index_k):
             return indexer_topk(q, head_weights, index_k, block_size, topk, batch)
-        return super().indexer_topk(q, head_weights, index_k, block_size, topk, batch)
+        return super().indexer_topk(q, head_weights, index_k, block_size, topk, batch, key_rows)

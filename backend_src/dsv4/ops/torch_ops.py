@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch, LayerCache, Ops
+from dsv4.ops.fp8_rows import Fp8Rows
 
 Tensor = torch.Tensor
 
@@ -32,6 +33,13 @@ def _rope_freqs(rope: RopeConfig, rope_dim: int) -> Tensor:
         smooth = 1 - ((torch.arange(rope_dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
         freqs = freqs / rope.factor * (1 - smooth) + freqs * smooth
     return freqs
+
+
+def _cache_rows(entries: Tensor, pool: Tensor, rope_dim: int) -> Tensor:
+    """`entries` [..., d] as `pool` stores them: its dtype, or FP8 rows for a uint8 pool."""
+    if pool.dtype == torch.uint8:
+        return Fp8Rows(entries.shape[-1], rope_dim).quantize(entries)
+    return entries.to(pool.dtype)
 
 
 def dense(t: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -179,7 +187,8 @@ class TorchOps(Ops):
 
     # --- cache and attention ---------------------------------------------------------------------------------
     def store_window_kv(self, kv: Tensor, cache: LayerCache, batch: ForwardBatch) -> None:
-        cache.swa_kv.view(-1, cache.swa_kv.shape[-1])[batch.swa_slot_mapping] = kv.to(cache.swa_kv.dtype)
+        rows = kv.to(cache.swa_kv.dtype) if cache.kv_rows is None else cache.kv_rows.quantize(kv)
+        cache.swa_kv.view(-1, cache.swa_kv.shape[-1])[batch.swa_slot_mapping] = rows
 
     def compress_and_store(self, kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
                            ratio: int, rope: RopeConfig, rope_dim: int, carry_kv: Tensor, carry_score: Tensor,
@@ -188,7 +197,7 @@ class TorchOps(Ops):
             return self._compress_decode(kv, score, ape, norm_weight, norm_eps, ratio, rope, rope_dim, carry_kv,
                                          carry_score, out, block_size, batch)
         overlap = ratio == 4
-        d = out.shape[-1]
+        d = carry_kv.shape[-1] // (2 if overlap else 1)
         kv, score = kv.float(), score.float()
         for b in range(batch.num_seqs):
             s0, s1 = batch.query_start[b], batch.query_start[b + 1]
@@ -220,7 +229,7 @@ class TorchOps(Ops):
                 entries = self.rope_tail(entries, w_idx * ratio, rope, rope_dim)
                 table = torch.as_tensor(batch.comp_block_tables[b], device=kv.device)
                 blk = table[(w_idx * ratio) // block_size]
-                out[blk, (w_idx * ratio % block_size) // ratio] = entries.to(out.dtype)
+                out[blk, (w_idx * ratio % block_size) // ratio] = _cache_rows(entries, out, rope_dim)
                 if overlap:
                     carry_kv[slot, :ratio] = wk[-1]
                     carry_score[slot, :ratio] = ws[-1]
@@ -239,7 +248,7 @@ class TorchOps(Ops):
         step that closes the window overwrites. Branch-free, so one CUDA graph serves every step."""
         t = batch.decode
         overlap = ratio == 4
-        d = out.shape[-1]
+        d = carry_kv.shape[-1] // (2 if overlap else 1)
         cur0 = ratio if overlap else 0
         pos = batch.positions
         j = pos % ratio                                               # row of the new token in its window
@@ -268,7 +277,7 @@ class TorchOps(Ops):
         start = pos - j                                               # first position of the window
         entries = self.rope_tail(entries, start, rope, rope_dim)
         blk = t.comp_block_tables.gather(1, (start // block_size)[:, None]).squeeze(1).long()
-        out[blk, (start % block_size) // ratio] = entries.to(out.dtype)
+        out[blk, (start % block_size) // ratio] = _cache_rows(entries, out, rope_dim)
         if overlap:   # a closing window becomes the previous one
             closing = (j == ratio - 1)[:, None, None]
             ck = torch.cat([torch.where(closing, cur_k, ck[:, :ratio]), cur_k], dim=1)
@@ -276,15 +285,17 @@ class TorchOps(Ops):
         carry_kv[slots] = ck
         carry_score[slots] = cs
 
-    def _gather_entries(self, pool: Tensor, table: list[int], count: int, ratio: int, block_size: int) -> Tensor:
-        """The first `count` compressed entries of one sequence, in order: [count, d]."""
+    def _gather_entries(self, pool: Tensor, table: list[int], count: int, ratio: int, block_size: int,
+                        rows: Fp8Rows | None = None) -> Tensor:
+        """The first `count` compressed entries of one sequence, in order: [count, d] (fp32 from FP8 rows)."""
         per_block = block_size // ratio
         nblk = -(-count // per_block)
         blocks = torch.as_tensor(table[:nblk], device=pool.device, dtype=torch.long)
-        return pool[blocks].reshape(-1, pool.shape[-1])[:count]
+        got = pool[blocks].reshape(-1, pool.shape[-1])[:count]
+        return got if rows is None else rows.dequantize(got)
 
     def indexer_topk(self, q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
-                     batch: ForwardBatch) -> Tensor:
+                     batch: ForwardBatch, key_rows: Fp8Rows | None = None) -> Tensor:
         T = q.shape[0]
         result = torch.full((T, topk), -1, dtype=torch.long, device=q.device)
         for b in range(batch.num_seqs):
@@ -293,7 +304,7 @@ class TorchOps(Ops):
             total = int(n_vis.max()) if s1 > s0 else 0
             if total == 0:
                 continue
-            keys = self._gather_entries(index_k, batch.comp_block_tables[b], total, 4, block_size).float()
+            keys = self._gather_entries(index_k, batch.comp_block_tables[b], total, 4, block_size, key_rows).float()
             score = torch.einsum("thd,nd->thn", q[s0:s1].float(), keys).relu()
             score = (score * head_weights[s0:s1, :, None].float()).sum(1)
             visible = torch.arange(total, device=q.device)[None, :] < n_vis[:, None]
@@ -309,7 +320,8 @@ class TorchOps(Ops):
         T, H, d = q.shape
         out = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
         bs = cache.block_size
-        swa = cache.swa_kv.view(-1, d)
+        rows = cache.kv_rows
+        swa = cache.swa_kv.view(-1, cache.swa_kv.shape[-1])
         for b in range(batch.num_seqs):
             s0, s1 = batch.query_start[b], batch.query_start[b + 1]
             if s1 == s0:
@@ -320,7 +332,8 @@ class TorchOps(Ops):
             hi = int(pos.max()) + 1
             kpos = torch.arange(lo, hi, device=q.device)
             table = torch.as_tensor(batch.swa_block_tables[b], device=q.device, dtype=torch.long)
-            kwin = swa[table[kpos // bs] * bs + kpos % bs].float()                     # [Lw, d]
+            kwin = swa[table[kpos // bs] * bs + kpos % bs]
+            kwin = kwin.float() if rows is None else rows.dequantize(kwin)             # [Lw, d]
             logits = torch.einsum("thd,kd->thk", qb, kwin) * scale
             vis = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - window)
             logits = logits.masked_fill(~vis[:, None, :], -math.inf)
@@ -328,7 +341,8 @@ class TorchOps(Ops):
             if ratio and ratio != 4:
                 total = (hi) // ratio
                 if total > 0:
-                    kc = self._gather_entries(cache.comp_kv, batch.comp_block_tables[b], total, ratio, bs).float()
+                    kc = self._gather_entries(cache.comp_kv, batch.comp_block_tables[b], total, ratio, bs,
+                                              rows).float()
                     lc = torch.einsum("thd,kd->thk", qb, kc) * scale
                     cvis = torch.arange(total, device=q.device)[None, :] < ((pos + 1) // ratio)[:, None]
                     parts_l.append(lc.masked_fill(~cvis[:, None, :], -math.inf))
@@ -338,7 +352,7 @@ class TorchOps(Ops):
                 idx = topk_entries[s0:s1]                                                # [n, k]
                 total = int(idx.max()) + 1 if idx.numel() and int(idx.max()) >= 0 else 0
                 if total > 0:
-                    kc = self._gather_entries(cache.comp_kv, batch.comp_block_tables[b], total, 4, bs).float()
+                    kc = self._gather_entries(cache.comp_kv, batch.comp_block_tables[b], total, 4, bs, rows).float()
                     per_token = kc[idx.clamp(min=0)]                                     # [n, k, d]
                     lc = torch.einsum("thd,tkd->thk", qb, per_token) * scale
                     parts_l.append(lc.masked_fill((idx < 0)[:, None, :], -math.inf))

@@ -92,6 +92,7 @@ _ENGINE_PARAMS = {
     "max_num_batched_tokens": ("max_num_batched_tokens", "DSV4_MAX_NUM_BATCHED_TOKENS", int),
     "enforce_eager": ("enforce_eager", "DSV4_ENFORCE_EAGER", bool),
     "cuda_graph_max_batch": ("cuda_graph_max_batch", "DSV4_CUDA_GRAPH_MAX_BATCH", int),
+    "kv_cache_dtype": ("kv_cache_dtype", "DSV4_KV_CACHE_DTYPE", str),
 }
 _TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 _ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
