@@ -68,7 +68,7 @@ class RequestStream:
             yield out
 
 
-@dataclass
+@dataclass(eq=False)   # identity: the scheduler's `seq in running` must not compare every field of every entry
 class Sequence:
     request_id: str
     prompt_ids: list[int]
