@@ -153,7 +153,8 @@ def direct_engine(args, sampling: dict) -> tuple[dict, list[dict]]:
     from dsv4.engine.params import SamplingParams
 
     eng = Engine(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
-                              max_num_seqs=max(args.concurrency), max_model_len=args.max_model_len))
+                              max_num_seqs=max(args.concurrency), max_model_len=args.max_model_len,
+                              async_scheduling=not args.sync_scheduling))
     try:
         greedy = eng.generate(prompt=PROMPT, params=SamplingParams(**sampling))
         rows = []
@@ -249,6 +250,8 @@ def main() -> int:
     ap.add_argument("--pa-interval-ms", type=int, default=30000,
                     help="perf_analyzer measurement window: it must hold several whole requests")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--sync-scheduling", action="store_true",
+                    help="engine and server without async scheduling (read every step's tokens before the next)")
     ap.add_argument("--skip-perf-analyzer", action="store_true")
     ap.add_argument("--local-triton", action="store_true", help="use .triton/ (make setup) instead of the gpu-bundle")
     args = ap.parse_args()
@@ -273,7 +276,8 @@ def main() -> int:
     from triton_local import start_server
     root = None if args.local_triton else bundle_layout(out / "triton_layout")
     env = {"DSV4_DEVICE": args.device, "DSV4_MAX_NUM_SEQS": str(max(args.concurrency)),
-           "DSV4_MAX_MODEL_LEN": str(args.max_model_len)}
+           "DSV4_MAX_MODEL_LEN": str(args.max_model_len),
+           "DSV4_ASYNC_SCHEDULING": "false" if args.sync_scheduling else "true"}
     server = start_server(REPO / "model_repository", checkpoint=args.checkpoint, ops_backend=args.backend, env=env,
                           triton_root=root, log_path=out / "tritonserver.log", startup_timeout=600)
     try:

@@ -311,6 +311,7 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False              # True: no CUDA graphs (every step launched op by op)
     cuda_graph_max_batch: int | None = None  # largest decode batch captured; None: max_num_seqs
+    async_scheduling: bool = True            # decode steps launch before the host reads the previous step's tokens
     kv_cache_dtype: str = "auto"             # auto: the model dtype | fp8_e4m3 (alias fp8): FP8 rows, see
                                              # dsv4.ops.fp8_rows (torch ops only so far; no CUDA graphs with it)
 

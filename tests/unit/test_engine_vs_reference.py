@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from tokenizers import Tokenizer
+
 from dsv4.checkpoint.loader import load_checkpoint
 from dsv4.config import EngineConfig
 from dsv4.engine.engine import Engine
@@ -150,11 +152,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_che
         real = engine.runner.execute
         calls = {"n": 0}
 
-        def boom(step):
+        def boom(step, pending=None):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("injected failure")
-            return real(step)
+            return real(step, pending)
 
         monkeypatch.setattr(engine.runner, "execute", boom)
         out = engine.generate(prompt_token_ids=prompts[2], params=greedy(4))
@@ -234,3 +236,68 @@ def test_on_output_callback_receives_the_same_deltas(tiny_checkpoint, prompts, e
         assert engine.stats().kv_blocks_in_use == 0
     finally:
         engine.shutdown()
+
+
+def test_decode_runs_one_step_ahead_of_the_host(tiny_checkpoint, prompts, expected):
+    """Async scheduling: once every request decodes, each step is launched before the host reads the tokens of the
+    step before it (they go from the device into the next step's input), and the tokens are still the oracle's."""
+    engine = make_engine(tiny_checkpoint)
+    try:
+        assert run_concurrently(engine, prompts, greedy()) == expected
+        st = engine.stats()
+        assert st.overlapped_steps > st.steps // 2, st
+        wait_until_idle(engine)
+        assert engine.stats().kv_blocks_in_use == 0
+    finally:
+        engine.shutdown()
+
+
+def _outputs(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[tuple]:
+    streams = [engine.add_request(f"q{i}", prompt_token_ids=p, params=sp) for i, (p, sp) in enumerate(requests)]
+    result = []
+    for s in streams:
+        outs = list(s)
+        result.append((tuple(i for o in outs for i in o.token_ids), "".join(o.text for o in outs),
+                       tuple(x for o in outs for x in (o.logprobs or ())), outs[-1].finish_reason,
+                       outs[-1].num_output_tokens, tuple(o.num_output_tokens for o in outs)))
+    return result
+
+
+def test_async_scheduling_changes_no_output(tiny_checkpoint, prompts, expected):
+    """Sampling with seeds, min_tokens suppression, stop ids and stop strings decided a step late on the host: the
+    streams (ids, text, logprobs, counts, finish reasons) equal those of an engine that reads every step first."""
+    stop_id = expected[1][6]
+    first_stop = expected[1].index(stop_id) + 1
+    assert first_stop > 1
+    tok = Tokenizer.from_file(str(load_checkpoint(tiny_checkpoint, progress=False).tokenizer_path))
+    text = tok.decode(expected[3])
+    stop_text = next(text[i:i + 2] for i in range(len(text) // 3, len(text) - 1) if text[i:i + 2].strip())
+    requests = [
+        (prompts[0], SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=40, logprobs=1)),
+        # min_tokens lets the stop id through exactly at its first greedy occurrence: a suppression decided with a
+        # stale token count (one step behind) would block it there
+        (prompts[1], SamplingParams(temperature=0.0, max_tokens=40, min_tokens=first_stop - 1,
+                                    stop_token_ids=[stop_id])),
+        (prompts[1], SamplingParams(temperature=0.0, max_tokens=40, stop_token_ids=[stop_id])),
+        (prompts[2], SamplingParams(temperature=1.0, seed=3, max_tokens=33)),
+        (prompts[3], SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, stop=[stop_text])),
+    ]
+    results = {}
+    for mode in (True, False):
+        engine = make_engine(tiny_checkpoint, async_scheduling=mode)
+        try:
+            results[mode] = _outputs(engine, requests)
+            wait_until_idle(engine)
+            assert engine.stats().kv_blocks_in_use == 0
+            assert (engine.stats().overlapped_steps > 0) == mode
+        finally:
+            engine.shutdown()
+    # logprobs to float noise: a sequence that stopped is computed once more in the step already launched, so
+    # batch compositions (and so BLAS blockings) differ between the two engines
+    for a, b in zip(results[True], results[False]):
+        assert a[:2] == b[:2] and a[3:] == b[3:]
+        assert torch.allclose(torch.tensor(a[2]), torch.tensor(b[2]), rtol=1e-5, atol=1e-5)
+    assert results[False][2][3:5] == ("stop", first_stop)
+    assert results[False][1][3:5] == ("stop", first_stop)
+    assert results[False][4][3] == "stop" and stop_text not in results[False][4][1]
+    assert all(-1 not in r[0] for r in results[True])

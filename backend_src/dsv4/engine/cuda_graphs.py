@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4.engine.decode_inputs import DecodeInputs, decode_batch
+from dsv4.engine.decode_inputs import TOKEN, DecodeInputs, PendingTokens, decode_batch, to_device
 from dsv4.errors import ConfigError
 from dsv4.model.deepseek_v4 import DeepseekV4Model
 from dsv4.ops.base import LayerCache
@@ -108,11 +108,18 @@ class DecodeGraphs:
         log.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self._graphs), self.sizes,
                  self.capture_seconds)
 
-    def run(self, inputs: DecodeInputs) -> torch.Tensor:
+    def run(self, inputs: DecodeInputs, pending: PendingTokens | None = None) -> torch.Tensor:
         """Replay the graph of inputs' padded size -> fp32 logits [inputs.num_seqs, vocab] (a view into the
-        graph's static output: consume it before the next replay)."""
+        graph's static output: consume it before the next replay). No host sync: the inputs go up from pinned
+        memory, and `pending` tokens are copied on the device."""
         g = self._graphs[inputs.i64.shape[1]]
-        g.i64.copy_(torch.from_numpy(inputs.i64))
-        g.i32.copy_(torch.from_numpy(inputs.i32))
+        g.i64.copy_(to_device(torch.from_numpy(inputs.i64), self.device))
+        g.i32.copy_(to_device(torch.from_numpy(inputs.i32), self.device))
+        if pending is not None:
+            tok = g.i64[TOKEN]
+            pending.apply(tok)
+            n, padded = inputs.num_seqs, tok.shape[0]
+            if padded > n:   # padding rows repeat row 0, its token included (they write what row 0 writes)
+                tok[n:].copy_(tok[:1].expand(padded - n))
         g.graph.replay()
         return g.logits[:inputs.num_seqs]

@@ -55,6 +55,29 @@ class DecodeInputs:
         return cls(np.zeros((4, padded), dtype=np.int64), np.zeros((2, padded, width), dtype=np.int32), padded)
 
 
+@dataclass
+class PendingTokens:
+    """Input tokens of a decode step that are still on the device: row `rows[i]` of the step takes `tokens[src[i]]`
+    (sampled by the previous step, whose results the host has not read yet)."""
+
+    rows: list[int]
+    src: list[int]
+    tokens: torch.Tensor
+
+    def apply(self, token_row: torch.Tensor) -> None:
+        """Write them into the step's device token ids (stream-ordered after the sampling that produced them)."""
+        idx = to_device(torch.tensor([self.rows, self.src], dtype=torch.long), token_row.device)
+        token_row.index_copy_(0, idx[0], self.tokens.index_select(0, idx[1]))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without waiting for the GPU: a copy from pageable memory would block the host until the
+    stream's earlier work (the step still running) is done, which is what running a step ahead must avoid."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def decode_batch(i64: torch.Tensor, i32: torch.Tensor, max_position: int, logits_indices: torch.Tensor,
                  host: DecodeInputs | None = None) -> ForwardBatch:
     """A ForwardBatch over device copies of DecodeInputs. `host` (the eager path) also fills the host lists the

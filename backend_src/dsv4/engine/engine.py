@@ -22,17 +22,28 @@ from dsv4.config import EngineConfig, ceil_div
 from dsv4.engine.detokenizer import IncrementalDetokenizer
 from dsv4.engine.kv_cache import KVCache
 from dsv4.engine.params import SamplingParams, check_fits_context
-from dsv4.engine.request import RequestOutput, RequestStream, Sequence, Status
+from dsv4.engine.decode_inputs import PendingTokens
+from dsv4.engine.request import PENDING_TOKEN, RequestOutput, RequestStream, Sequence, Status
 from dsv4.engine.cuda_graphs import DecodeGraphs, bucket_sizes
 from dsv4.engine.runner import ModelRunner
 from dsv4.engine.sampler import Sampler, make_generator
-from dsv4.engine.scheduler import Scheduler
+from dsv4.engine.scheduler import ScheduledStep, Scheduler
 from dsv4.engine.stop import StopChecker
 from dsv4.errors import ConfigError, EngineDeadError, InvalidRequestError
 from dsv4.model.deepseek_v4 import DeepseekV4Model
 from dsv4.ops import select_ops
 
 log = logging.getLogger("dsv4.engine")
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    seqs: list[Sequence]          # the sequences that sample in it, in the order of `tokens`
+    slots: list[int]              # index of each one's PENDING_TOKEN in its output_ids
+    tokens: torch.Tensor          # [n] sampled ids (device)
+    logprobs: torch.Tensor        # [n]
 
 
 @dataclass
@@ -44,6 +55,7 @@ class EngineStats:
     num_preemptions: int
     steps: int
     graph_steps: int = 0           # decode steps replayed from a CUDA graph
+    overlapped_steps: int = 0      # steps launched before the previous step's tokens were read
     cuda_graph_sizes: tuple[int, ...] = ()
 
 
@@ -84,6 +96,8 @@ class Engine:
         self._stopped = False
         self._dead: BaseException | None = None
         self._steps = 0
+        self._overlapped_steps = 0
+        self._inflight: _InFlight | None = None
         self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
         self._thread.start()
 
@@ -160,7 +174,7 @@ class Engine:
                                num_running=len(self.scheduler.running),
                                kv_blocks_in_use=self.cache.blocks_in_use, kv_blocks_total=self.cache.blocks_total,
                                num_preemptions=self.scheduler.num_preemptions, steps=self._steps,
-                               graph_steps=self.runner.graph_steps,
+                               graph_steps=self.runner.graph_steps, overlapped_steps=self._overlapped_steps,
                                cuda_graph_sizes=tuple(self.runner.graphs.sizes) if self.runner.graphs else ())
 
     def shutdown(self) -> None:
@@ -215,30 +229,90 @@ class Engine:
                     self._finish(seq, "abort" if self._dead is None else "error",
                                  error=None if self._dead is None else f"engine stopped: {self._dead}")
 
+    # --- one step; decode steps run one ahead of the host ------------------------------------------------------
+    # A decode step is launched before the host reads the tokens of the step before it: those tokens stay on the
+    # GPU and the new step takes them from there (PendingTokens), while the host turns the previous step's tokens
+    # into text, stop checks and deltas. Each sequence's slot for a token still on the GPU holds PENDING_TOKEN.
+    # Steps that prefill, admit or might preempt wait for the previous step's results first (they read token ids
+    # on the host), so only the steady decode phase overlaps. A sequence that turns out to have finished in the
+    # step being read has one extra token computed in the step already launched; it is dropped.
     def _step(self) -> None:
+        if self._inflight is not None and not (self.config.async_scheduling and self._can_run_ahead()):
+            self._drain()
         step = self.scheduler.schedule()
         if step.empty:
+            self._drain()
             return
+        launched = None
         try:
-            logits, sampling = self.runner.execute(step)
+            logits, sampling = self.runner.execute(step, self._pending_inputs(step))
             seqs = [step.seqs[k] for k in sampling]
             if seqs:
                 out = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                                          suppress_token_ids=[s.stop.suppressed_token_ids() for s in seqs])
-                tokens = out.token_ids.tolist()
-                lps = out.logprobs.tolist()
-                now = time.monotonic()
-                for seq, tok, lp in zip(seqs, tokens, lps):
-                    self._append(seq, tok, lp, now)
+                                          suppress_token_ids=[s.stop.suppressed_token_ids(s.num_pending)
+                                                              for s in seqs])
+                launched = _InFlight(seqs, [len(s.output_ids) for s in seqs], out.token_ids, out.logprobs)
+                for s in seqs:
+                    s.output_ids.append(PENDING_TOKEN)
+                    s.num_pending += 1
         except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the engine
             log.error("step failed: %s\n%s", e, traceback.format_exc())
             for seq in step.seqs:
                 if seq.status is not Status.FINISHED:
                     self._finish(seq, "error", error=f"internal error while running the model: {e}")
+        if self._inflight is not None:
+            self._overlapped_steps += 1
+        self._drain()
+        self._inflight = launched
         self._steps += 1
 
+    def _can_run_ahead(self) -> bool:
+        """Whether the next schedule() can only be a decode step of every running sequence, with no admission and
+        no preemption (both need the host to know every token)."""
+        sch = self.scheduler
+        if sch.waiting or len(sch.running) > sch.max_num_batched_tokens:
+            return False
+        need = 0
+        for seq in sch.running:
+            if seq.num_uncomputed != 1:
+                return False
+            need += self.cache.blocks_needed(seq.request_id, seq.num_tokens)
+        return need <= min(self.cache.window.num_free, self.cache.compressed.num_free)
+
+    def _pending_inputs(self, step: ScheduledStep) -> PendingTokens | None:
+        fl = self._inflight
+        if fl is None:
+            return None
+        where = {id(s): i for i, s in enumerate(fl.seqs)}
+        rows, src = [], []
+        for r, seq in enumerate(step.seqs):
+            if seq.num_pending:
+                rows.append(r)
+                src.append(where[id(seq)])
+        return PendingTokens(rows, src, fl.tokens) if rows else None
+
+    def _drain(self) -> None:
+        """Read the in-flight step's tokens (waits for the GPU) and hand them to their sequences."""
+        fl, self._inflight = self._inflight, None
+        if fl is None:
+            return
+        try:
+            tokens = fl.tokens.tolist()
+            lps = fl.logprobs.tolist()
+        except Exception as e:  # noqa: BLE001
+            log.error("reading a step's tokens failed: %s\n%s", e, traceback.format_exc())
+            for seq in fl.seqs:
+                self._finish(seq, "error", error=f"internal error while running the model: {e}")
+            return
+        now = time.monotonic()
+        for seq, slot, tok, lp in zip(fl.seqs, fl.slots, tokens, lps):
+            if seq.status is Status.FINISHED:    # finished (or aborted) while this step ran
+                continue
+            seq.output_ids[slot] = tok
+            seq.num_pending -= 1
+            self._append(seq, tok, lp, now)
+
     def _append(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
-        seq.output_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.last_token_time = now
@@ -247,10 +321,13 @@ class Engine:
 
     def _emit(self, seq: Sequence, text: str, ids: list[int], lps: list[float], finish: str | None,
               error: str | None = None) -> None:
+        if finish is not None and seq.num_pending:      # tokens of a step launched after the one that finished it
+            del seq.output_ids[len(seq.output_ids) - seq.num_pending:]
+            seq.num_pending = 0
         seq.stream.put(RequestOutput(
             request_id=seq.request_id, text=text, token_ids=ids,
             logprobs=lps if seq.params.logprobs is not None else None, finished=finish is not None,
-            finish_reason=finish, num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
+            finish_reason=finish, num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=seq.num_output_tokens,
             error=error))
         if finish is not None:
             self._release(seq)

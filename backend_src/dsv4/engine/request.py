@@ -15,6 +15,11 @@ from dsv4.engine.params import SamplingParams
 from dsv4.engine.stop import StopChecker
 
 
+# An output slot whose token the GPU has sampled but the host has not read yet (the engine runs one decode step
+# ahead); the step after it takes the real id from the device.
+PENDING_TOKEN = -1
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -78,7 +83,8 @@ class Sequence:
     stop: StopChecker
     generator: torch.Generator | None
     arrival: float = field(default_factory=time.monotonic)
-    output_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)   # the last `num_pending` are PENDING_TOKEN
+    num_pending: int = 0
     num_computed: int = 0               # tokens whose state is in the cache
     status: Status = Status.WAITING
     num_preemptions: int = 0
@@ -92,6 +98,11 @@ class Sequence:
     def token_at(self, i: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens generated and read back (pending ones not counted)."""
+        return len(self.output_ids) - self.num_pending
 
     @property
     def num_tokens(self) -> int:

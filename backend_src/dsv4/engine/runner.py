@@ -6,7 +6,7 @@ import torch
 
 from dsv4.config import ceil_div
 from dsv4.engine.cuda_graphs import DecodeGraphs
-from dsv4.engine.decode_inputs import DecodeInputs, decode_batch
+from dsv4.engine.decode_inputs import TOKEN, DecodeInputs, PendingTokens, decode_batch, to_device
 from dsv4.engine.kv_cache import KVCache
 from dsv4.engine.scheduler import ScheduledStep
 from dsv4.model.deepseek_v4 import DeepseekV4Model
@@ -60,27 +60,32 @@ class ModelRunner:
         )
         return batch, sampling
 
-    def decode_logits(self, step: ScheduledStep) -> torch.Tensor:
+    def decode_logits(self, step: ScheduledStep, pending: PendingTokens | None = None) -> torch.Tensor:
         """fp32 logits [B, vocab] of a decode-only step."""
         n = len(step.seqs)
         size = self.graphs.bucket(n) if self.graphs is not None else None
         inputs = DecodeInputs.build(step.seqs, self.cache, size or n, self.table_width)
         if size is not None:
             self.graph_steps += 1
-            return self.graphs.run(inputs)
+            return self.graphs.run(inputs, pending)
         self.eager_steps += 1
-        i64 = torch.from_numpy(inputs.i64).to(self.device)
-        i32 = torch.from_numpy(inputs.i32).to(self.device)
+        i64 = to_device(torch.from_numpy(inputs.i64), self.device)
+        i32 = to_device(torch.from_numpy(inputs.i32), self.device)
+        if pending is not None:
+            pending.apply(i64[TOKEN])
         batch = decode_batch(i64, i32, self.max_position, torch.arange(n, device=self.device), host=inputs)
         return self.model.forward(batch, self.cache.layers)
 
-    def execute(self, step: ScheduledStep) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, step: ScheduledStep, pending: PendingTokens | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Run `step`; `pending` (decode-only steps) supplies input tokens still on the device."""
         if all(n == 1 for n in step.num_tokens):
-            logits = self.decode_logits(step)
+            logits = self.decode_logits(step, pending)
             sampling = [k for k, s in enumerate(step.seqs) if s.num_computed + 1 == s.num_tokens]
             if len(sampling) < len(step.seqs):
                 logits = logits[torch.tensor(sampling, dtype=torch.long, device=logits.device)]
         else:
+            if pending is not None:
+                raise ValueError("pending device tokens are only taken by decode-only steps")
             self.eager_steps += 1
             batch, sampling = self.build_batch(step)
             logits = self.model.forward(batch, self.cache.layers)

@@ -30,6 +30,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from dsv4.engine.decode_inputs import to_device
+
 from dsv4.engine.params import SAMPLING_EPS, SamplingParams
 
 __all__ = ["Sampler", "SamplerOutput", "make_generator"]
@@ -47,6 +49,12 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+def _dev(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without a host sync (the engine launches the next step before reading this
+    one's tokens; a copy from pageable memory would wait for the GPU)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 class Sampler:
@@ -92,7 +100,7 @@ class Sampler:
                             cols.append(t)
             if rows:
                 work = raw.clone()
-                work[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = float("-inf")
+                work[_dev(rows, torch.long, device), _dev(cols, torch.long, device)] = float("-inf")
 
         greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
@@ -103,7 +111,7 @@ class Sampler:
             if len(greedy_rows) == B:
                 token_ids = work.argmax(dim=-1)
             else:
-                gidx = torch.tensor(greedy_rows, dtype=torch.long, device=device)
+                gidx = _dev(greedy_rows, torch.long, device)
                 token_ids.index_copy_(0, gidx, work.index_select(0, gidx).argmax(dim=-1))
 
         if random_rows:
@@ -111,7 +119,7 @@ class Sampler:
                 ridx = None
                 sub = work
             else:
-                ridx = torch.tensor(random_rows, dtype=torch.long, device=device)
+                ridx = _dev(random_rows, torch.long, device)
                 sub = work.index_select(0, ridx)
             rparams = [params[i] for i in random_rows]
             rgens = [generators[i] for i in random_rows]
@@ -135,7 +143,7 @@ class Sampler:
         R, V = logits.shape
         device = logits.device
 
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        temps = _dev([p.temperature for p in params], torch.float32, device)
         scaled = logits / temps.unsqueeze(1)
 
         ks = [p.top_k if p.top_k >= 1 else V for p in params]
@@ -171,13 +179,13 @@ class Sampler:
 
         if need_top_k:
             pos = torch.arange(W, device=device).unsqueeze(0)
-            k_t = torch.tensor(ks, dtype=torch.long, device=device).unsqueeze(1)
+            k_t = _dev(ks, torch.long, device).unsqueeze(1)
             vals = vals.masked_fill(pos >= k_t, float("-inf"))
 
         if need_top_p:
             probs = torch.softmax(vals, dim=-1)
             # p >= 1 rows: never mask (avoids cumsum rounding dropping tail tokens).
-            p_t = torch.tensor([p if p < 1.0 else float("inf") for p in ps], dtype=torch.float32, device=device)
+            p_t = _dev([p if p < 1.0 else float("inf") for p in ps], torch.float32, device)
             excl = probs.cumsum(dim=-1) - probs  # mass strictly before each token
             drop = excl >= p_t.unsqueeze(1)
             drop[:, 0] = False  # always keep the most likely token

@@ -71,9 +71,10 @@ class StopChecker:
         """Text released so far (concatenation of all StopUpdate.text)."""
         return self._text[: self._emitted]
 
-    def suppressed_token_ids(self) -> list[int]:
-        """Token ids the sampler must not produce for the *next* token (min_tokens not reached)."""
-        if self.num_output_tokens >= self.params.min_tokens:
+    def suppressed_token_ids(self, pending: int = 0) -> list[int]:
+        """Token ids the sampler must not produce for the *next* token (min_tokens not reached); `pending`: tokens
+        already sampled but not yet passed to update() (the engine runs a step ahead)."""
+        if self.num_output_tokens + pending >= self.params.min_tokens:
             return []
         ids = set(self._stop_ids)
         if not self.params.ignore_eos:

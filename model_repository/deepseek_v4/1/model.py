@@ -93,6 +93,7 @@ _ENGINE_PARAMS = {
     "enforce_eager": ("enforce_eager", "DSV4_ENFORCE_EAGER", bool),
     "cuda_graph_max_batch": ("cuda_graph_max_batch", "DSV4_CUDA_GRAPH_MAX_BATCH", int),
     "kv_cache_dtype": ("kv_cache_dtype", "DSV4_KV_CACHE_DTYPE", str),
+    "async_scheduling": ("async_scheduling", "DSV4_ASYNC_SCHEDULING", bool),
 }
 _TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 _ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
