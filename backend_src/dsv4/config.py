@@ -312,6 +312,9 @@ class EngineConfig:
     enforce_eager: bool = False              # True: no CUDA graphs (every step launched op by op)
     cuda_graph_max_batch: int | None = None  # largest decode batch captured; None: max_num_seqs
     async_scheduling: bool = True            # decode steps launch before the host reads the previous step's tokens
+    max_waiting_steps: int | None = None     # decode steps a new request may wait so that prefills run together;
+                                             # None: 8 when decode steps replay CUDA graphs, else 0 (admit at once)
+    waiting_served_ratio: float = 0.25       # ... unless this many waiting per running request
     kv_cache_dtype: str = "auto"             # auto: the model dtype | fp8_e4m3 (alias fp8): FP8 rows, see
                                              # dsv4.ops.fp8_rows (torch ops only so far; no CUDA graphs with it)
 
@@ -339,6 +342,9 @@ class EngineConfig:
                                                    and self.cuda_graph_max_batch > 0),
              "cuda_graph_max_batch", f"must be a positive integer or None, got {self.cuda_graph_max_batch!r}")
         need(self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be positive")
+        need(self.max_waiting_steps is None or (isinstance(self.max_waiting_steps, int) and self.max_waiting_steps >= 0),
+             "max_waiting_steps", f"must be an integer >= 0 or None, got {self.max_waiting_steps!r}")
+        need(self.waiting_served_ratio >= 0, "waiting_served_ratio", f"must be >= 0, got {self.waiting_served_ratio!r}")
         need(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), "kv_cache_dtype",
              f"must be auto, fp8_e4m3 or fp8, got {self.kv_cache_dtype!r}")
 

@@ -36,6 +36,11 @@ from dsv4.ops import select_ops
 log = logging.getLogger("dsv4.engine")
 
 
+# Decode steps a request waits (at most) to be admitted with others while CUDA graphs serve the decode steps: an
+# eager step with prompt tokens cost ~6 graph steps of the `small` model on an H100 (docs/PERF.md)
+AUTO_MAX_WAITING_STEPS = 8
+
+
 @dataclass
 class _InFlight:
     """A launched step whose sampled tokens the host has not read yet."""
@@ -87,6 +92,9 @@ class Engine:
         self.ops.reserve_positions(config.max_model_len)
         self.runner = ModelRunner(self.model, self.cache, self.device, config.max_model_len,
                                   self._capture_graphs(config))
+        wait = config.max_waiting_steps
+        self.scheduler.max_waiting_steps = (AUTO_MAX_WAITING_STEPS if self.runner.graphs else 0) if wait is None else wait
+        self.scheduler.waiting_served_ratio = config.waiting_served_ratio
         self.sampler = Sampler()
         self.eos_token_id = cfg.eos_token_id
         self._lock = threading.Condition()
@@ -270,7 +278,7 @@ class Engine:
         """Whether the next schedule() can only be a decode step of every running sequence, with no admission and
         no preemption (both need the host to know every token)."""
         sch = self.scheduler
-        if sch.waiting or len(sch.running) > sch.max_num_batched_tokens:
+        if sch.admission_due() or len(sch.running) > sch.max_num_batched_tokens:
             return False
         need = 0
         for seq in sch.running:

@@ -5,6 +5,12 @@ first (oldest first), then waiting ones in arrival order (vLLM V1 style: a prefi
 uncomputed tokens, so chunked prefill falls out). When the cache cannot grow, the youngest running sequence is
 preempted: its blocks are freed and it goes back to the front of the queue to be recomputed later (its generated
 tokens are kept and become part of what it recomputes), so no request is lost or duplicated.
+
+Admission can be deferred while others decode (TGI's `max_waiting_tokens` / `waiting_served_ratio`): a step with
+prompt tokens cannot be a replayed CUDA graph, and on the GPU such an eager step costs several decode steps however
+few prompts it carries, so letting waiting requests gather for up to `max_waiting_steps` decode steps (or until
+they are `waiting_served_ratio` of the running ones) runs their prefills together. With nothing running, or
+`max_waiting_steps` 0, a request is admitted at once.
 """
 
 from __future__ import annotations
@@ -28,16 +34,33 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int, max_waiting_steps: int = 0,
+                 waiting_served_ratio: float = 0.25):
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting_steps = max_waiting_steps
+        self.waiting_served_ratio = waiting_served_ratio
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_deferred_steps = 0              # steps that left waiting requests out to gather more
+        self._steps = 0
+        self._queued_at: dict[Sequence, int] = {}  # step count when a waiting sequence (re)joined the queue
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._queued_at[seq] = self._steps
+
+    def admission_due(self) -> bool:
+        """Whether the next schedule() may admit waiting requests (see the module docstring)."""
+        if not self.waiting:
+            return False
+        if not self.running or self.max_waiting_steps <= 0:
+            return True
+        if len(self.waiting) >= self.waiting_served_ratio * len(self.running):
+            return True
+        return self._steps - self._queued_at.get(self.waiting[0], self._steps) >= self.max_waiting_steps
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -48,6 +71,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._queued_at.pop(seq, None)
         if seq.request_id in self.cache:
             self.cache.free(seq.request_id)
         seq.status = Status.FINISHED
@@ -60,10 +84,15 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+        self._queued_at[seq] = self._steps - self.max_waiting_steps     # due at once: it was running
         step.preempted.append(seq)
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
+        admit = self.admission_due()
+        if self.waiting and not admit:
+            self.num_deferred_steps += 1
+        self._steps += 1
         budget = self.max_num_batched_tokens
         for seq in list(self.running):
             if budget == 0:
@@ -82,12 +111,13 @@ class Scheduler:
             step.seqs.append(seq)
             step.num_tokens.append(n)
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not step.preempted:
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not step.preempted:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed, budget)
             if not self.cache.can_grow(None, n):
                 break
             self.waiting.popleft()
+            self._queued_at.pop(seq, None)
             self.cache.add(seq.request_id)
             self.cache.grow(seq.request_id, n)
             seq.status = Status.RUNNING

@@ -94,6 +94,8 @@ _ENGINE_PARAMS = {
     "cuda_graph_max_batch": ("cuda_graph_max_batch", "DSV4_CUDA_GRAPH_MAX_BATCH", int),
     "kv_cache_dtype": ("kv_cache_dtype", "DSV4_KV_CACHE_DTYPE", str),
     "async_scheduling": ("async_scheduling", "DSV4_ASYNC_SCHEDULING", bool),
+    "max_waiting_steps": ("max_waiting_steps", "DSV4_MAX_WAITING_STEPS", int),
+    "waiting_served_ratio": ("waiting_served_ratio", "DSV4_WAITING_SERVED_RATIO", float),
 }
 _TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 _ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
@@ -246,7 +248,7 @@ class TritonPythonModel:
             if parser is bool:
                 cfg_kwargs[fld] = _parse_bool(key, value)
             else:
-                cfg_kwargs[fld] = _parse_number(key, value, parser) if parser is int else value
+                cfg_kwargs[fld] = _parse_number(key, value, parser) if parser in (int, float) else value
         switch = os.environ.get("DSV4_GIL_SWITCH_INTERVAL_MS") or params.get("gil_switch_interval_ms", "")
         switch_ms = _parse_number("gil_switch_interval_ms", switch, float) if switch else _GIL_SWITCH_MS
         if not 0 < switch_ms <= 100:
