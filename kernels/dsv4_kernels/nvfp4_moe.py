@@ -457,9 +457,55 @@ def _mt_for(num_assign: int, n_experts: int) -> int:
     return 1 if num_assign <= 2 * n_experts else (2 if num_assign <= 8 * n_experts else 8)
 
 
+def _sorted_by_torch(expert_ids: torch.Tensor, expert_weights: torch.Tensor, E: int):
+    """(offs [E+1], perm [A], rows [A] int32, wts [A] fp32): assignments grouped by expert, stably."""
+    topk, dev = expert_ids.shape[1], expert_ids.device
+    flat = expert_ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=dev).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.zeros(E + 1, dtype=torch.int32, device=dev)
+    offs[1:] = torch.cumsum(counts, 0)
+    return offs, order.to(torch.int32), (order // topk).to(torch.int32), expert_weights.reshape(-1).float()[order]
+
+
+def _sorted_by_kernel(expert_ids: torch.Tensor, expert_weights: torch.Tensor, E: int):
+    """_sorted_by_torch's result from one kernel (dsv4_kernels.moe_sort) instead of ~10 torch launches."""
+    T, topk = expert_ids.shape
+    A, dev = T * topk, expert_ids.device
+    ids = expert_ids.reshape(-1)
+    ids = (ids if ids.dtype in (torch.int64, torch.int32) else ids.to(torch.int64)).contiguous()
+    w = expert_weights.reshape(-1).float().contiguous()
+    offs = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    perm = torch.empty(A, dtype=torch.int32, device=dev)
+    rows = torch.empty(A, dtype=torch.int32, device=dev)
+    wts = torch.empty(A, dtype=torch.float32, device=dev)
+    _call(compile_sort(E, topk, ids.dtype == torch.int64), ids, w, offs, perm, rows, wts)
+    return offs, perm, rows, wts
+
+
+def compile_sort(e: int, topk: int, ids_i64: bool):
+    key = ("sort", e, topk, ids_i64, _TVM_FFI)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        from dsv4_kernels.moe_sort import MoeSort
+        a = cute.sym_int()
+        id_t = cutlass.Int64 if ids_i64 else Int32
+        fn = cute.compile(MoeSort(e, topk), _fake(id_t, (a,), 8 if ids_i64 else 4), _fake(Float32, (a,), 4),
+                          _fake(Int32, (e + 1,), 4), _fake(Int32, (a,), 4), _fake(Int32, (a,), 4),
+                          _fake(Float32, (a,), 4), _stream_arg(), options=_options())
+        _COMPILED[key] = fn
+    return fn
+
+
+SORT_MAX_ASSIGN = 2048        # dsv4_kernels.moe_sort.MAX_ASSIGN: one warp walks the assignments
+SORT_MAX_EXPERTS = 1024
+
+
 def nvfp4_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, experts: PackedExperts,
-              swiglu_limit: float) -> torch.Tensor:
-    """Routed experts: x bf16 [T, D], ids [T, k] int, weights [T, k] -> bf16 [T, D]."""
+              swiglu_limit: float, sort_kernel: bool = False) -> torch.Tensor:
+    """Routed experts: x bf16 [T, D], ids [T, k] int, weights [T, k] -> bf16 [T, D]. `sort_kernel`: group the
+    assignments by expert with dsv4_kernels.moe_sort (one launch) instead of torch (not yet run on a GPU: off by
+    default)."""
     if not isinstance(experts, PackedExperts):
         raise TypeError(f"nvfp4_moe: experts must be PackedExperts, got {type(experts).__name__}")
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != experts.dim:
@@ -476,14 +522,10 @@ def nvfp4_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.T
     x = x.contiguous()
     if A <= min(DECODE_MAX_ASSIGN, DECODE_LIMIT) and not SORTED_ONLY:
         return _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit)
-    flat = expert_ids.reshape(-1).to(torch.int64)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(E, dtype=torch.int32, device=dev).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = torch.zeros(E + 1, dtype=torch.int32, device=dev)
-    offs[1:] = torch.cumsum(counts, 0)
-    perm = order.to(torch.int32)
-    rows = (order // topk).to(torch.int32)
-    wts = expert_weights.reshape(-1).float()[order].contiguous()
+    if sort_kernel and A <= SORT_MAX_ASSIGN and E % 32 == 0 and E <= SORT_MAX_EXPERTS:
+        offs, perm, rows, wts = _sorted_by_kernel(expert_ids, expert_weights, E)
+    else:
+        offs, perm, rows, wts = _sorted_by_torch(expert_ids, expert_weights, E)
     mt = _mt_for(A, E)
     clamp = swiglu_limit > 0
     h = torch.empty((A, I), dtype=torch.bfloat16, device=dev)

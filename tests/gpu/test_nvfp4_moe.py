@@ -177,3 +177,40 @@ def test_moe_errors():
     with pytest.raises(ValueError, match="bf16"):
         MO.nvfp4_moe(torch.zeros(2, 128, device=DEV), torch.zeros(2, 1, dtype=torch.long, device=DEV),
                      torch.ones(2, 1, device=DEV), ex, 10.0)
+
+
+@pytest.mark.parametrize("E,topk", [(256, 6), (32, 6), (64, 2)])
+@pytest.mark.parametrize("T", [1, 5, 64, 300])
+@pytest.mark.parametrize("routing", ["random", "one_expert", "skewed"])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_sort_kernel_groups_assignments_like_torch(E, topk, T, routing, ids_dtype):
+    """dsv4_kernels.moe_sort (one launch) equals the torch bookkeeping exactly: offsets, the stable permutation,
+    token rows and weights; outputs poisoned first; empty experts and an expert with every assignment included."""
+    gen = torch.Generator(device=DEV).manual_seed(T * 7 + E)
+    if routing == "one_expert":
+        ids = torch.full((T, topk), E - 1, device=DEV)
+    elif routing == "skewed":
+        ids = torch.randint(0, 3, (T, topk), device=DEV, generator=gen)
+    else:
+        ids = torch.randint(0, E, (T, topk), device=DEV, generator=gen)
+    ids = ids.to(ids_dtype)
+    w = torch.rand((T, topk), device=DEV, generator=gen)
+    poison_allocator()
+    got = MO._sorted_by_kernel(ids, w, E)
+    want = MO._sorted_by_torch(ids, w, E)
+    for name, a, b in zip(("offs", "perm", "rows", "wts"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name}: first difference at {(a != b).nonzero()[:1].tolist()}"
+
+
+@pytest.mark.parametrize("T", [1, 8, 64])
+def test_moe_with_the_sort_kernel_is_bit_identical(T):
+    E, D, I, topk = 32, 1024, 512, 6
+    gen = torch.Generator(device=DEV).manual_seed(T)
+    experts = MO.prepare_nvfp4_experts(*make_experts(E, D, I, gen), DEV)
+    x = (torch.randn(T, D, device=DEV, generator=gen)).to(torch.bfloat16)
+    ids = torch.randint(0, E, (T, topk), device=DEV, generator=gen)
+    w = torch.rand((T, topk), device=DEV, generator=gen)
+    a = MO.nvfp4_moe(x, ids, w, experts, 10.0, sort_kernel=True)
+    b = MO.nvfp4_moe(x, ids, w, experts, 10.0, sort_kernel=False)
+    assert torch.isfinite(a.float()).all() and torch.equal(a, b)

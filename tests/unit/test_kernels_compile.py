@@ -106,3 +106,8 @@ def test_kernel_bit_decode_model():
                     out[:, g + 8 * (slot % 2), :, t, kk] = v[:, :, lane, s]
     dense = out.reshape(n, k) * 2.0 ** 8 * q.scale_2.float()
     assert torch.equal(dense, q.dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("e,topk,ids_i64", [(256, 6, True), (32, 2, False), (384, 6, True), (1024, 8, False)])
+def test_moe_sort_compiles(e, topk, ids_i64):
+    MO.compile_sort(e, topk, ids_i64)

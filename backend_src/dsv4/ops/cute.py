@@ -45,8 +45,9 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
     def __init__(self, device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
                  fused_glue: bool | None = None):
         """`fused_glue` (default: env DSV4_CUTE_FUSED_GLUE=1) turns on the decode-glue kernels (RMSNorm, SwiGLU,
-        mHC mix/collapse/post, MoE gate): compiled in CI but not yet run on a GPU, so off until a GPU run of
-        tests/gpu/test_glue_kernels.py, test_route.py and test_mhc.py has checked them."""
+        mHC mix/collapse/post, MoE gate, MoE assignment sort): compiled in CI but not yet run on a GPU, so off until
+        a GPU run of tests/gpu/test_glue_kernels.py, test_route.py, test_mhc.py and test_nvfp4_moe.py has checked
+        them."""
         super().__init__(device, dtype)
         if self.device.type != "cuda":
             raise ValueError(f"CuteOps needs a CUDA device, got {self.device}")
@@ -147,7 +148,8 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
 
     def moe(self, x: Tensor, expert_ids: Tensor, expert_weights: Tensor, experts: Any, swiglu_limit: float) -> Tensor:
         if isinstance(experts, PackedExperts):
-            y = nvfp4_moe(x.to(torch.bfloat16), expert_ids, expert_weights, experts, swiglu_limit)
+            y = nvfp4_moe(x.to(torch.bfloat16), expert_ids, expert_weights, experts, swiglu_limit,
+                          sort_kernel=self.fused_glue)
             return y.to(x.dtype)
         return super().moe(x, expert_ids, expert_weights, experts, swiglu_limit)
 
