@@ -13,3 +13,18 @@ def mn_view(acc: cute.Tensor) -> cute.Tensor:
         stride=((lay.stride[0][1], lay.stride[1]), (lay.stride[0][0], lay.stride[2])),
     )
     return cute.make_tensor(acc.iterator, cute.composition(acc.layout, mn))
+
+
+WARP_OFFSETS = (16, 8, 4, 2, 1)
+
+
+def add(a, b):
+    return a + b
+
+
+def butterfly(v, op, offsets=WARP_OFFSETS):
+    """All-reduce of `v` with `op` over the lanes that differ in the bits of `offsets` (the whole warp by default;
+    (2, 1): groups of 4 lanes), by xor shuffles: every lane ends with the result."""
+    for off in offsets:
+        v = op(v, cute.arch.shuffle_sync_bfly(v, offset=off, mask=-1, mask_and_clamp=31))
+    return v

@@ -26,18 +26,12 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
+from dsv4_kernels.cute_utils import add, butterfly
+
 LOG2_E = 1.4426950408889634
 THREADS = 128
 
 
-def _bfly(v, offsets, op):
-    for off in offsets:
-        v = op(v, cute.arch.shuffle_sync_bfly(v, offset=off, mask=-1, mask_and_clamp=31))
-    return v
-
-
-def _add(a, b):
-    return a + b
 
 
 class HcCoefficients:
@@ -80,13 +74,13 @@ class HcCoefficients:
                     b = self._mix(mMix, tc, lane) * r * mScale[1] + mBase[lane]
                     mPost[tc, lane - n] = 2.0 / (1.0 + cute.math.exp2(-b * LOG2_E))
         x = self._mix(mMix, tc, 2 * n + lane) * r * mScale[2] + mBase[2 * n + lane]
-        mx = _bfly(x, self.row_offsets, cute.arch.fmax)
+        mx = butterfly(x, cute.arch.fmax, self.row_offsets)
         e = cute.math.exp2((x - mx) * LOG2_E)
-        c = e / _bfly(e, self.row_offsets, _add) + eps
-        c = c / (_bfly(c, self.col_offsets, _add) + eps)
+        c = e / butterfly(e, add, self.row_offsets) + eps
+        c = c / (butterfly(c, add, self.col_offsets) + eps)
         for _ in cutlass.range(self.iters - 1, unroll=1):
-            c = c / (_bfly(c, self.row_offsets, _add) + eps)
-            c = c / (_bfly(c, self.col_offsets, _add) + eps)
+            c = c / (butterfly(c, add, self.row_offsets) + eps)
+            c = c / (butterfly(c, add, self.col_offsets) + eps)
         if t < T:
             mComb[tc, lane] = c
 

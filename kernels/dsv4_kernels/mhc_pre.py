@@ -19,6 +19,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
+from dsv4_kernels.cute_utils import add, butterfly
+
 VEC = 8
 THREADS = 128
 CHUNK = THREADS * VEC
@@ -75,9 +77,7 @@ class HcMix:
         lane = tidx % 32
         warp = tidx // 32
         for j in cutlass.range_constexpr(self.acc):
-            v = acc[j]
-            for off in cutlass.range_constexpr(5):
-                v = v + cute.arch.shuffle_sync_bfly(v, offset=1 << off, mask=-1, mask_and_clamp=31)
+            v = butterfly(acc[j], add)
             if lane == 0:
                 red[warp, j] = v
         cute.arch.barrier()

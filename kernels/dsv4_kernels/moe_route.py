@@ -20,12 +20,13 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Boolean, Float32, Int32, Int64
 
+from dsv4_kernels.cute_utils import WARP_OFFSETS, add, butterfly
+
 WARPS = 4                         # tokens per CTA
 MAX_EXPERTS = 1024                # E / 32 scores and keys per lane stay in registers
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 SOFTPLUS_THRESHOLD = 20.0         # torch.nn.functional.softplus default (beta 1)
 INT_MIN = -2147483648
-BFLY = (16, 8, 4, 2, 1)
 
 
 def supported(n_experts: int, topk: int, score_func: str) -> bool:
@@ -37,14 +38,6 @@ def _sel(cond, a, b, ty):
     return ty(cutlass.select_(cond, a, b))
 
 
-def _add(a, b):
-    return a + b
-
-
-def _bfly(v, op):
-    for off in BFLY:
-        v = op(v, cute.arch.shuffle_sync_bfly(v, offset=off, mask=-1, mask_and_clamp=31))
-    return v
 
 
 class MoeRoute:
@@ -81,12 +74,12 @@ class MoeRoute:
                     mx = s[0]
                     for j in cutlass.range_constexpr(1, n):
                         mx = cute.arch.fmax(mx, s[j])
-                    mx = _bfly(mx, cute.arch.fmax)
+                    mx = butterfly(mx, cute.arch.fmax)
                     den = Float32(0.0)
                     for j in cutlass.range_constexpr(n):
                         s[j] = cute.math.exp(s[j] - mx)
                         den = den + s[j]
-                    den = _bfly(den, _add)
+                    den = butterfly(den, add)
                     for j in cutlass.range_constexpr(n):
                         s[j] = s[j] / den
                 else:
@@ -104,7 +97,7 @@ class MoeRoute:
                         my_w = cute.math.exp(x - mx) / den
                     else:
                         my_w = self._score(x)
-                total = _bfly(my_w, _add)
+                total = butterfly(my_w, add)
             else:
                 biased = cute.make_rmem_tensor((n,), Float32)
                 for j in cutlass.range_constexpr(n):
@@ -126,7 +119,7 @@ class MoeRoute:
                         bj = _sel(better, Int32(j), bj, Int32)
                         bs = _sel(better, s[j], bs, Float32)
                     bi = lane + 32 * bj
-                    for off in BFLY:
+                    for off in WARP_OFFSETS:
                         ok = cute.arch.shuffle_sync_bfly(bk, offset=off, mask=-1, mask_and_clamp=31)
                         oi = cute.arch.shuffle_sync_bfly(bi, offset=off, mask=-1, mask_and_clamp=31)
                         os_ = cute.arch.shuffle_sync_bfly(bs, offset=off, mask=-1, mask_and_clamp=31)

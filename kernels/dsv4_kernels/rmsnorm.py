@@ -15,6 +15,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
+from dsv4_kernels.cute_utils import add, butterfly
+
 VEC = 8
 CTA = 128            # threads a CTA gets at least when rows are narrow (several rows per CTA)
 MAX_DIM = VEC * 1024  # one vector per thread, one row per CTA at most
@@ -67,8 +69,7 @@ class RmsNorm:
         ssq = Float32(0.0)
         for k in cutlass.range_constexpr(VEC):
             ssq = ssq + xf[k] * xf[k]
-        for off in self.offsets:
-            ssq = ssq + cute.arch.shuffle_sync_bfly(ssq, offset=off, mask=-1, mask_and_clamp=31)
+        ssq = butterfly(ssq, add, self.offsets)
         if cutlass.const_expr(self.wpr > 1):
             smem = cutlass.memory.SmemAllocator()
             red = smem.allocate(Storage).red.get_tensor(cute.make_layout((self.rows * self.wpr,)))
