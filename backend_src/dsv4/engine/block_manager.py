@@ -65,6 +65,11 @@ class BlockManager:
         self._check(seq_id)
         return list(self._tables[seq_id])
 
+    def table_length(self, seq_id: Hashable) -> int:
+        """len(block_table(seq_id)) without copying the table (the scheduler asks every step for every sequence)."""
+        self._check(seq_id)
+        return len(self._tables[seq_id])
+
     def slot_mapping(self, seq_id: Hashable, start: int, end: int) -> list[int]:
         """Cache slots of token positions ``start .. end-1`` (must be allocated)."""
         self._check(seq_id)

@@ -128,7 +128,7 @@ class KVCache:
 
     def blocks_needed(self, seq_id: Hashable | None, new_len: int) -> int:
         """Blocks per pool that growing `seq_id` (None: a new sequence) to new_len tokens would take."""
-        have = len(self.compressed.block_table(seq_id)) if seq_id is not None and seq_id in self.compressed else 0
+        have = self.compressed.table_length(seq_id) if seq_id is not None and seq_id in self.compressed else 0
         return max(0, ceil_div(new_len, self.block_size) - have)
 
     def can_grow(self, seq_id: Hashable | None, new_len: int) -> bool:
