@@ -1,5 +1,6 @@
 """`dsv4 bench attention`: the CuTe sparse-attention decode kernel vs measured HBM bandwidth and vs
-torch SDPA over the same KV rows gathered beforehand, at context 1k/8k/64k and batch 1/16/64.
+torch SDPA over the same KV rows gathered beforehand, at context 1k/8k/64k and batch 1/16/64; with `--prefill`,
+prefill chunks in TFLOP/s against a BF16 GEMM measured in the same run and against SDPA.
 
 Bytes counted per query token: every KV row it must read (window rows min(ctx, W) plus compressed rows: all
 (ctx // ratio) for HCA, `topk` for CSA) x d x 2 B, plus q and out (H x d x 2 B each). HBM bandwidth is measured in the
@@ -312,6 +313,73 @@ def bench_indexer(ctxs=(1024, 8192, 65536), batches=(1, 16, 64), n_heads=64, dk=
     return out
 
 
+def tensor_core_ceiling(flush: torch.Tensor) -> float:
+    """FLOP/s of a large BF16 cuBLAS GEMM (8192^3), measured in the same run: the prefill roofline's ceiling."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    us = _time(lambda: a @ b, 10, flush)
+    del a, b
+    return 2 * 8192 ** 3 / (us * 1e-6)
+
+
+def prefill_flops(case: Case, heads: int, d: int) -> int:
+    """2 GEMMs (S = QKᵀ, O = PV) of 2 * heads * d FLOP per (query token, KV row it reads)."""
+    rows = 0
+    for t, p in enumerate(case.batch.positions.tolist()):
+        n = min(p + 1, case.window)
+        if case.ratio == 4:
+            n += int((case.topk[t] >= 0).sum())
+        elif case.ratio:
+            n += (p + 1) // case.ratio
+        rows += n
+    return 4 * heads * d * rows
+
+
+def bench_prefill(chunks=(512, 2048, 8192), cached=(0, 8192), heads=64, d=512, kinds=("csa", "hca", "window"),
+                  topk=512, reps=10, sdpa=True) -> list[dict]:
+    """One sequence's prefill chunk of n query tokens on c cached ones, through the same kernel (each query token
+    its own row list): TFLOP/s over the measured BF16 GEMM ceiling, and SDPA's TFLOP/s on dense causal attention of
+    the same query count and key length (a peer, not the same computation: it reads every key)."""
+    from dsv4.ops.cute_attention import plan_for, prepare_sparse_attention
+
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    peak = tensor_core_ceiling(flush)
+    print(json.dumps({"bf16_gemm_tflops": round(peak / 1e12, 1)}), flush=True)
+    results = []
+    for kind in kinds:
+        ratio = 4 if kind == "csa" else (128 if kind == "hca" else 0)
+        for c in cached:
+            for n in chunks:
+                case = make_case([c], [n], heads, d, ratio, topk=topk, poison=False, topk_holes=False)
+                f, _ = prepare_sparse_attention(case.q, case.cache, ratio, 128, case.topk, case.sink, case.scale,
+                                                case.batch, plan_for(case.batch, case.q.device))
+                us = _time(f, reps, flush)
+                flops = prefill_flops(case, heads, d)
+                r = dict(kind=kind, cached=c, chunk=n, heads=heads, us=round(us, 1),
+                         tflops=round(flops / (us * 1e-6) / 1e12, 2),
+                         pct_of_gemm=round(100 * flops / (us * 1e-6) / peak, 1))
+                # d = 512 is beyond SDPA's flash kernels: its fallback materialises [heads, n, c + n] fp32 scores
+                if sdpa and heads * n * (c + n) * 4 > 8 << 30:
+                    r["sdpa_error"] = "skipped: the score matrix would take more than 8 GiB"
+                elif sdpa:
+                    q = case.q.view(1, n, heads, d).transpose(1, 2)
+                    kv = torch.randn(1, 1, c + n, d, device="cuda", dtype=torch.bfloat16)
+                    mask = torch.ones(n, c + n, dtype=torch.bool, device="cuda").tril(diagonal=c)
+                    sd = lambda: torch.nn.functional.scaled_dot_product_attention(q, kv, kv, attn_mask=mask,
+                                                                                 scale=case.scale, enable_gqa=True)
+                    try:
+                        us_sd = _time(sd, reps, flush)
+                        dense = 4 * heads * d * sum(c + i + 1 for i in range(n))
+                        r.update(sdpa_us=round(us_sd, 1), sdpa_tflops=round(dense / (us_sd * 1e-6) / 1e12, 2))
+                    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                        r["sdpa_error"] = f"{type(e).__name__}: {e}"[:200]
+                    del kv, mask
+                results.append(r)
+                print(json.dumps(r), flush=True)
+                del case
+    return results
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attention", help="benchmark the CuTe sparse-attention decode kernel")
     p.add_argument("--ctx", type=int, nargs="+", default=[1024, 8192, 65536])
@@ -327,12 +395,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baseline")
     p.add_argument("--no-host", action="store_true", help="skip the host-cost measurements")
     p.add_argument("--indexer", action="store_true", help="benchmark indexer_topk instead (cute vs torch)")
+    p.add_argument("--prefill", action="store_true",
+                   help="benchmark prefill chunks instead: TFLOP/s vs the measured BF16 GEMM ceiling and vs SDPA")
+    p.add_argument("--chunk", type=int, nargs="+", default=[512, 2048, 8192], help="with --prefill: query tokens")
+    p.add_argument("--cached", type=int, nargs="+", default=[0, 8192], help="with --prefill: cached tokens")
     p.add_argument("--json", help="write the results to this file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.indexer:
+    if args.prefill:
+        res = bench_prefill(tuple(args.chunk), tuple(args.cached), args.heads, args.head_dim,
+                            tuple(k for k in args.kinds), args.topk, args.reps, not args.no_sdpa)
+    elif args.indexer:
         res = bench_indexer(tuple(args.ctx), tuple(args.batch), topk=args.topk, reps=args.reps)
     else:
         res = bench(tuple(args.ctx), tuple(args.batch), args.heads, args.head_dim, tuple(args.kinds), args.topk,
