@@ -316,7 +316,7 @@ class EngineConfig:
                                              # None: 8 when decode steps replay CUDA graphs, else 0 (admit at once)
     waiting_served_ratio: float = 0.25       # ... unless this many waiting per running request
     kv_cache_dtype: str = "auto"             # auto: the model dtype | fp8_e4m3 (alias fp8): FP8 rows, see
-                                             # dsv4.ops.fp8_rows (torch ops only so far; no CUDA graphs with it)
+                                             # dsv4.ops.fp8_rows (read and written by torch ops so far)
 
     @property
     def fp8_kv_cache(self) -> bool:

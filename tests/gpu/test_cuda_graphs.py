@@ -126,13 +126,15 @@ def test_deferred_admission_with_graphs(small3, prompts):
     assert sum(x == w[0] for x, w in zip([ids0] + lates, want)) >= len(prompts) - 1
 
 
-def test_fp8_cache_on_the_gpu_falls_back_to_torch_ops_and_runs_eagerly(small3, prompts):
-    """The FP8 cache rows are read and written by torch ops (no GPU kernels yet), so no graphs are captured; the cute
-    engine then decodes what the torch-ops engine with the same cache decodes."""
+def test_fp8_cache_on_the_gpu_runs_torch_attention_ops_inside_the_graphs(small3, prompts):
+    """The FP8 cache rows are read and written by torch ops (no GPU kernels for them yet); their decode path works
+    from the device tables, so the step is still captured. The cute engine then decodes what the torch-ops engine
+    with the same cache decodes (NVFP4 kernels vs dequantised matmuls can flip an FP8 rounding: early tokens only)."""
     e = engine(small3, kv_cache_dtype="fp8_e4m3")
     try:
-        assert e.stats().cuda_graph_sizes == ()
+        assert e.stats().cuda_graph_sizes == (1, 2, 4, 8), "capture failed: see the engine log"
         got = run(e, prompts[:3])
+        assert e.stats().graph_steps > NEW_TOKENS - 5
     finally:
         e.shutdown()
     t = Engine(EngineConfig(checkpoint=str(small3), device="cuda", ops_backend="torch", max_num_seqs=8,

@@ -51,11 +51,11 @@ def model(tiny_checkpoint):
     return DeepseekV4Model(ckpt.config, ckpt.tensors, ops, torch.device("cpu"), torch.float32)
 
 
-def new_runner(model) -> ModelRunner:
+def new_runner(model, fp8: bool = False) -> ModelRunner:
     cache = KVCache(model.cfg, num_blocks=24, block_size=128, max_seqs=4, device=torch.device("cpu"),
-                    dtype=torch.float32)
+                    dtype=torch.float32, fp8=fp8)
     for t in [cache.window_kv] + [t for lc in cache.layers for t in (lc.comp_kv, lc.index_k) if t is not None]:
-        t.fill_(float("nan"))   # anything read before it is written poisons the logits
+        t.fill_(255 if fp8 else float("nan"))   # anything read before it is written poisons the logits (0xff: NaN)
     return ModelRunner(model, cache, torch.device("cpu"), MAX_LEN)
 
 
@@ -68,12 +68,12 @@ def prefill(runner: ModelRunner, seqs: list[Seq]) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("padded_extra", [0, 3])
-def test_decode_path_equals_general_path_across_window_closings(model, padded_extra):
+@pytest.mark.parametrize("padded_extra,fp8", [(0, False), (3, False), (3, True)])
+def test_decode_path_equals_general_path_across_window_closings(model, padded_extra, fp8):
     # prompts end just before a ratio-128 window closes (position 127 / 255) and mid ratio-4 window
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(2, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (125, 250, 3)]
-    general, decode = new_runner(model), new_runner(model)
+    general, decode = new_runner(model, fp8), new_runner(model, fp8)
     seqs_g = [Seq(f"s{i}", p) for i, p in enumerate(prompts)]
     seqs_d = [Seq(f"s{i}", list(p)) for i, p in enumerate(prompts)]
     first = prefill(general, seqs_g)

@@ -116,10 +116,6 @@ class Engine:
         if not self.ops.supports_cuda_graphs:
             log.warning("ops backend %r cannot be captured in CUDA graphs: decode runs eagerly", self.ops.name)
             return None
-        if self.cache.fp8:
-            log.warning("the FP8 KV cache is read and written by torch ops (no GPU kernels for it yet), which need "
-                        "host-side tables: decode runs eagerly")
-            return None
         sizes = bucket_sizes(min(config.cuda_graph_max_batch or config.max_num_seqs, config.max_num_seqs))
         graphs = DecodeGraphs(self.model, self.cache.layers, self.device, sizes, config.max_model_len,
                               config.block_size)

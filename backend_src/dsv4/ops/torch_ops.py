@@ -296,6 +296,8 @@ class TorchOps(Ops):
 
     def indexer_topk(self, q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
                      batch: ForwardBatch, key_rows: Fp8Rows | None = None) -> Tensor:
+        if batch.decode is not None:
+            return self._indexer_decode(q, head_weights, index_k, block_size, topk, batch, key_rows)
         T = q.shape[0]
         result = torch.full((T, topk), -1, dtype=torch.long, device=q.device)
         for b in range(batch.num_seqs):
@@ -317,6 +319,8 @@ class TorchOps(Ops):
 
     def sparse_attention(self, q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
                          sink: Tensor, scale: float, batch: ForwardBatch) -> Tensor:
+        if batch.decode is not None:
+            return self._attention_decode(q, cache, ratio, window, topk_entries, sink, scale, batch)
         T, H, d = q.shape
         out = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
         bs = cache.block_size
@@ -369,3 +373,72 @@ class TorchOps(Ops):
                 o += torch.einsum("thk,tkd->thd", probs[..., off:off + k], per_token)
             out[s0:s1] = o.to(q.dtype)
         return out
+
+    # --- decode steps from device tables (no host lists, no sync: what a CUDA graph can replay) -----------------
+    @staticmethod
+    def _entries_by_number(pool: Tensor, tables: Tensor, entries: Tensor, ratio: int, block_size: int,
+                           rows: Fp8Rows | None) -> Tensor:
+        """Compressed entries `entries` [B, N] (entry numbers; negative ones read entry 0, callers mask them) of
+        each row's sequence through its block table row -> [B, N, d] fp32."""
+        per_block = block_size // ratio
+        e = entries.clamp(min=0)
+        blk = tables.gather(1, e // per_block).long().clamp(min=0)
+        got = pool.view(-1, pool.shape[-1])[blk * per_block + e % per_block]
+        return got.float() if rows is None else rows.dequantize(got)
+
+    def _indexer_decode(self, q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
+                        batch: ForwardBatch, key_rows: Fp8Rows | None) -> Tensor:
+        t = batch.decode
+        B = q.shape[0]
+        n = (t.max_position + 1) // 4                        # every entry any row may see, masked per row below
+        result = torch.full((B, topk), -1, dtype=torch.long, device=q.device)
+        if n == 0:
+            return result
+        num = torch.arange(n, device=q.device)
+        keys = self._entries_by_number(index_k, t.comp_block_tables, num.expand(B, n), 4, block_size, key_rows)
+        score = torch.einsum("bhd,bnd->bhn", q.float(), keys).relu()
+        score = (score * head_weights[:, :, None].float()).sum(1)
+        visible = num[None, :] < ((batch.positions + 1) // 4)[:, None]
+        score = score.masked_fill(~visible, -math.inf)
+        k = min(topk, n)
+        top = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]   # ties: earlier entry
+        result[:, :k] = torch.where(torch.gather(visible, 1, top), top, torch.full_like(top, -1))
+        return result
+
+    def _attention_decode(self, q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
+                          sink: Tensor, scale: float, batch: ForwardBatch) -> Tensor:
+        t = batch.decode
+        B, H, d = q.shape
+        bs, rows = cache.block_size, cache.kv_rows
+        pos = batch.positions
+        qf = q.float()
+        kpos = pos[:, None] - (window - 1) + torch.arange(window, device=q.device)[None, :]     # [B, W]
+        in_win = kpos >= 0
+        kp = kpos.clamp(min=0)
+        blk = t.swa_block_tables.gather(1, kp // bs).long().clamp(min=0)
+        kwin = cache.swa_kv.view(-1, cache.swa_kv.shape[-1])[blk * bs + kp % bs]
+        kwin = kwin.float() if rows is None else rows.dequantize(kwin)                         # [B, W, d]
+        parts_l = [(torch.einsum("bhd,bkd->bhk", qf, kwin) * scale).masked_fill(~in_win[:, None, :], -math.inf)]
+        parts_v = [kwin]
+        if ratio:
+            if ratio == 4:
+                entries = topk_entries
+                seen = entries >= 0
+            else:
+                n = (t.max_position + 1) // ratio
+                entries = torch.arange(n, device=q.device).expand(B, n)
+                seen = entries < ((pos + 1) // ratio)[:, None]
+            if entries is not None and entries.shape[1]:
+                kc = self._entries_by_number(cache.comp_kv, t.comp_block_tables, entries, ratio, bs, rows)
+                lc = torch.einsum("bhd,bkd->bhk", qf, kc) * scale
+                parts_l.append(lc.masked_fill(~seen[:, None, :], -math.inf))
+                parts_v.append(kc)
+        sink_l = sink.float().view(1, H, 1).expand(B, H, 1)
+        probs = torch.cat(parts_l + [sink_l], dim=-1).softmax(-1)
+        o = torch.zeros((B, H, d), dtype=torch.float32, device=q.device)
+        off = 0
+        for lg, v in zip(parts_l, parts_v):
+            k = lg.shape[-1]
+            o += torch.einsum("bhk,bkd->bhd", probs[..., off:off + k], v)
+            off += k
+        return o.to(q.dtype)
