@@ -104,8 +104,9 @@ def test_async_scheduling_decodes_what_one_step_at_a_time_decodes(small3, prompt
 
 
 def test_deferred_admission_with_graphs(small3, prompts):
-    """With graphs the default lets a late request wait (up to 8 decode steps) for company; outputs unchanged."""
-    e = engine(small3)
+    """With graphs a late request may wait (up to 8 decode steps) for company; outputs unchanged."""
+    e = engine(small3, waiting_served_ratio=10.0)
+    e.scheduler.min_expected_arrivals = 0.0     # defer even these few arrivals
     try:
         params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
         first = e.add_request("first", prompt_token_ids=prompts[0], params=params)

@@ -23,11 +23,11 @@ def _seq(i: int, prompt_len: int = 8) -> Sequence:
                     stream=None, detokenizer=None, stop=None, generator=None)
 
 
-def _scheduler(max_waiting_steps: int, ratio: float = 0.25) -> Scheduler:
+def _scheduler(max_waiting_steps: int, ratio: float = 0.25, min_expected_arrivals: float = 0.0) -> Scheduler:
     cache = KVCache(PRESETS["tiny"](None), num_blocks=64, block_size=128, max_seqs=16, device=torch.device("cpu"),
                     dtype=torch.float32)
     return Scheduler(cache, max_num_seqs=16, max_num_batched_tokens=512, max_waiting_steps=max_waiting_steps,
-                     waiting_served_ratio=ratio)
+                     waiting_served_ratio=ratio, min_expected_arrivals=min_expected_arrivals)
 
 
 def _decode_step(sch: Scheduler) -> list[Sequence]:
@@ -70,6 +70,36 @@ def test_enough_waiting_requests_are_admitted_without_waiting():
     assert len(_decode_step(sch)) == 6                   # 2 waiting >= 0.5 x 4: both join
 
 
+def test_rare_arrivals_are_admitted_at_once():
+    """Waiting only pays when others are likely to arrive meanwhile: one request per many steps goes in at once."""
+    sch = _scheduler(max_waiting_steps=8, ratio=10.0, min_expected_arrivals=1.5)
+    for i in range(4):
+        sch.add(_seq(i))
+    for _ in range(40):
+        _decode_step(sch)                                # no arrivals for a while: the average decays
+    late = _seq(9)
+    sch.add(late)
+    assert late in _decode_step(sch)
+
+
+def test_frequent_arrivals_wait_to_share_a_prefill():
+    sch = _scheduler(max_waiting_steps=8, ratio=10.0, min_expected_arrivals=1.5)
+    for i in range(4):
+        sch.add(_seq(i))
+    _decode_step(sch)
+    admitted_together = []
+    for k in range(24):                                  # one arrival every step: ~8 expected during a wait
+        sch.add(_seq(100 + k))
+        step = sch.schedule()
+        admitted_together.append(sum(1 for s, n in zip(step.seqs, step.num_tokens) if n > 1))
+        for seq, n in zip(step.seqs, step.num_tokens):
+            seq.num_computed += n
+            seq.output_ids.append(5)
+    assert sch.arrivals_per_step > 0.5
+    assert max(admitted_together) >= 4                   # prompts went in together, several per prefill step
+    assert admitted_together.count(0) > 12               # and most steps were decode-only
+
+
 def test_zero_steps_admits_at_once():
     sch = _scheduler(max_waiting_steps=0)
     for i in range(2):
@@ -90,6 +120,7 @@ def test_engine_that_defers_admission_matches_reference(tiny_checkpoint, wait):
     engine = Engine(EngineConfig(checkpoint=str(tiny_checkpoint), device="cpu", ops_backend="torch", max_num_seqs=8,
                                  max_model_len=512, num_kv_blocks=32, max_waiting_steps=wait,
                                  waiting_served_ratio=10.0))
+    engine.scheduler.min_expected_arrivals = 0.0       # defer even these few arrivals: the point is correctness
     try:
         params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
         first = engine.add_request("a", prompt_token_ids=prompts[0], params=params)

@@ -10,7 +10,9 @@ Admission can be deferred while others decode (TGI's `max_waiting_tokens` / `wai
 prompt tokens cannot be a replayed CUDA graph, and on the GPU such an eager step costs several decode steps however
 few prompts it carries, so letting waiting requests gather for up to `max_waiting_steps` decode steps (or until
 they are `waiting_served_ratio` of the running ones) runs their prefills together. With nothing running, or
-`max_waiting_steps` 0, a request is admitted at once.
+`max_waiting_steps` 0, a request is admitted at once; also when requests arrive too rarely for waiting to gather
+any company (fewer than `min_expected_arrivals` expected during the wait, from a moving average of arrivals per
+step), since then waiting would only add to the time to first token.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int, max_waiting_steps: int = 0,
-                 waiting_served_ratio: float = 0.25):
+                 waiting_served_ratio: float = 0.25, min_expected_arrivals: float = 1.5):
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting_steps = max_waiting_steps
         self.waiting_served_ratio = waiting_served_ratio
+        self.min_expected_arrivals = min_expected_arrivals
+        self.arrivals_per_step = 0.0             # moving average (weight 0.1 per step)
+        self._arrived = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -51,12 +56,15 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
         self._queued_at[seq] = self._steps
+        self._arrived += 1
 
     def admission_due(self) -> bool:
         """Whether the next schedule() may admit waiting requests (see the module docstring)."""
         if not self.waiting:
             return False
         if not self.running or self.max_waiting_steps <= 0:
+            return True
+        if self.arrivals_per_step * self.max_waiting_steps < self.min_expected_arrivals:
             return True
         if len(self.waiting) >= self.waiting_served_ratio * len(self.running):
             return True
@@ -89,6 +97,8 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
+        self.arrivals_per_step = 0.9 * self.arrivals_per_step + 0.1 * self._arrived
+        self._arrived = 0
         admit = self.admission_due()
         if self.waiting and not admit:
             self.num_deferred_steps += 1
