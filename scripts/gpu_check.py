@@ -160,9 +160,16 @@ def direct_engine(args, sampling: dict) -> tuple[dict, list[dict]]:
         rows = []
         for c in args.concurrency:
             direct_closed_loop(eng, c, 1, sampling)  # warm-up at this batch size
-            rows.append(direct_closed_loop(eng, c, args.requests_per_worker, sampling))
+            before = eng.stats()
+            row = direct_closed_loop(eng, c, args.requests_per_worker, sampling)
+            after = eng.stats()
+            # how the steps of this load ran: graphs, launched ahead of the host, admissions deferred
+            row.update(steps=after.steps - before.steps, graph_steps=after.graph_steps - before.graph_steps,
+                       overlapped_steps=after.overlapped_steps - before.overlapped_steps)
+            rows.append(row)
             print("direct", rows[-1], flush=True)
-        return {"text": greedy.text, "token_ids": greedy.token_ids}, rows
+        return {"text": greedy.text, "token_ids": greedy.token_ids,
+                "deferred_admission_steps": eng.scheduler.num_deferred_steps}, rows
     finally:
         eng.shutdown()
 
@@ -272,6 +279,7 @@ def main() -> int:
     sampling = {"temperature": 0, "max_tokens": args.max_tokens, "ignore_eos": True}
 
     reference, summary["direct"] = direct_engine(args, sampling)
+    summary["direct_deferred_admission_steps"] = reference["deferred_admission_steps"]
 
     from triton_local import start_server
     root = None if args.local_triton else bundle_layout(out / "triton_layout")
