@@ -120,6 +120,38 @@ def test_store_window_kv_exact():
     assert bool(same.all())
 
 
+@pytest.mark.parametrize("d,rd", [(512, 64), (128, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_store_window_kv_is_bit_exact(d, rd, dtype):
+    """KVScatterFp8 writes exactly the bytes Fp8Rows.quantize makes (exponent from amax's bits, exact 2^-e scaling,
+    round to nearest even), for magnitudes from 1e-30 to 1e4, zero rows and rows whose group max sits on a scale
+    boundary; rows with slot -1 are skipped and rows nobody writes keep their poison."""
+    from dsv4.ops.base import LayerCache
+    from dsv4.ops.fp8_rows import Fp8Rows
+
+    rows = Fp8Rows(d, rd)
+    T, S = 300, 400
+    g = torch.Generator(device="cuda").manual_seed(d + (dtype == torch.float32))
+    kv = torch.randn(T, d, device="cuda", generator=g) * torch.logspace(-30, 4, T, device="cuda")[:, None]
+    kv[5] = 0.0
+    kv[6, :64] = 1.75 * 2.0 ** torch.arange(-8, 56, device="cuda").float() / 2 ** 20   # group maxima on boundaries
+    kv[7, 3] = 448.0
+    kv = kv.to(dtype)
+    slots = torch.randperm(S, device="cuda", generator=g)[:T]
+    slots[::17] = -1
+    pool = torch.full((S, rows.row_bytes), 0xFF, dtype=torch.uint8, device="cuda")
+    want = pool.clone()
+    keep = slots >= 0
+    want[slots[keep]] = rows.quantize(kv[keep])
+    want[slots[keep], rows.nope + 2 * rd + rows.groups:] = 0xFF      # the kernel leaves the pad byte alone
+    cache = LayerCache(swa_kv=pool, block_size=128, kv_rows=rows)
+    batch = type("B", (), {"swa_slot_mapping": slots})()
+    cute_attention.store_window_kv_fp8(kv, cache, batch)
+    torch.cuda.synchronize()
+    bad = (pool != want).any(-1).nonzero().flatten().tolist()
+    assert not bad, f"pool rows {bad[:5]} differ from Fp8Rows.quantize"
+
+
 def test_mixin_falls_back_on_cpu_tensors():
     class Ops(cute_attention.CuteAttentionMixin, TorchOps):
         pass

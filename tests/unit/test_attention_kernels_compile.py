@@ -79,6 +79,13 @@ def test_kv_scatter_compiles(d):
     cute.compile(KVScatter(d), _fake(BF, 2), _fake(I64, 1, False), _fake(BF, 2), make_fake_stream())
 
 
+@pytest.mark.parametrize("d,rd,row_bytes,dtype", [(512, 64, 584, BF), (128, 64, 200, BF), (512, 64, 584, F32)])
+def test_fp8_kv_scatter_compiles(d, rd, row_bytes, dtype):
+    from dsv4_kernels.kv_write import KVScatterFp8
+    cute.compile(KVScatterFp8(d, rd, row_bytes), _fake(dtype, 2), _fake(I64, 1, False),
+                 _fake(cutlass.Uint8, 2, False), make_fake_stream())
+
+
 @pytest.mark.parametrize("n,iters,partials", [(4, 20, False), (2, 1, False), (4, 20, True), (2, 3, True)])
 def test_mhc_coefficients_compile(n, iters, partials):
     cute.compile(HcCoefficients(n, iters, 1e-6, 1e-6, partials), _fake(F32, 3 if partials else 2, False),

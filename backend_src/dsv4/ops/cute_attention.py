@@ -62,7 +62,8 @@ def to_cute(t: Tensor, row_align: bool = True):
     return ct
 
 
-_DT = {torch.bfloat16: "BFloat16", torch.float32: "Float32", torch.int32: "Int32", torch.int64: "Int64"}
+_DT = {torch.bfloat16: "BFloat16", torch.float32: "Float32", torch.int32: "Int32", torch.int64: "Int64",
+       torch.uint8: "Uint8"}
 
 
 def _fake(t: Tensor, row_align: bool = True):
@@ -408,6 +409,32 @@ def store_window_kv(kv: Tensor, cache: LayerCache, batch: ForwardBatch) -> None:
     fn(src, slots, pool)
 
 
+def store_window_kv_fp8(kv: Tensor, cache: LayerCache, batch: ForwardBatch) -> None:
+    """store_window_kv into a pool of FP8 rows (dsv4_kernels.kv_write.KVScatterFp8, bit-exact with
+    Fp8Rows.quantize)."""
+    from dsv4_kernels.kv_write import KVScatterFp8
+
+    rows = cache.kv_rows
+    src = kv.reshape(-1, rows.dim)
+    src = src if src.is_contiguous() else src.contiguous()
+    slots = batch.swa_slot_mapping
+    if slots.dtype != torch.int64 or slots.device != kv.device or not slots.is_contiguous():
+        slots = slots.to(device=kv.device, dtype=torch.int64).contiguous()
+    pool = cache.swa_kv.view(-1, rows.row_bytes)
+    key = ("kvw8", rows.dim, rows.rope_dim, src.dtype)
+    fn = _LAUNCHERS.get(key)
+    if fn is None:
+        fn = _LAUNCHERS[key] = Launcher(key, lambda: KVScatterFp8(rows.dim, rows.rope_dim, rows.row_bytes),
+                                        (("t", True), ("t", False), ("t", False)), [src, slots, pool])
+    fn(src, slots, pool)
+
+
+def fp8_write_supported(kv: Tensor, cache: LayerCache) -> bool:
+    rows = cache.kv_rows
+    return (rows is not None and kv.is_cuda and kv.dtype in (torch.bfloat16, torch.float32) and kv.shape[0] > 0
+            and kv.shape[-1] == rows.dim and rows.nope % 64 == 0 and rows.rope_dim % 8 == 0)
+
+
 _LAUNCHERS: dict[tuple, Launcher] = {}
 
 
@@ -428,6 +455,8 @@ class CuteAttentionMixin:
     def store_window_kv(self, kv: Tensor, cache: LayerCache, batch: ForwardBatch) -> None:
         if supported(kv, cache) and kv.shape[0] > 0:
             return store_window_kv(kv, cache, batch)
+        if getattr(self, "fused_glue", False) and fp8_write_supported(kv, cache):   # not yet run on a GPU
+            return store_window_kv_fp8(kv, cache, batch)
         return super().store_window_kv(kv, cache, batch)
 
     def sparse_attention(self, q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,

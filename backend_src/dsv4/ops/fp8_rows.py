@@ -24,6 +24,21 @@ E4M3_MAX = 448.0
 EXP_BIAS = 127
 
 
+def scale_exponent(amax: Tensor) -> Tensor:
+    """The smallest e with amax <= 448 * 2^e, from amax's fp32 bits (exact, no log2 rounding; the GPU kernel
+    computes the same): amax = (1 + f) 2^A, and 448 = 1.75 * 2^8, so e = A - 8, plus one when f > 0.75. A zero or
+    subnormal amax gives the bottom exponent -127."""
+    bits = amax.float().contiguous().view(torch.int32)
+    a = ((bits >> 23) & 0xFF) - EXP_BIAS
+    e = a - 8 + ((bits & 0x7FFFFF) > 0x600000).to(torch.int32)
+    return torch.where(a == -EXP_BIAS, torch.full_like(e, -EXP_BIAS), e).clamp(-EXP_BIAS, EXP_BIAS)
+
+
+def inverse_scale(exp: Tensor) -> Tensor:
+    """2^-exp as fp32, built from its bits (exact; exp <= 120 for any finite fp32 amax, so it stays normal)."""
+    return ((EXP_BIAS - exp.clamp(max=EXP_BIAS - 1)) << 23).to(torch.int32).view(torch.float32)
+
+
 @dataclass(frozen=True)
 class Fp8Rows:
     dim: int
@@ -53,10 +68,8 @@ class Fp8Rows:
         nope = torch.zeros((n, g * GROUP), dtype=torch.float32, device=x.device)
         nope[:, :self.nope] = x[:, :self.nope]
         nope = nope.view(n, g, GROUP)
-        amax = nope.abs().amax(-1)
-        exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / E4M3_MAX)), torch.full_like(amax, -EXP_BIAS))
-        exp = exp.clamp(-EXP_BIAS, EXP_BIAS)
-        q = (nope / torch.exp2(exp)[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        exp = scale_exponent(nope.abs().amax(-1))
+        q = (nope * inverse_scale(exp)[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         out = torch.zeros((n, self.row_bytes), dtype=torch.uint8, device=x.device)
         out[:, :self.nope] = q.view(n, g * GROUP)[:, :self.nope].view(torch.uint8)
         r0 = self.nope + 2 * self.rope_dim
