@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--json-out", default="")
     p.add_argument("--profile", action="store_true", help="print the kernels of one batch-1 step (torch profiler)")
+    p.add_argument("--fp8-cache", action="store_true", help="FP8 KV-cache rows (kv_cache_dtype=fp8_e4m3)")
     p.add_argument("--profile-stack", action="store_true",
                    help="with --profile: also the torch ops of layer 0 grouped by Python call site")
     p.set_defaults(func=run)
@@ -82,8 +83,9 @@ def _nbytes(h: Any) -> int:
     raise TypeError(f"no byte count for {type(h).__name__}")
 
 
-def layer_floor_bytes(model, i: int, context: int) -> dict[str, int]:
-    """Bytes layer i must read for one decode token at position `context`."""
+def layer_floor_bytes(model, i: int, context: int, fp8: bool = False) -> dict[str, int]:
+    """Bytes layer i must read for one decode token at position `context` (KV rows as the cache stores them)."""
+    from dsv4.ops.fp8_rows import Fp8Rows
     cfg, L = model.cfg, model.layers[i]
     w = sum(_nbytes(getattr(L, f)) for f in ("attn_norm", "ffn_norm", "wq_a", "q_norm", "wq_b", "wkv", "kv_norm",
                                              "wo_a", "wo_b", "sink", "compressor", "idx_wq_b", "idx_weights_proj",
@@ -100,9 +102,12 @@ def layer_floor_bytes(model, i: int, context: int) -> dict[str, int]:
         rows += min(cfg.index_topk, (context + 1) // 4)
     elif ratio:
         rows += (context + 1) // ratio
-    kv = rows * cfg.head_dim * es
+    def row(d: int) -> int:
+        return Fp8Rows(d, cfg.rope_head_dim).row_bytes if fp8 else d * es
+
+    kv = rows * row(cfg.head_dim)
     if ratio == 4:
-        kv += (context + 1) // 4 * cfg.index_head_dim * es
+        kv += (context + 1) // 4 * row(cfg.index_head_dim)
     return {"weights": w, "experts": experts, "kv": kv, "total": w + experts + kv}
 
 
@@ -172,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     bs = 128
     per_seq = -(-max_len // bs)
     cache = KVCache(cfg, num_blocks=max(batches) * per_seq + 1, block_size=bs, max_seqs=max(batches), device=dev,
-                    dtype=torch.bfloat16)
+                    dtype=torch.bfloat16, fp8=args.fp8_cache)
     seqs = []
     for b in range(max(batches)):
         rid = f"s{b}"
@@ -233,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'layer':>5} {'ratio':>5} {'us':>8} {'floor us':>8} {'x floor':>7} {'MB read':>8}  (weights/experts/kv MB)")
     for i in range(len(all_layers)):
         us = (times[i + 1] - times[i]) * 1e3
-        fb = layer_floor_bytes(model, i, args.context)
+        fb = layer_floor_bytes(model, i, args.context, args.fp8_cache)
         floor_us = fb["total"] / bw * 1e6
         row = {"layer": i, "ratio": cfg.compress_ratio(i), "us": round(us, 1), "floor_us": round(floor_us, 1),
                "x_floor": round(us / floor_us, 2), **{f"{k}_bytes": v for k, v in fb.items()}}
