@@ -35,6 +35,20 @@ def _rope_freqs(rope: RopeConfig, rope_dim: int) -> Tensor:
     return freqs
 
 
+def _attend_with_sink(logits: list[Tensor], values: list[Tensor], equations: list[str], sink: Tensor) -> Tensor:
+    """One softmax over every part's logits [n, H, k_i] plus the per-head sink (which only takes probability), then
+    sum_i probs_i @ values_i, each by its einsum `equations[i]` -> fp32 [n, H, d]."""
+    n, H = logits[0].shape[:2]
+    probs = torch.cat(logits + [sink.float().view(1, H, 1).expand(n, H, 1)], dim=-1).softmax(-1)
+    out, off = None, 0
+    for lg, v, eq in zip(logits, values, equations):
+        k = lg.shape[-1]
+        part = torch.einsum(eq, probs[..., off:off + k], v)
+        out = part if out is None else out + part
+        off += k
+    return out
+
+
 def _cache_rows(entries: Tensor, pool: Tensor, rope_dim: int) -> Tensor:
     """`entries` [..., d] as `pool` stores them: its dtype, or FP8 rows for a uint8 pool."""
     if pool.dtype == torch.uint8:
@@ -360,18 +374,11 @@ class TorchOps(Ops):
                     per_token = kc[idx.clamp(min=0)]                                     # [n, k, d]
                     lc = torch.einsum("thd,tkd->thk", qb, per_token) * scale
                     parts_l.append(lc.masked_fill((idx < 0)[:, None, :], -math.inf))
-            sink_l = sink.float().view(1, H, 1).expand(s1 - s0, H, 1)
-            probs = torch.cat(parts_l + [sink_l], dim=-1).softmax(-1)
-            o = torch.zeros((s1 - s0, H, d), dtype=torch.float32, device=q.device)
-            off = 0
-            for lg, v in zip(parts_l, parts_v):
-                k = lg.shape[-1]
-                o += torch.einsum("thk,kd->thd", probs[..., off:off + k], v)
-                off += k
+            eqs = ["thk,kd->thd"] * len(parts_v)
             if per_token is not None:
-                k = per_token.shape[1]
-                o += torch.einsum("thk,tkd->thd", probs[..., off:off + k], per_token)
-            out[s0:s1] = o.to(q.dtype)
+                parts_v.append(per_token)
+                eqs.append("thk,tkd->thd")
+            out[s0:s1] = _attend_with_sink(parts_l, parts_v, eqs, sink).to(q.dtype)
         return out
 
     # --- decode steps from device tables (no host lists, no sync: what a CUDA graph can replay) -----------------
@@ -408,7 +415,7 @@ class TorchOps(Ops):
     def _attention_decode(self, q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
                           sink: Tensor, scale: float, batch: ForwardBatch) -> Tensor:
         t = batch.decode
-        B, H, d = q.shape
+        B = q.shape[0]
         bs, rows = cache.block_size, cache.kv_rows
         pos = batch.positions
         qf = q.float()
@@ -423,7 +430,7 @@ class TorchOps(Ops):
         if ratio:
             if ratio == 4:
                 entries = topk_entries
-                seen = entries >= 0
+                seen = None if entries is None else entries >= 0
             else:
                 n = (t.max_position + 1) // ratio
                 entries = torch.arange(n, device=q.device).expand(B, n)
@@ -433,12 +440,4 @@ class TorchOps(Ops):
                 lc = torch.einsum("bhd,bkd->bhk", qf, kc) * scale
                 parts_l.append(lc.masked_fill(~seen[:, None, :], -math.inf))
                 parts_v.append(kc)
-        sink_l = sink.float().view(1, H, 1).expand(B, H, 1)
-        probs = torch.cat(parts_l + [sink_l], dim=-1).softmax(-1)
-        o = torch.zeros((B, H, d), dtype=torch.float32, device=q.device)
-        off = 0
-        for lg, v in zip(parts_l, parts_v):
-            k = lg.shape[-1]
-            o += torch.einsum("bhk,bkd->bhd", probs[..., off:off + k], v)
-            off += k
-        return o.to(q.dtype)
+        return _attend_with_sink(parts_l, parts_v, ["bhk,bkd->bhd"] * len(parts_v), sink).to(q.dtype)
