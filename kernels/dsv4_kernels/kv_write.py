@@ -13,16 +13,20 @@ from cutlass import Float32, Int32, Int64
 from dsv4_kernels.cute_utils import butterfly
 
 
-class KVScatter:
-    def __init__(self, head_dim: int):
-        assert head_dim % 8 == 0
-        self.d = head_dim
-        self.threads = head_dim // 8
+class _RowScatter:
+    """The launch both scatters share: one CTA of `self.threads` per token row."""
 
     @cute.jit
     def __call__(self, mKV: cute.Tensor, mSlot: cute.Tensor, mPool: cute.Tensor, stream):
         self.kernel(mKV, mSlot, mPool).launch(grid=(cute.size(mKV.shape[0]), 1, 1), block=[self.threads, 1, 1],
                                               stream=stream)
+
+
+class KVScatter(_RowScatter):
+    def __init__(self, head_dim: int):
+        assert head_dim % 8 == 0
+        self.d = head_dim
+        self.threads = head_dim // 8
 
     @cute.kernel
     def kernel(self, mKV: cute.Tensor, mSlot: cute.Tensor, mPool: cute.Tensor):
@@ -42,7 +46,7 @@ E4M3_MAX = 448.0
 EXP_BIAS = 127
 
 
-class KVScatterFp8:
+class KVScatterFp8(_RowScatter):
     """The same scatter into a pool of FP8 rows (dsv4.ops.fp8_rows, FlashMLA's V4 entry): per row, the dim -
     rope_dim non-RoPE channels as e4m3 with one power-of-two scale per 64 (its exponent + 127 as a byte after the
     RoPE part), the RoPE channels as BF16. Bit-exact with Fp8Rows.quantize: the exponent is the smallest e with
@@ -60,11 +64,6 @@ class KVScatterFp8:
         self.groups = nope // 64
         self.vecs = dim // 8
         self.threads = -(-self.vecs // 32) * 32    # whole warps: the butterfly's shuffles name all 32 lanes
-
-    @cute.jit
-    def __call__(self, mKV: cute.Tensor, mSlot: cute.Tensor, mPool: cute.Tensor, stream):
-        self.kernel(mKV, mSlot, mPool).launch(grid=(cute.size(mKV.shape[0]), 1, 1), block=[self.threads, 1, 1],
-                                              stream=stream)
 
     @cute.kernel
     def kernel(self, mKV: cute.Tensor, mSlot: cute.Tensor, mPool: cute.Tensor):

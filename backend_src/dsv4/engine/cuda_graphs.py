@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4.engine.decode_inputs import TOKEN, DecodeInputs, PendingTokens, decode_batch, to_device
+from dsv4.engine.decode_inputs import TOKEN, DecodeInputs, PendingTokens, decode_batch, upload
 from dsv4.errors import ConfigError
 from dsv4.model.deepseek_v4 import DeepseekV4Model
 from dsv4.ops.base import LayerCache
@@ -113,8 +113,8 @@ class DecodeGraphs:
         graph's static output: consume it before the next replay). No host sync: the inputs go up from pinned
         memory, and `pending` tokens are copied on the device."""
         g = self._graphs[inputs.i64.shape[1]]
-        g.i64.copy_(to_device(torch.from_numpy(inputs.i64), self.device))
-        g.i32.copy_(to_device(torch.from_numpy(inputs.i32), self.device))
+        upload(g.i64, torch.from_numpy(inputs.i64))
+        upload(g.i32, torch.from_numpy(inputs.i32))
         if pending is not None:
             tok = g.i64[TOKEN]
             pending.apply(tok)

@@ -78,6 +78,14 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def upload(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """to_device into an existing buffer (a CUDA graph's static input), without an intermediate device copy."""
+    if dst.device.type != "cuda":
+        dst.copy_(host)
+    else:
+        dst.copy_(host.pin_memory(), non_blocking=True)
+
+
 def decode_batch(i64: torch.Tensor, i32: torch.Tensor, max_position: int, logits_indices: torch.Tensor,
                  host: DecodeInputs | None = None) -> ForwardBatch:
     """A ForwardBatch over device copies of DecodeInputs. `host` (the eager path) also fills the host lists the
