@@ -20,6 +20,7 @@ from dsv4.engine.engine import Engine
 from dsv4.engine.params import SamplingParams
 from dsv4.errors import InvalidRequestError
 from dsv4.reference import ReferenceModel
+from engine_runs import run_concurrently
 
 NEW_TOKENS = 64
 PROMPT_LENGTHS = (1, 5, 100, 129, 230, 400, 555, 700)  # 100 and 230 cross a 128-block boundary while decoding
@@ -52,18 +53,6 @@ def make_engine(path, **kw) -> Engine:
                 max_num_batched_tokens=1024, num_kv_blocks=64)
     base.update(kw)
     return Engine(EngineConfig(**base))
-
-
-def run_concurrently(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    streams = [engine.add_request(f"r{i}", prompt_token_ids=p, params=params) for i, p in enumerate(prompts)]
-    results = []
-    for s in streams:
-        ids = []
-        for out in s:
-            assert out.error is None, out.error
-            ids += out.token_ids
-        results.append(ids)
-    return results
 
 
 def wait_until_idle(engine: Engine, timeout: float = 10.0) -> None:

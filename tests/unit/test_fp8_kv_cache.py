@@ -20,6 +20,7 @@ from dsv4.engine.params import SamplingParams
 from dsv4.errors import ConfigError
 from dsv4.ops.fp8_rows import Fp8Rows
 from dsv4.reference import ReferenceModel
+from engine_runs import run_concurrently
 
 NEW_TOKENS = 32
 PROMPT_LENGTHS = (5, 129, 400, 700)
@@ -81,15 +82,7 @@ def test_engine_with_fp8_cache_matches_the_reference_that_models_it(tiny_checkpo
     try:
         assert engine.cache.window_kv.dtype == torch.uint8
         params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        streams = [engine.add_request(f"r{i}", prompt_token_ids=p, params=params) for i, p in enumerate(prompts)]
-        got = []
-        for s in streams:
-            ids = []
-            for out in s:
-                assert out.error is None, out.error
-                ids += out.token_ids
-            got.append(ids)
-        assert got == expected
+        assert run_concurrently(engine, prompts, params) == expected
     finally:
         engine.shutdown()
 
