@@ -436,6 +436,17 @@ def fp8_write_supported(kv: Tensor, cache: LayerCache) -> bool:
 
 
 _LAUNCHERS: dict[tuple, Launcher] = {}
+_PLACEHOLDERS: dict[tuple, Tensor] = {}
+
+
+def placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zero tensor for an argument the compiled kernel variant never reads (a norm without weight, the bias of a
+    hash-routed gate): one per (shape, dtype, device), kept, so that a captured decode step allocates nothing."""
+    key = (shape, dtype, device)
+    t = _PLACEHOLDERS.get(key)
+    if t is None:
+        t = _PLACEHOLDERS[key] = torch.zeros(shape, dtype=dtype, device=device)
+    return t
 
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dsv4.ops.cute_attention import Launcher
+from dsv4.ops.cute_attention import Launcher, placeholder
 
 Tensor = torch.Tensor
 
@@ -59,22 +59,13 @@ class CuteGlueMixin:
             return super().rms_norm(x, weight, eps)
         x2 = _rows(x, D)
         if weight is None:
-            w = self._glue_dummy(x.device)
+            w = placeholder((_VEC,), torch.float32, x.device)
         else:
             w = weight if weight.dtype == torch.float32 else weight.float()
             w = _compact(w)
         out = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
         _rms_launcher(D, float(eps), weight is not None, x2, w, out)(x2, w, out)
         return out.view(x.shape)
-
-    def _glue_dummy(self, device: torch.device) -> Tensor:
-        """An fp32 stand-in for the absent norm weight (the kernel variant never reads it); one per device, kept so
-        a captured graph does not allocate it."""
-        cache = self.__dict__.setdefault("_glue_dummies", {})
-        t = cache.get(device)
-        if t is None:
-            t = cache[device] = torch.zeros(_VEC, dtype=torch.float32, device=device)
-        return t
 
     # --- swiglu_mlp --------------------------------------------------------------------------------------------
     def swiglu_mlp(self, x: Tensor, w1: Any, w2: Any, w3: Any, swiglu_limit: float) -> Tensor:

@@ -12,24 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.ops.cute_attention import Launcher
+from dsv4.ops.cute_attention import Launcher, placeholder
 
 Tensor = torch.Tensor
 
 _ROUTE_SPEC = (("t", False),) * 6
-_DUMMIES: dict[tuple, Tensor] = {}
-
-
-def _dummy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Stand-in for an argument the kernel variant never reads (bias of hash layers, tid2eid of the others): kept, so
-    a decode step allocates nothing for it."""
-    key = (shape, dtype, device)
-    t = _DUMMIES.get(key)
-    if t is None:
-        t = _DUMMIES[key] = torch.zeros(shape, dtype=dtype, device=device)
-    return t
-
-
 def _launcher(E: int, topk: int, score_func: str, route_scale: float, hashed: bool, example: list) -> Launcher:
     from dsv4_kernels.moe_route import MoeRoute
     return Launcher(("moe_route", E, topk, score_func, float(route_scale), hashed),
@@ -59,15 +46,15 @@ def route(x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | N
     dev = logits.device
     hashed = tid2eid is not None
     if hashed:
-        bias = _dummy((1,), torch.float32, dev)
+        bias = placeholder((1,), torch.float32, dev)
         table = tid2eid if tid2eid.is_contiguous() else tid2eid.contiguous()
         tok = token_ids if token_ids.dtype == torch.int64 else token_ids.long()
         tok = tok if tok.is_contiguous() else tok.contiguous()
     else:
         bias = gate_bias.reshape(E)
         bias = bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.float().contiguous()
-        table = _dummy((1, topk), torch.int64, dev)
-        tok = _dummy((1,), torch.int64, dev)
+        table = placeholder((1, topk), torch.int64, dev)
+        tok = placeholder((1,), torch.int64, dev)
     ids = torch.empty((T, topk), dtype=torch.int64, device=dev)
     weights = torch.empty((T, topk), dtype=torch.float32, device=dev)
     args = [logits, bias, table, tok, ids, weights]
