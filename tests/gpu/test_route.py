@@ -111,8 +111,8 @@ def test_ties_go_to_the_lower_expert_and_every_output_is_written(score_func):
     bias = torch.zeros(E, device="cuda")
     ids = torch.full((T, k), -7, dtype=torch.int64, device="cuda")
     w = torch.full((T, k), float("nan"), device="cuda")
-    args = [logits, bias, cr._dummy((1, k), torch.int64, logits.device), cr._dummy((1,), torch.int64, logits.device),
-            ids, w]
+    unread = [cr.placeholder((1, k), torch.int64, logits.device), cr.placeholder((1,), torch.int64, logits.device)]
+    args = [logits, bias, *unread, ids, w]
     cr._launcher(E, k, score_func, 2.0, False, args)(*args)
     torch.cuda.synchronize()
     assert torch.equal(ids[0], torch.arange(k, device="cuda"))
