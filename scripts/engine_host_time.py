@@ -25,6 +25,10 @@ def main() -> int:
     ap.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "demo"))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--backend", default="torch", help="ops backend: torch or cute")
+    ap.add_argument("--prompt-repeat", type=int, default=1, help="repeat the prompt (longer prefill)")
+    ap.add_argument("--warmup", type=int, default=0, help="batches run (not timed) before the measured one")
     ap.add_argument("--sync-scheduling", action="store_true")
     ap.add_argument("--profile", action="store_true", help="cProfile of the engine's own functions")
     args = ap.parse_args()
@@ -45,8 +49,30 @@ def main() -> int:
             in_forward[0] += time.perf_counter() - t
 
     DeepseekV4Model.forward = timed_forward
-    engine = Engine(EngineConfig(checkpoint=args.checkpoint, device="cpu", ops_backend="torch",
+    engine = Engine(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
                                  max_num_seqs=args.batch, async_scheduling=not args.sync_scheduling))
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+    prompt = "k73=635,k19=847,k28=519;k19?" * args.prompt_repeat
+
+    def run_batch(tag: str) -> float:
+        done, left = threading.Event(), [args.batch]
+
+        def on_output(out):
+            if out.finished:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+        t0 = time.perf_counter()
+        for i in range(args.batch):
+            engine.add_request(f"{tag}{i}", prompt=prompt, params=params, on_output=on_output)
+        done.wait(1800)
+        return time.perf_counter() - t0
+
+    for w in range(args.warmup):   # the first batches compile kernels and capture graphs
+        run_batch(f"w{w}-")
+    in_forward[0] = 0.0
+    before = engine.stats()
     prof = cProfile.Profile()
     step = engine._step
     wall = [0, 0.0]
@@ -62,26 +88,19 @@ def main() -> int:
         wall[1] += time.perf_counter() - t
 
     engine._step = timed_step
-    done, left = threading.Event(), [args.batch]
-
-    def on_output(out):
-        if out.finished:
-            left[0] -= 1
-            if not left[0]:
-                done.set()
-
-    params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
-    for i in range(args.batch):
-        engine.add_request(f"r{i}", prompt="k73=635,k19=847,k28=519;k19?", params=params, on_output=on_output)
-    done.wait(1800)
+    total = run_batch("r")
+    stats = engine.stats()
     engine.shutdown()
     n = wall[0]
     print(f"{n} steps at batch {args.batch}: {1e3 * wall[1] / n:.2f} ms per step, of which forward "
           f"{1e3 * in_forward[0] / n:.2f} ms, host {1e3 * (wall[1] - in_forward[0]) / n:.2f} ms"
           + (" (cProfile on: inflated)" if args.profile else ""))
+    print(f"whole batch {1e3 * total:.0f} ms; graph steps {stats.graph_steps - before.graph_steps}, "
+          f"overlapped {stats.overlapped_steps - before.overlapped_steps}")
     if args.profile:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(
             r"engine|sampler|stop|detok|request|scheduler|block_manager|kv_cache|decode_inputs|runner", 30)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(40)
     return 0
 
 

@@ -8,7 +8,7 @@ set -uo pipefail
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in ${*:-tests small flash}; do
   case $step in
-    tests) timeout 400 python3 -m pytest -q -rA -x -m gpu ${TESTS:-tests/gpu/test_cuda_graphs.py} -p no:cacheprovider \
+    tests) timeout 500 python3 -m pytest -q -rA -m gpu ${TESTS:-tests/gpu/test_cuda_graphs.py} -p no:cacheprovider \
              2>&1 | tee "$OUT/pytest_graphs.log" | grep -v Warning | tail -25 ;;
     small) timeout 300 python3 -m dsv4.cli bench decode --preset small --layers 7 --context ${CONTEXT:-1024} \
              --json-out "$OUT/bench_decode_small.json" 2>&1 | tee "$OUT/bench_decode_small.log" | grep -v Warning | tail -20 ;;

@@ -504,8 +504,8 @@ SORT_MAX_EXPERTS = 1024
 def nvfp4_moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, experts: PackedExperts,
               swiglu_limit: float, sort_kernel: bool = False) -> torch.Tensor:
     """Routed experts: x bf16 [T, D], ids [T, k] int, weights [T, k] -> bf16 [T, D]. `sort_kernel`: group the
-    assignments by expert with dsv4_kernels.moe_sort (one launch) instead of torch (not yet run on a GPU: off by
-    default)."""
+    assignments by expert with dsv4_kernels.moe_sort (one launch) instead of torch's sort and counts (CuteOps
+    passes its `fused_glue`)."""
     if not isinstance(experts, PackedExperts):
         raise TypeError(f"nvfp4_moe: experts must be PackedExperts, got {type(experts).__name__}")
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != experts.dim:

@@ -70,6 +70,7 @@ class KVCache:
         if block_size % 128:
             raise ValueError(f"block_size must be a multiple of 128 (the largest compress ratio), got {block_size}")
         self.cfg, self.block_size, self.num_blocks = cfg, block_size, num_blocks
+        self.device = torch.device(device)
         self.window = BlockManager(num_blocks, block_size)
         self.compressed = BlockManager(num_blocks, block_size)
         self._free_slots = list(range(max_seqs - 1, -1, -1))
@@ -138,21 +139,30 @@ class KVCache:
         return need <= self.window.num_free and need <= self.compressed.num_free
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
-    def add(self, seq_id: Hashable) -> int:
-        """Register a sequence (no tokens yet); returns its state slot, cleared."""
+    def add(self, seq_id: Hashable, clear_state: bool = True) -> int:
+        """Register a sequence (no tokens yet); returns its state slot, cleared unless `clear_state` is False (then
+        the caller clears it with clear_state() before the sequence's first step: one call for many slots)."""
         if not self._free_slots:
             raise OutOfBlocksError("no free sequence state slot (max_num_seqs running)")
         slot = self._free_slots.pop()
         self._slot_of[seq_id] = slot
         self.window.allocate(seq_id, 0)
         self.compressed.allocate(seq_id, 0)
+        if clear_state:
+            self.clear_state([slot])
+        return slot
+
+    def clear_state(self, slots: list[int]) -> None:
+        """Reset the compressor carry of these state slots (a fresh sequence has no partial window)."""
+        if not slots:
+            return
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         for lc in self.layers:
             for carry_kv, carry_score in ((lc.comp_carry_kv, lc.comp_carry_score),
                                           (lc.index_carry_kv, lc.index_carry_score)):
                 if carry_kv is not None:
-                    carry_kv[slot].zero_()
-                    carry_score[slot].fill_(-math.inf)
-        return slot
+                    carry_kv.index_fill_(0, idx, 0.0)
+                    carry_score.index_fill_(0, idx, -math.inf)
 
     def grow(self, seq_id: Hashable, new_len: int) -> None:
         if not self.can_grow(seq_id, new_len):

@@ -121,6 +121,7 @@ class Scheduler:
             step.seqs.append(seq)
             step.num_tokens.append(n)
             budget -= n
+        admitted: list[int] = []
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not step.preempted:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed, budget)
@@ -128,11 +129,12 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._queued_at.pop(seq, None)
-            self.cache.add(seq.request_id)
+            admitted.append(self.cache.add(seq.request_id, clear_state=False))
             self.cache.grow(seq.request_id, n)
             seq.status = Status.RUNNING
             self.running.append(seq)
             step.seqs.append(seq)
             step.num_tokens.append(n)
             budget -= n
+        self.cache.clear_state(admitted)       # one launch per state tensor for all of them
         return step

@@ -44,14 +44,13 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
 
     def __init__(self, device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
                  fused_glue: bool | None = None):
-        """`fused_glue` (default: env DSV4_CUTE_FUSED_GLUE=1) turns on the decode-glue kernels (RMSNorm, SwiGLU,
-        mHC mix/collapse/post, MoE gate, MoE assignment sort): compiled in CI but not yet run on a GPU, so off until
-        a GPU run of tests/gpu/test_glue_kernels.py, test_route.py, test_mhc.py and test_nvfp4_moe.py has checked
-        them."""
+        """`fused_glue` (default on; env DSV4_CUTE_FUSED_GLUE=0 turns it off) runs the decode-glue kernels (RMSNorm,
+        SwiGLU, mHC mix/collapse/post, MoE gate, MoE assignment sort, FP8 window-KV write) instead of the torch ops
+        they replace; off gives the previous path for A/B runs (docs/PERF.md: 2.43 -> 1.81 ms per flash step)."""
         super().__init__(device, dtype)
         if self.device.type != "cuda":
             raise ValueError(f"CuteOps needs a CUDA device, got {self.device}")
-        self.fused_glue = os.environ.get("DSV4_CUTE_FUSED_GLUE") == "1" if fused_glue is None else fused_glue
+        self.fused_glue = os.environ.get("DSV4_CUTE_FUSED_GLUE", "1") != "0" if fused_glue is None else fused_glue
 
     # --- weights ---------------------------------------------------------------------------------------------
     def prepare_linear(self, weight: Any) -> Any:

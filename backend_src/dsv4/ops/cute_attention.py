@@ -466,7 +466,7 @@ class CuteAttentionMixin:
     def store_window_kv(self, kv: Tensor, cache: LayerCache, batch: ForwardBatch) -> None:
         if supported(kv, cache) and kv.shape[0] > 0:
             return store_window_kv(kv, cache, batch)
-        if getattr(self, "fused_glue", False) and fp8_write_supported(kv, cache):   # not yet run on a GPU
+        if getattr(self, "fused_glue", False) and fp8_write_supported(kv, cache):
             return store_window_kv_fp8(kv, cache, batch)
         return super().store_window_kv(kv, cache, batch)
 

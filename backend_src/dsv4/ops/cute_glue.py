@@ -47,7 +47,7 @@ def _rows(t: Tensor, d: int) -> Tensor:
 
 
 class CuteGlueMixin:
-    fused_glue = True      # CuteOps sets it per instance (off until the kernels have run on a GPU)
+    fused_glue = True      # CuteOps sets it per instance (on unless DSV4_CUTE_FUSED_GLUE=0)
 
     # --- rms_norm ----------------------------------------------------------------------------------------------
     def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch, LayerCache, Ops
+from dsv4.ops.compress_plan import compress_plan
 from dsv4.ops.fp8_rows import Fp8Rows
 
 Tensor = torch.Tensor
@@ -210,47 +211,32 @@ class TorchOps(Ops):
         if batch.decode is not None:
             return self._compress_decode(kv, score, ape, norm_weight, norm_eps, ratio, rope, rope_dim, carry_kv,
                                          carry_score, out, block_size, batch)
+        # every sequence at once, from one index plan (compress_plan.py): a fixed number of launches per step
         overlap = ratio == 4
         d = carry_kv.shape[-1] // (2 if overlap else 1)
-        kv, score = kv.float(), score.float()
-        for b in range(batch.num_seqs):
-            s0, s1 = batch.query_start[b], batch.query_start[b + 1]
-            c, n = batch.context_lens[b], s1 - s0
-            slot = batch.state_slots[b]
-            first_w = c // ratio                     # window the chunk starts in (maybe partly in the carry)
-            done = c - first_w * ratio               # its tokens already seen, held in the carry
-            cur0 = ratio if overlap else 0           # carry rows of the current window start here
-            pos_in_w = (torch.arange(c, c + n, device=kv.device) % ratio)
-            new_kv = kv[s0:s1]
-            new_sc = score[s0:s1] + ape[pos_in_w]
-            rows_kv = torch.cat([carry_kv[slot, cur0:cur0 + done], new_kv])      # positions [first_w*r, c+n)
-            rows_sc = torch.cat([carry_score[slot, cur0:cur0 + done], new_sc])
-            n_closed = (c + n) // ratio - first_w
-            if n_closed > 0:
-                wk = rows_kv[: n_closed * ratio].view(n_closed, ratio, -1)
-                ws = rows_sc[: n_closed * ratio].view(n_closed, ratio, -1)
-                if overlap:
-                    # entry w: first half (series A) of window w-1's rows, second half (series B) of window w's
-                    prev_k = torch.cat([carry_kv[slot, :ratio, :d][None], wk[:-1, :, :d]])
-                    prev_s = torch.cat([carry_score[slot, :ratio, :d][None], ws[:-1, :, :d]])
-                    pk = torch.cat([prev_k, wk[:, :, d:]], dim=1)
-                    ps = torch.cat([prev_s, ws[:, :, d:]], dim=1)
-                else:
-                    pk, ps = wk, ws
-                entries = (pk * ps.softmax(dim=1)).sum(dim=1)
-                entries = self.rms_norm(entries, norm_weight, norm_eps)
-                w_idx = torch.arange(first_w, first_w + n_closed, device=kv.device)
-                entries = self.rope_tail(entries, w_idx * ratio, rope, rope_dim)
-                table = torch.as_tensor(batch.comp_block_tables[b], device=kv.device)
-                blk = table[(w_idx * ratio) // block_size]
-                out[blk, (w_idx * ratio % block_size) // ratio] = _cache_rows(entries, out, rope_dim)
-                if overlap:
-                    carry_kv[slot, :ratio] = wk[-1]
-                    carry_score[slot, :ratio] = ws[-1]
-            left = (c + n) - (c + n) // ratio * ratio
-            if left:
-                carry_kv[slot, cur0:cur0 + left] = rows_kv[rows_kv.shape[0] - left:]
-                carry_score[slot, cur0:cur0 + left] = rows_sc[rows_sc.shape[0] - left:]
+        dev = kv.device
+        plan = compress_plan(batch, ratio, block_size, carry_kv.shape[1])
+        new_sc = score.float() + ape[torch.from_numpy(plan.new_rows).to(dev)]
+        src_kv = torch.cat([kv.float(), carry_kv.view(-1, carry_kv.shape[-1])])
+        src_sc = torch.cat([new_sc, carry_score.view(-1, carry_score.shape[-1])])
+        if plan.num_entries:
+            cur = torch.from_numpy(plan.cur_rows).to(dev)
+            wk, ws = src_kv[cur], src_sc[cur]                         # [E, ratio, coff*d]
+            if overlap:
+                # entry w: first half (series A) of window w-1's rows, second half (series B) of window w's
+                prev = torch.from_numpy(plan.prev_rows).to(dev)
+                wk = torch.cat([src_kv[prev][:, :, :d], wk[:, :, d:]], dim=1)
+                ws = torch.cat([src_sc[prev][:, :, :d], ws[:, :, d:]], dim=1)
+            entries = (wk * ws.softmax(dim=1)).sum(dim=1)
+            entries = self.rms_norm(entries, norm_weight, norm_eps)
+            entries = self.rope_tail(entries, torch.from_numpy(plan.entry_pos).to(dev), rope, rope_dim)
+            out[torch.from_numpy(plan.entry_block).to(dev), torch.from_numpy(plan.entry_index).to(dev)] = \
+                _cache_rows(entries, out, rope_dim)
+        if plan.carry_dst.size:
+            srcs = torch.from_numpy(plan.carry_src).to(dev)
+            dsts = torch.from_numpy(plan.carry_dst).to(dev)
+            carry_kv.view(-1, carry_kv.shape[-1])[dsts] = src_kv[srcs]
+            carry_score.view(-1, carry_score.shape[-1])[dsts] = src_sc[srcs]
 
     def _compress_decode(self, kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
                          ratio: int, rope: RopeConfig, rope_dim: int, carry_kv: Tensor, carry_score: Tensor,

@@ -1,0 +1,75 @@
+"""The prefill compressor pools every sequence of a batch at once (ops/compress_plan.py) and must write exactly what
+pooling each sequence on its own writes: the same cache entries in the same slots, the same carry afterwards.
+
+Sequences start at every kind of position: a fresh one, one in the middle of a window (part of the window in the
+carry), one at a window boundary, one whose chunk closes no window at all, and one that closes many.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.config import RopeConfig
+from dsv4.ops.base import ForwardBatch
+from dsv4.ops.torch_ops import TorchOps
+
+BLOCK = 128
+D = 32            # compressed entry width
+ROPE = 8
+# (tokens already in the cache, new tokens) per sequence
+SEQS = [(0, 9), (5, 6), (128, 130), (6, 1), (257, 300)]
+
+
+def make_batch(seqs: list[tuple[int, int]], slots: list[int], tables: list[list[int]]) -> ForwardBatch:
+    starts = [0]
+    for _, n in seqs:
+        starts.append(starts[-1] + n)
+    positions = torch.cat([torch.arange(c, c + n) for c, n in seqs])
+    return ForwardBatch(token_ids=torch.zeros(starts[-1], dtype=torch.long), positions=positions,
+                        query_start=starts, context_lens=[c for c, _ in seqs], state_slots=slots,
+                        swa_block_tables=tables, comp_block_tables=tables,
+                        swa_slot_mapping=torch.zeros(starts[-1], dtype=torch.long),
+                        logits_indices=torch.zeros(len(seqs), dtype=torch.long))
+
+
+@pytest.mark.parametrize("ratio", [4, 128])
+def test_batched_prefill_compression_equals_one_sequence_at_a_time(ratio):
+    g = torch.Generator().manual_seed(ratio)
+    coff = 2 if ratio == 4 else 1
+    rows = coff * ratio
+    ops = TorchOps("cpu", torch.float32)
+    ops.reserve_positions(1024)
+    slots = [3, 0, 5, 1, 2]                                       # state slots in no particular order
+    tables = [[10 + 5 * b + j for j in range(5)] for b in range(len(SEQS))]
+    T = sum(n for _, n in SEQS)
+    kv = torch.randn(T, coff * D, generator=g)
+    score = torch.randn(T, coff * D, generator=g)
+    ape = torch.randn(ratio, coff * D, generator=g)
+    norm = torch.rand(D, generator=g) + 0.5
+    rope = RopeConfig(theta=160000.0)
+    carry_kv0 = torch.randn(6, rows, coff * D, generator=g)       # what earlier chunks left behind
+    carry_sc0 = torch.randn(6, rows, coff * D, generator=g)
+    pool0 = torch.full((40, BLOCK // ratio, D), float("nan"))       # never-written slots stay NaN
+
+    def run(which: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ck, cs, out = carry_kv0.clone(), carry_sc0.clone(), pool0.clone()
+        starts = [0]
+        for _, n in SEQS:
+            starts.append(starts[-1] + n)
+        sel = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in which])
+        batch = make_batch([SEQS[b] for b in which], [slots[b] for b in which], [tables[b] for b in which])
+        ops.compress_and_store(kv[sel], score[sel], ape, norm, 1e-6, ratio, rope, ROPE, ck, cs, out, BLOCK, batch)
+        return ck, cs, out
+
+    together = run(list(range(len(SEQS))))
+    one_by_one = [carry_kv0.clone(), carry_sc0.clone(), pool0.clone()]
+    for b in range(len(SEQS)):
+        ck, cs, out = run([b])
+        one_by_one[0][slots[b]], one_by_one[1][slots[b]] = ck[slots[b]], cs[slots[b]]
+        written = ~out.isnan().all(-1)
+        one_by_one[2][written] = out[written]
+    for got, want, what in zip(together, one_by_one, ("carry kv", "carry score", "compressed entries")):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True, msg=what)
+    entries = (~together[2].isnan().all(-1)).sum().item()
+    assert entries == sum((c + n) // ratio - c // ratio for c, n in SEQS)   # every closed window, nothing else
