@@ -100,6 +100,25 @@ def test_frequent_arrivals_wait_to_share_a_prefill():
     assert admitted_together.count(0) > 12               # and most steps were decode-only
 
 
+def test_admission_due_before_a_step_is_the_decision_the_step_takes():
+    """The engine asks admission_due() to know whether the next step may run ahead of the host (decode only, input
+    tokens still on the GPU); schedule() must then decide the same, even while the arrival average decays."""
+    sch = _scheduler(max_waiting_steps=8, ratio=10.0, min_expected_arrivals=1.5)
+    for i in range(4):
+        sch.add(_seq(i))
+    _decode_step(sch)
+    for k in range(60):
+        if k % 5 == 0:                                   # the average hovers around the threshold
+            sch.add(_seq(100 + k))
+        due = sch.admission_due()
+        step = sch.schedule()
+        admitted = any(n > 1 for n in step.num_tokens)
+        assert admitted == due, f"step {k}: admission_due() said {due}"
+        for seq, n in zip(step.seqs, step.num_tokens):
+            seq.num_computed += n
+            seq.output_ids.append(5)
+
+
 def test_zero_steps_admits_at_once():
     sch = _scheduler(max_waiting_steps=0)
     for i in range(2):

@@ -97,9 +97,11 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
+        # decided on the state admission_due() saw before this call (the engine asks it to know whether the step
+        # can run ahead of the host: a decision that changed in between would hand a prefill the pending tokens)
+        admit = self.admission_due()
         self.arrivals_per_step = 0.9 * self.arrivals_per_step + 0.1 * self._arrived
         self._arrived = 0
-        admit = self.admission_due()
         if self.waiting and not admit:
             self.num_deferred_steps += 1
         self._steps += 1
