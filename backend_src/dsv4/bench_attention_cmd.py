@@ -228,16 +228,24 @@ def host_costs(case: Case, reps: int = 50) -> dict:
     return res
 
 
+KIND_RATIO = {"csa": 4, "hca": 128}      # compress ratio of each attention kind (window-only: 0)
+
+
+def _flush_buffer() -> torch.Tensor:
+    """256 MiB that _time zeroes before each repeat, so that no repeat reads its inputs from L2."""
+    return torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+
+
 def bench(ctxs=(1024, 8192, 65536), batches=(1, 16, 64), heads=64, d=512, kinds=("csa", "hca"), topk=512,
           reps=30, variants=("auto",), sdpa=True, host=True) -> list[dict]:
     from dsv4.ops.cute_attention import plan_for, prepare_sparse_attention
 
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = _flush_buffer()
     bw = hbm_bandwidth(flush)
     print(json.dumps({"hbm_copy_gbps": round(bw / 1e9, 1)}), flush=True)
     results = []
     for kind in kinds:
-        ratio = 4 if kind == "csa" else (128 if kind == "hca" else 0)
+        ratio = KIND_RATIO.get(kind, 0)
         for ctx in ctxs:
             for B in batches:
                 case = make_case([ctx - 1] * B, [1] * B, heads, d, ratio, topk=topk, poison=False,
@@ -282,7 +290,7 @@ def bench_indexer(ctxs=(1024, 8192, 65536), batches=(1, 16, 64), n_heads=64, dk=
     from dsv4.ops.torch_ops import TorchOps
 
     ref = TorchOps(device="cuda", dtype=torch.bfloat16)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = _flush_buffer()
     bw = hbm_bandwidth(flush)
     out = []
     for ctx in ctxs:
@@ -342,12 +350,12 @@ def bench_prefill(chunks=(512, 2048, 8192), cached=(0, 8192), heads=64, d=512, k
     the same query count and key length (a peer, not the same computation: it reads every key)."""
     from dsv4.ops.cute_attention import plan_for, prepare_sparse_attention
 
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = _flush_buffer()
     peak = tensor_core_ceiling(flush)
     print(json.dumps({"bf16_gemm_tflops": round(peak / 1e12, 1)}), flush=True)
     results = []
     for kind in kinds:
-        ratio = 4 if kind == "csa" else (128 if kind == "hca" else 0)
+        ratio = KIND_RATIO.get(kind, 0)
         for c in cached:
             for n in chunks:
                 case = make_case([c], [n], heads, d, ratio, topk=topk, poison=False, topk_holes=False)

@@ -4,7 +4,7 @@ what the per-sequence carry holds afterwards, for every sequence of a ForwardBat
 The compressor pools each closed window of `ratio` raw rows into one cache entry (ratio 4 also pools the first half
 of the previous window's rows: the overlap). Rows of a window can come from this step's tokens or from the carry
 (the rows of the still-open window, and for ratio 4 the last closed window). Everything is expressed as row numbers
-of one source: this step's T rows followed by the flattened carry pool ([num_slots * carry_rows]), so that one
+of one source: this step's T rows followed by the carry rows the step reads, so that one
 gather per tensor serves the whole batch, whatever the number of sequences (TorchOps looped over sequences with
 ~25 launches each: 0.4 s of a 64-prompt prefill on an H100).
 """
@@ -20,7 +20,8 @@ from dsv4.ops.base import ForwardBatch
 
 @dataclass(frozen=True)
 class CompressPlan:
-    """Row numbers into the source [T + num_slots * carry_rows rows] (see module doc); E entries close."""
+    """Row numbers into the source [this step's T rows; the carry rows in carry_gather] (see module doc); E
+    entries close."""
 
     cur_rows: np.ndarray       # [E, ratio] rows of each closing window
     prev_rows: np.ndarray      # [E, ratio] rows of the window before it (ratio 4's overlap; empty otherwise)
@@ -30,6 +31,7 @@ class CompressPlan:
     carry_dst: np.ndarray      # [R] rows of the flattened carry pool written after the step ...
     carry_src: np.ndarray      # [R] ... from these source rows (gathered before any write)
     new_rows: np.ndarray       # [T] ratio-position of each new token (for the learned position bias `ape`)
+    carry_gather: np.ndarray   # [U] rows of the flattened carry pool that are source rows T, T+1, ...
 
     @property
     def num_entries(self) -> int:
@@ -80,9 +82,17 @@ def compress_plan(batch: ForwardBatch, ratio: int, block_size: int, carry_rows: 
     def cat(parts: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(shape, dtype=np.int64)
 
-    return CompressPlan(cur_rows=cat(cur, (0, ratio)), prev_rows=cat(prev, (0, ratio)), entry_pos=cat(pos, (0,)),
+    cur_rows, prev_rows, carry_src = cat(cur, (0, ratio)), cat(prev, (0, ratio)), cat(src, (0,))
+    # only the carry rows some window reads join the source (not the whole carry pool): renumber them T, T+1, ...
+    refs = np.concatenate([cur_rows.ravel(), prev_rows.ravel(), carry_src])
+    carry_gather = np.unique(refs[refs >= T])
+
+    def renumber(rows: np.ndarray) -> np.ndarray:
+        return np.where(rows >= T, T + np.searchsorted(carry_gather, rows), rows)
+
+    return CompressPlan(cur_rows=renumber(cur_rows), prev_rows=renumber(prev_rows), entry_pos=cat(pos, (0,)),
                         entry_block=cat(blk, (0,)), entry_index=cat(idx, (0,)), carry_dst=cat(dst, (0,)),
-                        carry_src=cat(src, (0,)), new_rows=cat(new_rows, (0,)))
+                        carry_src=renumber(carry_src), new_rows=cat(new_rows, (0,)), carry_gather=carry_gather - T)
 
 
 __all__ = ["CompressPlan", "compress_plan"]

@@ -217,8 +217,9 @@ class TorchOps(Ops):
         dev = kv.device
         plan = compress_plan(batch, ratio, block_size, carry_kv.shape[1])
         new_sc = score.float() + ape[torch.from_numpy(plan.new_rows).to(dev)]
-        src_kv = torch.cat([kv.float(), carry_kv.view(-1, carry_kv.shape[-1])])
-        src_sc = torch.cat([new_sc, carry_score.view(-1, carry_score.shape[-1])])
+        gather = torch.from_numpy(plan.carry_gather).to(dev)
+        src_kv = torch.cat([kv.float(), carry_kv.view(-1, carry_kv.shape[-1])[gather]])
+        src_sc = torch.cat([new_sc, carry_score.view(-1, carry_score.shape[-1])[gather]])
         if plan.num_entries:
             cur = torch.from_numpy(plan.cur_rows).to(dev)
             wk, ws = src_kv[cur], src_sc[cur]                         # [E, ratio, coff*d]
