@@ -21,7 +21,8 @@ from dsv4.checkpoint.loader import load_checkpoint
 from dsv4.config import EngineConfig, ceil_div
 from dsv4.engine.detokenizer import IncrementalDetokenizer
 from dsv4.engine.kv_cache import KVCache
-from dsv4.engine.params import SamplingParams, check_fits_context
+from dsv4.engine.params import SamplingParams
+from dsv4.engine.prompt import PromptProcessor
 from dsv4.engine.decode_inputs import PendingTokens
 from dsv4.engine.request import PENDING_TOKEN, RequestOutput, RequestStream, Sequence, Status
 from dsv4.engine.cuda_graphs import DecodeGraphs, bucket_sizes
@@ -72,6 +73,7 @@ class Engine:
         ckpt = load_checkpoint(config.checkpoint, progress=False)
         self.model_config = cfg = ckpt.config
         self.tokenizer = Tokenizer.from_file(str(ckpt.tokenizer_path))
+        self.prompts = PromptProcessor(self.tokenizer, cfg.vocab_size, cfg.bos_token_id, config.max_model_len)
         if config.max_model_len > cfg.max_position_embeddings:
             raise ConfigError(f"engine setting 'max_model_len'={config.max_model_len} exceeds the model's "
                               f"max_position_embeddings={cfg.max_position_embeddings}")
@@ -133,23 +135,7 @@ class Engine:
         """Queue a request. Its deltas arrive on the returned stream, or, with `on_output`, are passed to that
         callable on the engine thread (it must be quick and must not raise)."""
         params = params or SamplingParams()
-        if (prompt is None) == (prompt_token_ids is None):
-            raise InvalidRequestError("give exactly one of 'prompt' (text) and 'prompt_token_ids'")
-        if prompt is not None:
-            if not isinstance(prompt, str):
-                raise InvalidRequestError(f"'prompt' must be a string, got {type(prompt).__name__}")
-            if prompt == "":
-                raise InvalidRequestError("invalid prompt: the prompt is empty")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-            if self.model_config.bos_token_id is not None:
-                ids = [self.model_config.bos_token_id] + ids
-        else:
-            ids = list(prompt_token_ids)
-            vocab = self.model_config.vocab_size
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(f"'input_ids' has {len(bad)} id(s) outside [0, {vocab}), e.g. {bad[0]!r}")
-        check_fits_context(len(ids), self.config.max_model_len, params.max_tokens)
+        ids = self.prompts.token_ids(prompt, prompt_token_ids, params)
         stream = RequestStream(request_id, on_output)
         seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, stream=stream,
                        detokenizer=IncrementalDetokenizer(self.tokenizer, ids),

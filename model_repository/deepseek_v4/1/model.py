@@ -1,8 +1,9 @@
 """Triton Python-backend adapter: Triton request <-> dsv4 engine request. No model logic lives here.
 
-Decoupled: ``execute()`` validates and enqueues (``Engine.add_request``) and returns at once; the engine thread
-puts every delta on one queue (``on_output``) and ONE dispatcher thread answers through the requests' response
-senders (all stub IPC from one thread: see ``TritonPythonModel``).
+Decoupled: ``execute()`` validates and enqueues (``add_request``) and returns at once; every delta lands on one
+queue (``on_output``) and ONE dispatcher thread answers through the requests' response senders (all stub IPC from
+one thread: see ``TritonPythonModel``). The engine runs in its own process (``dsv4.engine.process``; parameter
+``engine_process``) so that its Python work and the response sends do not take turns on one GIL.
 
 I/O follows Triton's vLLM backend (see config.pbtxt), with these rules:
 * exactly one of ``text_input`` (BYTES[1], UTF-8) / ``input_ids`` (INT32[-1]);
@@ -224,8 +225,9 @@ class _Job:
 
 
 class TritonPythonModel:
-    """Threads: the stub's thread runs execute() (validate + Engine.add_request, no IPC); the engine thread puts each
-    delta (timestamped) on one queue through the request's on_output callback; ONE dispatcher thread does
+    """Threads: the stub's thread runs execute() (validate + add_request, no IPC); the engine process's reader thread
+    (or, in-process, the engine thread) puts each delta (timestamped) on one queue through the request's on_output
+    callback; ONE dispatcher thread does
     every call into the stub's IPC (response sends, is_cancelled, metrics). The 2.51 Python backend crashes the
     server (boost::interprocess::lock_exception / SIGSEGV in libtriton_python.so) when several Python threads
     make those calls concurrently: seen at perf_analyzer concurrency 4 with one sender thread per request."""
@@ -249,6 +251,8 @@ class TritonPythonModel:
                 cfg_kwargs[fld] = _parse_bool(key, value)
             else:
                 cfg_kwargs[fld] = _parse_number(key, value, parser) if parser in (int, float) else value
+        raw = os.environ.get("DSV4_ENGINE_PROCESS") or params.get("engine_process", "")
+        use_process = _parse_bool("engine_process", raw) if raw else True
         switch = os.environ.get("DSV4_GIL_SWITCH_INTERVAL_MS") or params.get("gil_switch_interval_ms", "")
         switch_ms = _parse_number("gil_switch_interval_ms", switch, float) if switch else _GIL_SWITCH_MS
         if not 0 < switch_ms <= 100:
@@ -265,6 +269,7 @@ class TritonPythonModel:
             from dsv4.config import EngineConfig
             from dsv4.engine.engine import Engine
             from dsv4.engine.params import SamplingParams
+            from dsv4.engine.process import EngineProcess
         except ImportError as e:
             raise pb_utils.TritonModelException(
                 f"cannot import the dsv4 engine ({e}); sys.path starts with {sys.path[:6]}. Install the package "
@@ -276,8 +281,12 @@ class TritonPythonModel:
         if unknown:
             raise pb_utils.TritonModelException(f"EngineConfig has no setting(s) {unknown}")
         config = EngineConfig(**cfg_kwargs)
-        self.logger.log_info(f"[deepseek_v4] starting engine: {config}")
-        self.engine = Engine(config)
+        where = "its own process" if use_process else "the stub's process"
+        self.logger.log_info(f"[deepseek_v4] starting the engine in {where}: {config}")
+        try:
+            self.engine = EngineProcess(config, sys_path=_STUB_SYS_PATH) if use_process else Engine(config)
+        except errors.DSV4Error as e:
+            raise pb_utils.TritonModelException(f"the engine did not start: {type(e).__name__}: {e}") from e
         self.metrics = _Metrics(self.model_name, args.get("model_version", "1"))
         self._q = queue.Queue()
         self._active = {}  # rid -> _Job; dispatcher thread only
