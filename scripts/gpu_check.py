@@ -276,6 +276,8 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "dsv4.cli", "make-checkpoint", "--preset", "small", "--out",
                             args.checkpoint, "--quiet"], check=True, cwd=REPO)
     summary["checkpoint"] = args.checkpoint
+    # model.py's engine placement (the environment reaches the server): its own process unless set false
+    summary["engine_process"] = os.environ.get("DSV4_ENGINE_PROCESS", "true")
     sampling = {"temperature": 0, "max_tokens": args.max_tokens, "ignore_eos": True}
 
     reference, summary["direct"] = direct_engine(args, sampling)

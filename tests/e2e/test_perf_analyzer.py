@@ -44,15 +44,17 @@ def test_perf_analyzer_streaming_concurrency_8_zero_errors(dsv4_server, tmp_path
     assert rps > 0, row
     assert resp_rps / rps == pytest.approx(TOKENS, rel=0.05), row  # one streamed response per token
 
-    # every request perf_analyzer sent got all its streamed responses
+    # every request perf_analyzer sent got all its tokens, streamed: one response per token, except that deltas
+    # which queue up while the server is busy (this 2-core CI machine runs server, engine and client) go out merged
     exp = json.loads((tmp_path / f"profile_c{CONC}.json").read_text())["experiments"][-1]
     assert exp["experiment"] == {"mode": "concurrency", "value": CONC}
     reqs = exp["requests"]
     assert len(reqs) >= REQUESTS
-    assert [len(r["response_timestamps"]) for r in reqs] == [TOKENS] * len(reqs)
-    for r in reqs:  # what perf_analyzer received: one token per response, finished by length
+    responses = [len(r["response_timestamps"]) for r in reqs]
+    assert sum(responses) >= 0.95 * TOKENS * len(reqs), responses
+    for r in reqs:  # what perf_analyzer received: all the tokens, the last response final with "length"
         outs = r["response_outputs"]
-        assert [o["finish_reason"] for o in outs] == ["None"] * (TOKENS - 1) + ["length"], outs
+        assert [o["finish_reason"] for o in outs] == ["None"] * (len(outs) - 1) + ["length"], outs
         assert sum(o["num_output_tokens"] for o in outs) == TOKENS, outs
 
     with open(tmp_path / "summary.csv", newline="") as f:
