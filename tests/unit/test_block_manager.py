@@ -160,3 +160,65 @@ def test_random_operations_return_to_all_free():
             bm.free(sid)
         assert bm.num_free == nb and bm.num_used == 0 and bm.usage == 0.0
         bm.check_invariants()
+
+
+def test_a_sliding_window_releases_each_block_once_as_it_falls_behind():
+    bm = BlockManager(16, 4)
+    bm.allocate("s", 10)                              # blocks of positions 0-3, 4-7, 8-9
+    assert bm.release_blocks_before("s", 3) == 0      # the first block still holds position 3
+    assert bm.release_blocks_before("s", 4) == 1
+    assert bm.release_blocks_before("s", 7) == 0      # nothing more fell behind
+    assert bm.release_blocks_before("s", 2) == 0      # an earlier position releases nothing again
+    bm.append_slots("s", 20)
+    assert bm.release_blocks_before("s", 17) == 3     # positions 4-7, 8-11, 12-15
+    table = bm.block_table("s")
+    assert table[:4] == [-1] * 4 and min(table[4:]) >= 0
+    assert bm.num_used == 1 and bm.num_tokens("s") == 20   # positions 16-19
+    bm.check_invariants()
+
+
+def test_release_after_growth_forks_and_earlier_releases_is_what_a_full_rescan_releases():
+    rng = random.Random(11)
+    for trial in range(30):
+        bs = rng.choice([1, 2, 4])
+        bm = BlockManager(64, bs)
+        live: list[int] = []
+        for _ in range(300):
+            op = rng.random()
+            unused = [i for i in range(12) if i not in live]      # freed ids come back
+            if op < 0.2 and unused and bm.can_allocate(8 * bs):
+                new_id = rng.choice(unused)
+                bm.allocate(new_id, rng.randint(0, 8 * bs))
+                live.append(new_id)
+            elif op < 0.45 and live:
+                sid = rng.choice(live)
+                new_len = bm.num_tokens(sid) + rng.randint(0, 2 * bs)
+                if bm.can_append(sid, new_len):
+                    bm.append_slots(sid, new_len)
+            elif op < 0.55 and live and unused:
+                new_id = rng.choice(unused)
+                bm.fork(rng.choice(live), new_id)
+                live.append(new_id)
+            elif op < 0.9 and live:
+                sid = rng.choice(live)
+                position = rng.randint(0, bm.num_tokens(sid))   # up to the length, as a sliding window does
+                before = bm.block_table(sid)
+                behind = min(position // bs, len(before))
+                assert bm.release_blocks_before(sid, position) == sum(b >= 0 for b in before[:behind])
+                assert bm.block_table(sid) == [-1] * behind + before[behind:]
+            elif live:
+                bm.free(live.pop(rng.randrange(len(live))))
+            bm.check_invariants()
+
+
+def test_flat_block_tables_are_the_tables_end_to_end_with_their_lengths():
+    bm = BlockManager(16, 4)
+    bm.allocate("a", 9)
+    bm.allocate("b", 1)
+    bm.allocate("c", 0)
+    bm.release_blocks_before("a", 4)
+    lens, flat = bm.flat_block_tables(["b", "a", "c"])
+    assert lens == [1, 3, 0]
+    assert flat == bm.block_table("b") + bm.block_table("a") and flat[1] == -1
+    with pytest.raises(UnknownSequenceError):
+        bm.flat_block_tables(["a", "gone"])

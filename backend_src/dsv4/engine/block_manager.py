@@ -16,7 +16,8 @@ Errors: ``OutOfBlocksError`` when the pool is exhausted (the manager state is un
 
 from __future__ import annotations
 
-from typing import Hashable
+from itertools import chain
+from typing import Hashable, Iterable
 
 from dsv4.errors import OutOfBlocksError, UnknownSequenceError
 
@@ -36,6 +37,9 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self._tables: dict[Hashable, list[int]] = {}
         self._lens: dict[Hashable, int] = {}
+        # leading table entries known to be -1 (released), so that a sliding window's release each step looks only
+        # at blocks it has not released yet instead of rescanning the whole table
+        self._holes: dict[Hashable, int] = {}
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -65,10 +69,24 @@ class BlockManager:
         self._check(seq_id)
         return list(self._tables[seq_id])
 
-    def table_length(self, seq_id: Hashable) -> int:
-        """len(block_table(seq_id)) without copying the table (the scheduler asks every step for every sequence)."""
-        self._check(seq_id)
-        return len(self._tables[seq_id])
+    def table_length(self, seq_id: Hashable, default: int | None = None) -> int:
+        """len(block_table(seq_id)) without copying the table (the scheduler asks every step for every sequence);
+        `default`, if given, for a sequence that is not allocated (instead of raising)."""
+        table = self._tables.get(seq_id)
+        if table is None:
+            if default is None:
+                raise UnknownSequenceError(f"unknown sequence {seq_id!r}")
+            return default
+        return len(table)
+
+    def flat_block_tables(self, seq_ids: Iterable[Hashable]) -> tuple[list[int], list[int]]:
+        """(length of each block table, the tables end to end) of ``seq_ids``: what a decode step scatters into
+        its padded table array in one write, instead of copying each table with block_table()."""
+        try:
+            tables = [self._tables[s] for s in seq_ids]
+        except KeyError as e:
+            raise UnknownSequenceError(f"unknown sequence {e.args[0]!r}") from None
+        return [len(t) for t in tables], list(chain.from_iterable(tables))
 
     def slot_mapping(self, seq_id: Hashable, start: int, end: int) -> list[int]:
         """Cache slots of token positions ``start .. end-1`` (must be allocated)."""
@@ -119,14 +137,15 @@ class BlockManager:
 
         Returns copy-on-write pairs ``(src_block, dst_block)`` the caller must copy before
         writing (empty unless the last block was shared)."""
-        self._check(seq_id)
+        table = self._tables.get(seq_id)
+        if table is None:
+            raise UnknownSequenceError(f"unknown sequence {seq_id!r}")
         need, cow = self._append_need(seq_id, new_len)
         if need > len(self._free):
             raise OutOfBlocksError(
                 f"sequence {seq_id!r} needs {need} more KV blocks to grow to {new_len} tokens, "
                 f"only {len(self._free)} free"
             )
-        table = self._tables[seq_id]
         copies: list[tuple[int, int]] = []
         if cow:
             src = table[-1]
@@ -134,7 +153,9 @@ class BlockManager:
             self._decref(src)
             table[-1] = dst
             copies.append((src, dst))
-        while len(table) < self.blocks_needed(new_len):
+            if self._holes.get(seq_id, 0) >= len(table):    # the copy filled a hole (a release went past the end)
+                self._holes[seq_id] = len(table) - 1
+        for _ in range(need - len(copies)):          # a copy-on-write block was one of `need`
             table.append(self._take())
         self._lens[seq_id] = new_len
         return copies
@@ -143,14 +164,19 @@ class BlockManager:
         """Release the blocks that hold only positions < ``position`` (a sliding window moved past them).
 
         Their table entries become -1 (holes); the sequence keeps its length. Returns how many were released."""
-        self._check(seq_id)
-        table = self._tables[seq_id]
+        table = self._tables.get(seq_id)
+        if table is None:
+            raise UnknownSequenceError(f"unknown sequence {seq_id!r}")
+        start = self._holes.get(seq_id, 0)
+        end = min(max(position, 0) // self.block_size, len(table))
         released = 0
-        for j in range(min(max(position, 0) // self.block_size, len(table))):
+        for j in range(start, end):
             if table[j] >= 0:
                 self._decref(table[j])
                 table[j] = -1
                 released += 1
+        if end > start:
+            self._holes[seq_id] = end
         return released
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> list[int]:
@@ -174,6 +200,7 @@ class BlockManager:
             if b >= 0:
                 self._decref(b)
         del self._lens[seq_id]
+        self._holes.pop(seq_id, None)
 
     # ------------------------------------------------------------------ internals
     def _check(self, seq_id: Hashable) -> None:
@@ -198,6 +225,7 @@ class BlockManager:
         counts = [0] * self.num_blocks
         for sid, table in self._tables.items():
             assert len(table) == self.blocks_needed(self._lens[sid]), sid
+            assert all(b == -1 for b in table[:self._holes.get(sid, 0)]), f"{sid}: a block before the holes mark"
             for b in table:
                 if b >= 0:
                     counts[b] += 1

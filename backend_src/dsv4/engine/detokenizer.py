@@ -73,7 +73,7 @@ class IncrementalDetokenizer:
         if isinstance(new_ids, int):
             self._ids.append(new_ids)
         else:
-            self._ids.extend(int(t) for t in new_ids)
+            self._ids.extend(map(int, new_ids))
         if len(self._ids) == self.read_offset:
             return ""
         prefix_text = self._decode(self.prefix_offset, self.read_offset)

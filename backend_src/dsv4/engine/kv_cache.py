@@ -129,14 +129,14 @@ class KVCache:
 
     def blocks_needed(self, seq_id: Hashable | None, new_len: int) -> int:
         """Blocks per pool that growing `seq_id` (None: a new sequence) to new_len tokens would take."""
-        have = self.compressed.table_length(seq_id) if seq_id is not None and seq_id in self.compressed else 0
+        have = self.compressed.table_length(seq_id, default=0) if seq_id is not None else 0
         return max(0, ceil_div(new_len, self.block_size) - have)
 
     def can_grow(self, seq_id: Hashable | None, new_len: int) -> bool:
         need = self.blocks_needed(seq_id, new_len)
         if seq_id is None and not self._free_slots:
             return False
-        return need <= self.window.num_free and need <= self.compressed.num_free
+        return need == 0 or (need <= self.window.num_free and need <= self.compressed.num_free)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def add(self, seq_id: Hashable, clear_state: bool = True) -> int:
@@ -165,10 +165,16 @@ class KVCache:
                     carry_score.index_fill_(0, idx, -math.inf)
 
     def grow(self, seq_id: Hashable, new_len: int) -> None:
-        if not self.can_grow(seq_id, new_len):
+        if not self.try_grow(seq_id, new_len):
             raise OutOfBlocksError(f"not enough free KV blocks to grow sequence {seq_id!r} to {new_len} tokens")
+
+    def try_grow(self, seq_id: Hashable, new_len: int) -> bool:
+        """grow() if can_grow(), returning whether it did (the scheduler's per-sequence step: one check, not two)."""
+        if not self.can_grow(seq_id, new_len):
+            return False
         self.window.append_slots(seq_id, new_len)
         self.compressed.append_slots(seq_id, new_len)
+        return True
 
     def release_window(self, seq_id: Hashable, seq_len: int) -> None:
         """After a step: free window blocks no future query of this sequence can see (position < len - window + 1)."""
@@ -184,6 +190,10 @@ class KVCache:
 
     def slot(self, seq_id: Hashable) -> int:
         return self._slot_of[seq_id]
+
+    def slots(self, seq_ids: list[Hashable]) -> list[int]:
+        """slot() of each of `seq_ids`."""
+        return [self._slot_of[s] for s in seq_ids]
 
     def window_slots(self, seq_id: Hashable, start: int, end: int) -> list[int]:
         return self.window.slot_mapping(seq_id, start, end)

@@ -78,7 +78,7 @@ class ModelRunner:
 
     def execute(self, step: ScheduledStep, pending: PendingTokens | None = None) -> tuple[torch.Tensor, list[int]]:
         """Run `step`; `pending` (decode-only steps) supplies input tokens still on the device."""
-        if all(n == 1 for n in step.num_tokens):
+        if step.num_tokens.count(1) == len(step.num_tokens):     # decode-only
             logits = self.decode_logits(step, pending)
             sampling = [k for k, s in enumerate(step.seqs) if s.num_computed + 1 == s.num_tokens]
             if len(sampling) < len(step.seqs):

@@ -89,7 +89,7 @@ class Sampler:
         lse = torch.logsumexp(raw, dim=-1)  # [B]
 
         work = raw
-        if suppress_token_ids is not None and any(s for s in suppress_token_ids):
+        if suppress_token_ids is not None and any(suppress_token_ids):
             rows: list[int] = []
             cols: list[int] = []
             for i, ids in enumerate(suppress_token_ids):
@@ -102,8 +102,10 @@ class Sampler:
                 work = raw.clone()
                 work[_dev(rows, torch.long, device), _dev(cols, torch.long, device)] = float("-inf")
 
-        greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
-        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        greedy_rows: list[int] = []
+        random_rows: list[int] = []
+        for i, p in enumerate(params):
+            (greedy_rows if p.is_greedy else random_rows).append(i)
 
         token_ids = torch.empty(B, dtype=torch.long, device=device)
 
