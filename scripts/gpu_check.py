@@ -174,6 +174,30 @@ def direct_engine(args, sampling: dict) -> tuple[dict, list[dict]]:
         eng.shutdown()
 
 
+def direct_engine_process(args, sampling: dict) -> list[dict]:
+    """The same closed loops through EngineProcess (the engine in a child process, as model.py runs it): what the
+    process boundary costs, apart from Triton."""
+    from dsv4.config import EngineConfig
+    from dsv4.engine.process import EngineProcess
+
+    eng = EngineProcess(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
+                                     max_num_seqs=max(args.concurrency), max_model_len=args.max_model_len,
+                                     async_scheduling=not args.sync_scheduling))
+    try:
+        rows = []
+        for c in args.concurrency:
+            direct_closed_loop(eng, c, 1, sampling)
+            before = eng.stats()
+            row = direct_closed_loop(eng, c, args.requests_per_worker, sampling)
+            after = eng.stats()
+            row.update(steps=after.steps - before.steps, graph_steps=after.graph_steps - before.graph_steps)
+            rows.append(row)
+            print("direct (engine process)", rows[-1], flush=True)
+        return rows
+    finally:
+        eng.shutdown()
+
+
 def triton_stream(url: str, sampling: dict) -> tuple[int, float, list[float], str]:
     import numpy as np
     import tritonclient.grpc as grpcclient
@@ -260,6 +284,8 @@ def main() -> int:
     ap.add_argument("--sync-scheduling", action="store_true",
                     help="engine and server without async scheduling (read every step's tokens before the next)")
     ap.add_argument("--skip-perf-analyzer", action="store_true")
+    ap.add_argument("--direct-process", action="store_true",
+                    help="also run the direct closed loops through EngineProcess (the engine in its own process)")
     ap.add_argument("--local-triton", action="store_true", help="use .triton/ (make setup) instead of the gpu-bundle")
     args = ap.parse_args()
     out = Path(args.out)
@@ -282,6 +308,11 @@ def main() -> int:
 
     reference, summary["direct"] = direct_engine(args, sampling)
     summary["direct_deferred_admission_steps"] = reference["deferred_admission_steps"]
+    if args.direct_process:
+        summary["direct_process"] = direct_engine_process(args, sampling)
+        summary["direct_process_over_direct"] = {
+            r["concurrency"]: round(r["tokens_per_s"] / d["tokens_per_s"], 3)
+            for r, d in zip(summary["direct_process"], summary["direct"])}
 
     from triton_local import start_server
     root = None if args.local_triton else bundle_layout(out / "triton_layout")
@@ -342,7 +373,8 @@ def main() -> int:
         server.stop()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out / "summary.png")
-    print(json.dumps({k: summary.get(k) for k in ("device", "triton_over_direct", "triton_pa_over_direct")},
+    print(json.dumps({k: summary.get(k) for k in ("device", "triton_over_direct", "triton_pa_over_direct",
+                                                  "direct_process_over_direct")},
                      indent=1))
     ok = summary["smoke"]["equal_to_direct_engine"] and all(r["errors"] == 0 for r in summary["triton"])
     return 0 if ok else 1

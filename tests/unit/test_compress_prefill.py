@@ -12,6 +12,7 @@ import torch
 
 from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch
+from dsv4.ops.compress_plan import compress_plan
 from dsv4.ops.torch_ops import TorchOps
 
 BLOCK = 128
@@ -73,3 +74,28 @@ def test_batched_prefill_compression_equals_one_sequence_at_a_time(ratio):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True, msg=what)
     entries = (~together[2].isnan().all(-1)).sum().item()
     assert entries == sum((c + n) // ratio - c // ratio for c, n in SEQS)   # every closed window, nothing else
+
+
+def plan_of(seqs: list[tuple[int, int]], ratio: int, carry_rows: int):
+    tables = [[40 + 10 * b + j for j in range(10)] for b in range(len(seqs))]
+    return compress_plan(make_batch(seqs, list(range(len(seqs))), tables), ratio, BLOCK, carry_rows)
+
+
+def test_a_token_in_the_middle_of_a_window_only_joins_the_carry():
+    # ratio 128, 100 rows of the open window already in the carry: no entry closes, and the one new row (source
+    # row 0) is the only carry write, at window row 100 (the carry's rows 0..99 stay where they are)
+    plan = plan_of([(100, 1)], 128, 128)
+    assert plan.num_entries == 0
+    assert plan.carry_dst.tolist() == [100] and plan.carry_src.tolist() == [0]
+    assert plan.carry_gather.size == 0 and plan.new_rows.tolist() == [100]
+
+
+def test_the_token_that_closes_an_overlapping_window_pools_it_with_its_predecessor():
+    # ratio 4 (overlap): carry rows 0-3 = the previous window (positions 0-3), rows 4-6 = positions 4-6; the new
+    # token (position 7) closes window 1. Source rows: 0 = the token, 1.. = the carry rows read, in carry order.
+    plan = plan_of([(7, 1)], 4, 8)
+    assert plan.cur_rows.tolist() == [[5, 6, 7, 0]] and plan.prev_rows.tolist() == [[1, 2, 3, 4]]
+    assert plan.carry_gather.tolist() == list(range(7))
+    assert plan.entry_pos.tolist() == [4] and plan.entry_index.tolist() == [1] and plan.entry_block.tolist() == [40]
+    # window 1 becomes the previous window; the open window (window 2) has no rows yet
+    assert sorted(zip(plan.carry_dst.tolist(), plan.carry_src.tolist())) == [(0, 5), (1, 6), (2, 7), (3, 0)]

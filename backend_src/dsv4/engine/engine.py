@@ -66,8 +66,11 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, after_step: Callable[[], None] | None = None):
+        """`after_step`, if given, is called on the engine thread after every loop iteration (a step, or aborts
+        handled) and once when the loop ends: the engine process sends the iteration's deltas from there."""
         self.config = config
+        self._after_step = after_step
         self.device = _pick_device(config.device)
         self.dtype = _pick_dtype(config.dtype, self.device)
         ckpt = load_checkpoint(config.checkpoint, progress=False)
@@ -206,6 +209,8 @@ class Engine:
                         self._finish(seq, "abort")
                 if self.scheduler.has_work():
                     self._step()
+                if self._after_step is not None:
+                    self._after_step()
         except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
             log.exception("engine loop died")
             with self._lock:
@@ -218,6 +223,8 @@ class Engine:
                 if seq.status is not Status.FINISHED:
                     self._finish(seq, "abort" if self._dead is None else "error",
                                  error=None if self._dead is None else f"engine stopped: {self._dead}")
+            if self._after_step is not None:
+                self._after_step()
 
     # --- one step; decode steps run one ahead of the host ------------------------------------------------------
     # A decode step is launched before the host reads the tokens of the step before it: those tokens stay on the

@@ -10,7 +10,8 @@ the same `PromptProcessor` the engine uses) and the engine process runs only the
 Transport: a socket pair, `multiprocessing.connection` framing (pickle). Serving process -> engine: the
 `EngineConfig`, then ("add", id, token ids, SamplingParams) / ("abort", id) / ("stats", n) / ("shutdown",).
 Engine -> serving process: ("ready", EngineStats) or ("failed", type, message, traceback), then
-("out", [RequestOutput, ...]) with every delta produced since the last send (one message per engine step at load),
+("out", [RequestOutput, ...]) with the deltas of one engine-loop iteration (one message per step, sent by the
+engine thread),
 ("stats", n, EngineStats) and ("closed",) after a shutdown.
 
 If the engine process dies, every request in flight gets a final "error" delta naming its exit code, and later
@@ -257,56 +258,37 @@ class EngineProcess:
 # the engine process
 # ---------------------------------------------------------------------------------------------------------------
 class _Outbox:
-    """Deltas from the engine thread, sent by one sender thread: everything that piled up while it was sending goes
-    as one message, so at load there is about one message per engine step."""
+    """The deltas of one engine-loop iteration, sent as one message by the engine thread itself (Engine's
+    after_step hook): a sender thread of its own would wait for the GIL behind the engine thread's host work,
+    up to a switch interval per message, and then delay the engine while it pickles."""
 
     def __init__(self, conn: Connection):
         self._conn = conn
-        self._cond = threading.Condition()
-        self._items: list = []
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="dsv4-outbox", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._items: list[RequestOutput] = []
+        self.broken = False
 
     def output(self, out: RequestOutput) -> None:
-        with self._cond:
+        with self._lock:
             self._items.append(out)
-            if len(self._items) == 1:
-                self._cond.notify()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._items:
+                items, self._items = self._items, []
+                self._send(("out", items))
 
     def message(self, msg: tuple) -> None:
-        with self._cond:
-            self._items.append(msg)
-            self._cond.notify()
+        with self._lock:
+            self._send(msg)
 
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._items or self._closed)
-                items, self._items = self._items, []
-                closed = self._closed
-            run: list[RequestOutput] = []
-            try:
-                for item in items:
-                    if isinstance(item, RequestOutput):
-                        run.append(item)
-                        continue
-                    if run:
-                        self._conn.send(("out", run))
-                        run = []
-                    self._conn.send(item)
-                if run:
-                    self._conn.send(("out", run))
-            except OSError:
-                return      # the serving process is gone; the command loop sees it too
-            if closed and not items:
-                return
+    def _send(self, msg: tuple) -> None:
+        if self.broken:
+            return
+        try:
+            self._conn.send(msg)
+        except OSError:
+            self.broken = True      # the serving process is gone; the command loop sees EOF and stops the engine
 
 
 def _serve(fd: int) -> int:
@@ -318,13 +300,16 @@ def _serve(fd: int) -> int:
         return 1
     from dsv4.engine.engine import Engine
 
+    # the command loop's thread needs the GIL for each add/abort/stats while the engine thread runs Python: hand
+    # it over sooner than Python's 5 ms default, as the Triton stub does for its sender
+    sys.setswitchinterval(0.0005)
+    outbox = _Outbox(conn)
     try:
-        engine = Engine(config)
+        engine = Engine(config, after_step=outbox.flush)
     except BaseException as e:  # noqa: BLE001 - reported to the serving process, which raises it
         conn.send(("failed", type(e).__name__, str(e), traceback.format_exc()))
         return 1
-    conn.send(("ready", engine.stats()))
-    outbox = _Outbox(conn)
+    outbox.message(("ready", engine.stats()))
     try:
         while True:
             try:
@@ -339,6 +324,7 @@ def _serve(fd: int) -> int:
                     engine.add_request(rid, prompt_token_ids=ids, params=params, on_output=outbox.output)
                 except DSV4Error as e:
                     outbox.output(_error_output(rid, len(ids), str(e)))
+                    outbox.flush()      # the engine loop may be idle: nothing else would send it
             elif kind == "abort":
                 engine.abort(msg[1])
             elif kind == "stats":
@@ -348,11 +334,8 @@ def _serve(fd: int) -> int:
     finally:
         t = time.monotonic()
         engine.shutdown()
-        outbox.close()
-        try:
-            conn.send(("closed",))
-        except OSError:
-            pass
+        outbox.flush()
+        outbox.message(("closed",))
         log.info("engine stopped in %.1f s", time.monotonic() - t)
     return 0
 

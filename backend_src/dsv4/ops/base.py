@@ -8,7 +8,7 @@ sequences, described by a `ForwardBatch`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +47,9 @@ class ForwardBatch:
     swa_slot_mapping: Tensor     # [T] long: flat slot of each token's raw KV in the window cache
     logits_indices: Tensor       # [B'] long: flat token rows whose logits are needed
     decode: DecodeTables | None = None  # set for decode-only steps: ops take the device-side path
+    # what the ops derive from this step's batch once and share across layers (e.g. the compressor's index plan
+    # on the device: ~8 layers of a step need the same two)
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

@@ -7,15 +7,17 @@ softmaxes, routing) run in FP32 whatever `dtype` is.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch, LayerCache, Ops
-from dsv4.ops.compress_plan import compress_plan
+from dsv4.ops.compress_plan import CompressPlan, compress_plan
 from dsv4.ops.fp8_rows import Fp8Rows
 
 Tensor = torch.Tensor
@@ -62,6 +64,35 @@ def dense(t: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
     if not isinstance(t, torch.Tensor):  # a quantised container
         t = t.dequantize(torch.float32)
     return t.to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class _DevicePlan:
+    """A CompressPlan's index arrays on the device, moved in one host-to-device copy."""
+
+    cur_rows: Tensor
+    prev_rows: Tensor
+    entry_pos: Tensor
+    entry_block: Tensor
+    entry_index: Tensor
+    carry_dst: Tensor
+    carry_src: Tensor
+    new_rows: Tensor
+    carry_gather: Tensor
+    num_entries: int
+    num_carry_writes: int
+
+    @classmethod
+    def of(cls, plan: CompressPlan, device: torch.device) -> "_DevicePlan":
+        names = ("cur_rows", "prev_rows", "entry_pos", "entry_block", "entry_index", "carry_dst", "carry_src",
+                 "new_rows", "carry_gather")
+        arrays = [getattr(plan, k) for k in names]
+        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays])).to(device)
+        parts, at = {}, 0
+        for k, a in zip(names, arrays):
+            parts[k] = flat[at:at + a.size].view(a.shape)
+            at += a.size
+        return cls(**parts, num_entries=plan.num_entries, num_carry_writes=int(plan.carry_dst.size))
 
 
 class TorchOps(Ops):
@@ -215,29 +246,26 @@ class TorchOps(Ops):
         overlap = ratio == 4
         d = carry_kv.shape[-1] // (2 if overlap else 1)
         dev = kv.device
-        plan = compress_plan(batch, ratio, block_size, carry_kv.shape[1])
-        new_sc = score.float() + ape[torch.from_numpy(plan.new_rows).to(dev)]
-        gather = torch.from_numpy(plan.carry_gather).to(dev)
-        src_kv = torch.cat([kv.float(), carry_kv.view(-1, carry_kv.shape[-1])[gather]])
-        src_sc = torch.cat([new_sc, carry_score.view(-1, carry_score.shape[-1])[gather]])
+        key = ("compress_plan", ratio, block_size, carry_kv.shape[1], dev)
+        plan = batch.memo.get(key)
+        if plan is None:        # the layers of one step with the same ratio share it (one host plan, one copy)
+            plan = batch.memo[key] = _DevicePlan.of(compress_plan(batch, ratio, block_size, carry_kv.shape[1]), dev)
+        new_sc = score.float() + ape[plan.new_rows]
+        src_kv = torch.cat([kv.float(), carry_kv.view(-1, carry_kv.shape[-1])[plan.carry_gather]])
+        src_sc = torch.cat([new_sc, carry_score.view(-1, carry_score.shape[-1])[plan.carry_gather]])
         if plan.num_entries:
-            cur = torch.from_numpy(plan.cur_rows).to(dev)
-            wk, ws = src_kv[cur], src_sc[cur]                         # [E, ratio, coff*d]
+            wk, ws = src_kv[plan.cur_rows], src_sc[plan.cur_rows]    # [E, ratio, coff*d]
             if overlap:
                 # entry w: first half (series A) of window w-1's rows, second half (series B) of window w's
-                prev = torch.from_numpy(plan.prev_rows).to(dev)
-                wk = torch.cat([src_kv[prev][:, :, :d], wk[:, :, d:]], dim=1)
-                ws = torch.cat([src_sc[prev][:, :, :d], ws[:, :, d:]], dim=1)
+                wk = torch.cat([src_kv[plan.prev_rows][:, :, :d], wk[:, :, d:]], dim=1)
+                ws = torch.cat([src_sc[plan.prev_rows][:, :, :d], ws[:, :, d:]], dim=1)
             entries = (wk * ws.softmax(dim=1)).sum(dim=1)
             entries = self.rms_norm(entries, norm_weight, norm_eps)
-            entries = self.rope_tail(entries, torch.from_numpy(plan.entry_pos).to(dev), rope, rope_dim)
-            out[torch.from_numpy(plan.entry_block).to(dev), torch.from_numpy(plan.entry_index).to(dev)] = \
-                _cache_rows(entries, out, rope_dim)
-        if plan.carry_dst.size:
-            srcs = torch.from_numpy(plan.carry_src).to(dev)
-            dsts = torch.from_numpy(plan.carry_dst).to(dev)
-            carry_kv.view(-1, carry_kv.shape[-1])[dsts] = src_kv[srcs]
-            carry_score.view(-1, carry_score.shape[-1])[dsts] = src_sc[srcs]
+            entries = self.rope_tail(entries, plan.entry_pos, rope, rope_dim)
+            out[plan.entry_block, plan.entry_index] = _cache_rows(entries, out, rope_dim)
+        if plan.num_carry_writes:
+            carry_kv.view(-1, carry_kv.shape[-1])[plan.carry_dst] = src_kv[plan.carry_src]
+            carry_score.view(-1, carry_score.shape[-1])[plan.carry_dst] = src_sc[plan.carry_src]
 
     def _compress_decode(self, kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
                          ratio: int, rope: RopeConfig, rope_dim: int, carry_kv: Tensor, carry_score: Tensor,

@@ -104,6 +104,7 @@ _CANCEL_CHECK_S = 0.2     # is_cancelled() poll period per request (an IPC round
 _STATS_PERIOD_S = 0.5     # gauge refresh
 _MAX_BATCH = 4096         # queue items handled per dispatcher wake-up
 _GIL_SWITCH_MS = 0.5      # default gil_switch_interval_ms (config.pbtxt explains why)
+_LOAD_REPORT_S = 10.0     # dispatcher load line in the server log
 
 
 class _BadRequest(Exception):
@@ -205,6 +206,26 @@ class _Metrics:
         m = self.requests.get(outcome)
         if m is not None:
             m.increment(1)
+
+
+class _DispatchLoad:
+    """What the dispatcher did since the last report: wake-ups, deltas in, responses out, seconds inside
+    response sends and seconds busy (a wake-up's handling). Logged every _LOAD_REPORT_S while there is traffic,
+    because the response path is the serving bottleneck to watch (docs/PERF.md, "Serving path")."""
+
+    __slots__ = ("wakeups", "deltas", "responses", "send_s", "busy_s", "since", "steps")
+
+    def __init__(self, now, engine_steps):
+        self.wakeups = self.deltas = self.responses = 0
+        self.send_s = self.busy_s = 0.0
+        self.since, self.steps = now, engine_steps
+
+    def line(self, now, engine_steps):
+        span = max(now - self.since, 1e-9)
+        per = self.send_s / self.responses * 1e6 if self.responses else 0.0
+        return (f"[deepseek_v4] dispatcher, last {span:.1f} s: {self.responses / span:.0f} responses/s carrying "
+                f"{self.deltas / span:.0f} deltas/s, {per:.0f} us per send, busy {100 * self.busy_s / span:.0f} %, "
+                f"{self.wakeups} wake-ups; engine {(engine_steps - self.steps) / span:.0f} steps/s")
 
 
 class _Job:
@@ -426,11 +447,14 @@ class TritonPythonModel:
     # ------------------------------------------------------------------ dispatcher: the only IPC caller
     def _dispatch_loop(self):
         last_sweep = last_stats = 0.0
+        self._engine_steps = 0     # from the last stats (gauge refresh)
+        self._load = load = _DispatchLoad(time.monotonic(), 0)
         while True:
             try:
                 batch = [self._q.get(timeout=0.05)]
             except queue.Empty:
                 batch = []
+            t_wake = time.perf_counter()
             while batch and len(batch) < _MAX_BATCH:
                 try:
                     batch.append(self._q.get_nowait())
@@ -454,7 +478,10 @@ class TritonPythonModel:
                         stop = True
                 except Exception:  # noqa: BLE001
                     traceback.print_exc()
+            if grouped:
+                load.wakeups += 1
             for job, outs in grouped.items():
+                load.deltas += len(outs)
                 try:
                     self._deliver(job, outs)
                 except Exception as e:  # noqa: BLE001
@@ -464,7 +491,13 @@ class TritonPythonModel:
                 self.metrics.flush()
             except Exception:  # noqa: BLE001 - a metrics failure must not stop the responses
                 traceback.print_exc()
+            if batch:
+                load.busy_s += time.perf_counter() - t_wake
             now = time.monotonic()
+            if now - load.since >= _LOAD_REPORT_S:
+                if load.responses:
+                    self.logger.log_info(load.line(now, self._engine_steps))
+                self._load = load = _DispatchLoad(now, self._engine_steps)
             if now - last_sweep >= 0.05:
                 last_sweep = now
                 self._sweep_cancelled(now)
@@ -519,6 +552,7 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001
             print(f"[deepseek_v4] engine.stats failed: {e!r}", flush=True)
             return
+        self._engine_steps = getattr(s, "steps", 0)
         for metric, attr in ((self.metrics.kv_in_use, "kv_blocks_in_use"), (self.metrics.kv_total, "kv_blocks_total"),
                              (self.metrics.waiting, "num_waiting"), (self.metrics.running, "num_running")):
             v = getattr(s, attr, None)
@@ -583,7 +617,7 @@ class TritonPythonModel:
                 resp = self._response(job, text, ids, lps, job.n_prompt, len(ids), last.finish_reason)
                 if last.finished:
                     self._close(job, last.finish_reason or "stop")
-                job.sender.send(resp, flags=_FINAL if last.finished else 0)
+                self._send(job, resp, _FINAL if last.finished else 0)
                 job.first_sent = True
         else:
             job.texts.append(text)
@@ -594,4 +628,10 @@ class TritonPythonModel:
                 resp = self._response(job, full, job.ids, job.lps, job.n_prompt, last.num_output_tokens,
                                       last.finish_reason)
                 self._close(job, last.finish_reason or "stop")
-                job.sender.send(resp, flags=_FINAL)
+                self._send(job, resp, _FINAL)
+
+    def _send(self, job, resp, flags):
+        t = time.perf_counter()
+        job.sender.send(resp, flags=flags)
+        self._load.send_s += time.perf_counter() - t
+        self._load.responses += 1
