@@ -151,8 +151,8 @@ class _Metrics:
             self.ttft = fam("dsv4_time_to_first_token_seconds", "Time to first token (s)",
                             MF.HISTOGRAM).Metric(labels=labels, buckets=_TTFT_BUCKETS)
             self.itl = fam("dsv4_inter_token_latency_seconds",
-                           "Inter-token latency (s): one observation per streamed response, the mean gap of its "
-                           "tokens", MF.HISTOGRAM).Metric(labels=labels, buckets=_ITL_BUCKETS)
+                           "Inter-token latency (s): one observation per finished request, the mean gap between "
+                           "its tokens", MF.HISTOGRAM).Metric(labels=labels, buckets=_ITL_BUCKETS)
         else:  # older backends: sums and counts
             self.ttft_sum = fam("dsv4_time_to_first_token_seconds_sum", "Sum of TTFT (s)", MF.COUNTER).Metric(labels=labels)
             self.ttft_count = fam("dsv4_time_to_first_token_seconds_count", "Requests with a first token",
@@ -231,14 +231,15 @@ class _DispatchLoad:
 class _Job:
     """One request in flight. Mutated only by the dispatcher thread."""
 
-    __slots__ = ("rid", "sender", "stream", "prompt", "prepend", "want", "t0", "first_sent",
-                 "last_tok_t", "texts", "ids", "lps", "n_prompt", "done", "next_cancel_check")
+    __slots__ = ("rid", "sender", "stream", "prompt", "prepend", "want", "t0", "first_sent", "first_tok_t",
+                 "last_tok_t", "n_tok", "texts", "ids", "lps", "n_prompt", "done", "next_cancel_check")
 
     def __init__(self, rid, sender, stream, prompt, prepend, want, t0):
         self.rid, self.sender, self.stream = rid, sender, stream
         self.prompt, self.prepend, self.want, self.t0 = prompt, prepend, want, t0
         self.first_sent = False
-        self.last_tok_t = None
+        self.first_tok_t = self.last_tok_t = None
+        self.n_tok = 0
         self.texts, self.ids, self.lps = [], [], []
         self.n_prompt = 0
         self.done = False
@@ -578,7 +579,8 @@ class TritonPythonModel:
         """Send the deltas that arrived for ``job`` since the last wake-up (merged into one response if several)."""
         if job.done:
             return
-        # metrics use the engine-side arrival time of each delta; one ITL observation per response (see flush)
+        # metrics use the arrival time of each delta; ITL is observed once per request, when it finishes (every
+        # metric call is an IPC round trip: one per response took a fifth of the dispatcher's time at load)
         n_new = 0
         first_t = last_t = None
         for out, t in outs:
@@ -591,11 +593,9 @@ class TritonPythonModel:
             if job.last_tok_t is None:
                 self.metrics.observe_ttft(first_t - job.t0)
                 self.metrics.add_tokens(0, job.n_prompt)
-                if n_new > 1:
-                    self.metrics.observe_itl((last_t - first_t) / (n_new - 1))
-            else:
-                self.metrics.observe_itl((last_t - job.last_tok_t) / n_new)
+                job.first_tok_t = first_t
             job.last_tok_t = last_t
+            job.n_tok += n_new
             self.metrics.add_tokens(n_new)
         last = outs[-1][0]
         for out, _ in outs:
@@ -607,6 +607,8 @@ class TritonPythonModel:
             self._fail(job, f"request aborted by the engine{': ' + last.error if last.error else ''}",
                        pb_utils.TritonError.CANCELLED, "abort")
             return
+        if last.finished and job.n_tok > 1:
+            self.metrics.observe_itl((job.last_tok_t - job.first_tok_t) / (job.n_tok - 1))
         text = "".join(o.text or "" for o, _ in outs)
         ids = [i for o, _ in outs for i in (o.token_ids or ())]
         lps = [x for o, _ in outs for x in (o.logprobs or ())]
