@@ -1,11 +1,11 @@
 """The engine in its own process, behind the same calls as `Engine` (add_request, abort, stats, shutdown).
 
-Why: Triton's Python backend answers every streamed delta with one IPC call from the stub's Python. Those calls
-release the GIL, and getting it back waits for whatever other thread holds it; with the engine's loop in the same
-interpreter, every response waited on the engine's scheduling and bookkeeping, and the engine waited on the
-responses (docs/PERF.md, "Serving path"). vLLM moved its engine core out of the API server's process for the same
-reason. Here the serving process keeps tokenising and validating (a bad prompt is still refused synchronously, by
-the same `PromptProcessor` the engine uses) and the engine process runs only the engine.
+Why: Triton's Python backend answers every streamed delta with one IPC call from the stub's Python, and with the
+engine's loop in the same interpreter the two take turns on one GIL (vLLM moved its engine core out of the API
+server's process for that reason). On the H100 the boundary costs nothing measurable (docs/PERF.md, "Session 13")
+and an engine crash cannot take the stub down with it, though the GIL turned out not to be what limited Triton's
+throughput there. The serving process keeps tokenising and validating (a bad prompt is still refused
+synchronously, by the same `PromptProcessor` the engine uses) and the engine process runs only the engine.
 
 Transport: a socket pair, `multiprocessing.connection` framing (pickle). Serving process -> engine: the
 `EngineConfig`, then ("add", id, token ids, SamplingParams) / ("abort", id) / ("stats", n) / ("shutdown",).
