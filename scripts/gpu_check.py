@@ -147,27 +147,38 @@ def direct_closed_loop(eng, concurrency: int, requests_per_worker: int, sampling
     return loop_result(concurrency, tokens, wall, ttfts, itls, errors)
 
 
-def direct_engine(args, sampling: dict) -> tuple[dict, list[dict]]:
+def engine_config(args):
     from dsv4.config import EngineConfig
+
+    return EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
+                        max_num_seqs=max(args.concurrency), max_model_len=args.max_model_len,
+                        async_scheduling=not args.sync_scheduling)
+
+
+def closed_loops(eng, args, sampling: dict, label: str) -> list[dict]:
+    """direct_closed_loop at each concurrency (after a warm-up at that batch size), with how the steps ran:
+    graphs, launched ahead of the host."""
+    rows = []
+    for c in args.concurrency:
+        direct_closed_loop(eng, c, 1, sampling)
+        before = eng.stats()
+        row = direct_closed_loop(eng, c, args.requests_per_worker, sampling)
+        after = eng.stats()
+        row.update(steps=after.steps - before.steps, graph_steps=after.graph_steps - before.graph_steps,
+                   overlapped_steps=after.overlapped_steps - before.overlapped_steps)
+        rows.append(row)
+        print(label, rows[-1], flush=True)
+    return rows
+
+
+def direct_engine(args, sampling: dict) -> tuple[dict, list[dict]]:
     from dsv4.engine.engine import Engine
     from dsv4.engine.params import SamplingParams
 
-    eng = Engine(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
-                              max_num_seqs=max(args.concurrency), max_model_len=args.max_model_len,
-                              async_scheduling=not args.sync_scheduling))
+    eng = Engine(engine_config(args))
     try:
         greedy = eng.generate(prompt=PROMPT, params=SamplingParams(**sampling))
-        rows = []
-        for c in args.concurrency:
-            direct_closed_loop(eng, c, 1, sampling)  # warm-up at this batch size
-            before = eng.stats()
-            row = direct_closed_loop(eng, c, args.requests_per_worker, sampling)
-            after = eng.stats()
-            # how the steps of this load ran: graphs, launched ahead of the host, admissions deferred
-            row.update(steps=after.steps - before.steps, graph_steps=after.graph_steps - before.graph_steps,
-                       overlapped_steps=after.overlapped_steps - before.overlapped_steps)
-            rows.append(row)
-            print("direct", rows[-1], flush=True)
+        rows = closed_loops(eng, args, sampling, "direct")
         return {"text": greedy.text, "token_ids": greedy.token_ids,
                 "deferred_admission_steps": eng.scheduler.num_deferred_steps}, rows
     finally:
@@ -177,23 +188,11 @@ def direct_engine(args, sampling: dict) -> tuple[dict, list[dict]]:
 def direct_engine_process(args, sampling: dict) -> list[dict]:
     """The same closed loops through EngineProcess (the engine in a child process, as model.py runs it): what the
     process boundary costs, apart from Triton."""
-    from dsv4.config import EngineConfig
     from dsv4.engine.process import EngineProcess
 
-    eng = EngineProcess(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
-                                     max_num_seqs=max(args.concurrency), max_model_len=args.max_model_len,
-                                     async_scheduling=not args.sync_scheduling))
+    eng = EngineProcess(engine_config(args))
     try:
-        rows = []
-        for c in args.concurrency:
-            direct_closed_loop(eng, c, 1, sampling)
-            before = eng.stats()
-            row = direct_closed_loop(eng, c, args.requests_per_worker, sampling)
-            after = eng.stats()
-            row.update(steps=after.steps - before.steps, graph_steps=after.graph_steps - before.graph_steps)
-            rows.append(row)
-            print("direct (engine process)", rows[-1], flush=True)
-        return rows
+        return closed_loops(eng, args, sampling, "direct (engine process)")
     finally:
         eng.shutdown()
 

@@ -62,7 +62,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 def server_env(layout: dict, *, checkpoint: str | None = None, ops_backend: str | None = None,
                stub_sys_path: Iterable[str] | None = None, env: Mapping[str, str] | None = None) -> dict:
     """Environment for tritonserver: bundled libs on LD_LIBRARY_PATH, the stub's sys.path list for model.py
-    (DSV4_STUB_SYSPATH; the stub ignores PYTHONPATH), the engine process's Python (DSV4_ENGINE_PYTHON) and the model overrides DSV4_CHECKPOINT/DSV4_OPS_BACKEND."""
+    (DSV4_STUB_SYSPATH; the stub ignores PYTHONPATH), the engine process's Python (DSV4_ENGINE_PYTHON) and the
+    model overrides DSV4_CHECKPOINT/DSV4_OPS_BACKEND."""
     e = dict(os.environ)
     ld = list(layout["ld_library_path"]) + [p for p in e.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     e["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(ld))

@@ -11,8 +11,7 @@ Transport: a socket pair, `multiprocessing.connection` framing (pickle). Serving
 `EngineConfig`, then ("add", id, token ids, SamplingParams) / ("abort", id) / ("stats", n) / ("shutdown",).
 Engine -> serving process: ("ready", EngineStats) or ("failed", type, message, traceback), then
 ("out", [RequestOutput, ...]) with the deltas of one engine-loop iteration (one message per step, sent by the
-engine thread),
-("stats", n, EngineStats) and ("closed",) after a shutdown.
+engine thread), ("stats", n, EngineStats), and ("closed",) after a shutdown.
 
 If the engine process dies, every request in flight gets a final "error" delta naming its exit code, and later
 calls raise EngineDeadError; the serving process stays up and says so per request.

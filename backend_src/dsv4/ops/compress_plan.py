@@ -11,9 +11,10 @@ gather per tensor serves the whole batch, whatever the number of sequences (Torc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
+import torch
 
 from dsv4.ops.base import ForwardBatch
 
@@ -21,7 +22,7 @@ from dsv4.ops.base import ForwardBatch
 @dataclass(frozen=True)
 class CompressPlan:
     """Row numbers into the source [this step's T rows; the carry rows in carry_gather] (see module doc); E
-    entries close."""
+    entries close. Arrays are int64 numpy arrays on the host, tensors after `on(device)`."""
 
     cur_rows: np.ndarray       # [E, ratio] rows of each closing window
     prev_rows: np.ndarray      # [E, ratio] rows of the window before it (ratio 4's overlap; empty otherwise)
@@ -36,6 +37,17 @@ class CompressPlan:
     @property
     def num_entries(self) -> int:
         return int(self.entry_pos.shape[0])
+
+    def on(self, device: torch.device) -> "CompressPlan":
+        """The same plan with every array a long tensor on `device`, moved in one host-to-device copy (the layers
+        of a step that share a ratio share it)."""
+        arrays = [getattr(self, f.name) for f in fields(self)]
+        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays])).to(device)
+        moved, at = {}, 0
+        for f, a in zip(fields(self), arrays):
+            moved[f.name] = flat[at:at + a.size].view(a.shape)
+            at += a.size
+        return CompressPlan(**moved)
 
 
 def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

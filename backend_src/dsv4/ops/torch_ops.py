@@ -7,17 +7,15 @@ softmaxes, routing) run in FP32 whatever `dtype` is.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch, LayerCache, Ops
-from dsv4.ops.compress_plan import CompressPlan, compress_plan
+from dsv4.ops.compress_plan import compress_plan
 from dsv4.ops.fp8_rows import Fp8Rows
 
 Tensor = torch.Tensor
@@ -64,35 +62,6 @@ def dense(t: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
     if not isinstance(t, torch.Tensor):  # a quantised container
         t = t.dequantize(torch.float32)
     return t.to(device=device, dtype=dtype)
-
-
-@dataclass(frozen=True)
-class _DevicePlan:
-    """A CompressPlan's index arrays on the device, moved in one host-to-device copy."""
-
-    cur_rows: Tensor
-    prev_rows: Tensor
-    entry_pos: Tensor
-    entry_block: Tensor
-    entry_index: Tensor
-    carry_dst: Tensor
-    carry_src: Tensor
-    new_rows: Tensor
-    carry_gather: Tensor
-    num_entries: int
-    num_carry_writes: int
-
-    @classmethod
-    def of(cls, plan: CompressPlan, device: torch.device) -> "_DevicePlan":
-        names = ("cur_rows", "prev_rows", "entry_pos", "entry_block", "entry_index", "carry_dst", "carry_src",
-                 "new_rows", "carry_gather")
-        arrays = [getattr(plan, k) for k in names]
-        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays])).to(device)
-        parts, at = {}, 0
-        for k, a in zip(names, arrays):
-            parts[k] = flat[at:at + a.size].view(a.shape)
-            at += a.size
-        return cls(**parts, num_entries=plan.num_entries, num_carry_writes=int(plan.carry_dst.size))
 
 
 class TorchOps(Ops):
@@ -249,7 +218,7 @@ class TorchOps(Ops):
         key = ("compress_plan", ratio, block_size, carry_kv.shape[1], dev)
         plan = batch.memo.get(key)
         if plan is None:        # the layers of one step with the same ratio share it (one host plan, one copy)
-            plan = batch.memo[key] = _DevicePlan.of(compress_plan(batch, ratio, block_size, carry_kv.shape[1]), dev)
+            plan = batch.memo[key] = compress_plan(batch, ratio, block_size, carry_kv.shape[1]).on(dev)
         new_sc = score.float() + ape[plan.new_rows]
         src_kv = torch.cat([kv.float(), carry_kv.view(-1, carry_kv.shape[-1])[plan.carry_gather]])
         src_sc = torch.cat([new_sc, carry_score.view(-1, carry_score.shape[-1])[plan.carry_gather]])
@@ -263,7 +232,7 @@ class TorchOps(Ops):
             entries = self.rms_norm(entries, norm_weight, norm_eps)
             entries = self.rope_tail(entries, plan.entry_pos, rope, rope_dim)
             out[plan.entry_block, plan.entry_index] = _cache_rows(entries, out, rope_dim)
-        if plan.num_carry_writes:
+        if plan.carry_dst.shape[0]:
             carry_kv.view(-1, carry_kv.shape[-1])[plan.carry_dst] = src_kv[plan.carry_src]
             carry_score.view(-1, carry_score.shape[-1])[plan.carry_dst] = src_sc[plan.carry_src]
 

@@ -3,7 +3,8 @@
 Decoupled: ``execute()`` validates and enqueues (``add_request``) and returns at once; every delta lands on one
 queue (``on_output``) and ONE dispatcher thread answers through the requests' response senders (all stub IPC from
 one thread: see ``TritonPythonModel``). The engine runs in its own process (``dsv4.engine.process``; parameter
-``engine_process``) so that its Python work and the response sends do not take turns on one GIL.
+``engine_process``): its Python work and the response sends do not take turns on one GIL, and an engine crash
+fails the requests in flight instead of the stub.
 
 I/O follows Triton's vLLM backend (see config.pbtxt), with these rules:
 * exactly one of ``text_input`` (BYTES[1], UTF-8) / ``input_ids`` (INT32[-1]);
@@ -249,8 +250,7 @@ class _Job:
 class TritonPythonModel:
     """Threads: the stub's thread runs execute() (validate + add_request, no IPC); the engine process's reader thread
     (or, in-process, the engine thread) puts each delta (timestamped) on one queue through the request's on_output
-    callback; ONE dispatcher thread does
-    every call into the stub's IPC (response sends, is_cancelled, metrics). The 2.51 Python backend crashes the
+    callback; ONE dispatcher thread does every call into the stub's IPC (response sends, is_cancelled, metrics). The 2.51 Python backend crashes the
     server (boost::interprocess::lock_exception / SIGSEGV in libtriton_python.so) when several Python threads
     make those calls concurrently: seen at perf_analyzer concurrency 4 with one sender thread per request."""
 
