@@ -35,6 +35,7 @@ def main() -> int:
     ap.add_argument("--stagger-ms", type=float, default=5.0)
     ap.add_argument("--think-ms", type=float, default=1.0)
     ap.add_argument("--max-waiting-steps", type=int, default=None)
+    ap.add_argument("--cuda-graph-max-tokens", type=int, default=None, help="0: steps with prompt tokens eager")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
@@ -43,7 +44,8 @@ def main() -> int:
     from dsv4.engine.params import SamplingParams
 
     engine = Engine(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
-                                 max_num_seqs=args.concurrency, max_waiting_steps=args.max_waiting_steps))
+                                 max_num_seqs=args.concurrency, max_waiting_steps=args.max_waiting_steps,
+                                 cuda_graph_max_tokens=args.cuda_graph_max_tokens))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
 
     kinds = {"decode": [0, 0.0], "prompt": [0, 0.0]}
@@ -117,7 +119,8 @@ def main() -> int:
     engine.shutdown()
     print(f"concurrency {args.concurrency}, {args.requests} requests x {args.max_tokens} tokens, stagger "
           f"{args.stagger_ms} ms, think {args.think_ms} ms: {tokens / wall:.0f} tokens/s, "
-          f"{(after.steps - before.steps) / wall:.0f} steps/s, graph steps {after.graph_steps - before.graph_steps}")
+          f"{(after.steps - before.steps) / wall:.0f} steps/s, graph steps {after.graph_steps - before.graph_steps}, "
+          f"mixed-step graph steps {after.mixed_graph_steps - before.mixed_graph_steps}")
     for name, (n, s) in kinds.items():
         if n:
             print(f"  {name} steps: {n}, {1e3 * s / n:.2f} ms each, {100 * s / wall:.0f} % of the wall time")

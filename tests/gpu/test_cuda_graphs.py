@@ -156,3 +156,111 @@ def test_batches_beyond_the_largest_graph_run_eagerly(small3, prompts):
         assert all(len(ids) == NEW_TOKENS for ids, _ in out)
     finally:
         e.shutdown()
+
+
+def run_staggered(e: Engine, prompts):
+    """Each request arrives once the one before it has produced a token, so most steps with prompt tokens also
+    carry decode rows (the load shape of a server)."""
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    streams, iters, firsts = [], [], []
+    for i, p in enumerate(prompts):
+        s = e.add_request(f"s{i}", prompt_token_ids=p, params=params)
+        it = iter(s)
+        firsts.append(next(it))
+        streams.append(s)
+        iters.append(it)
+    out = []
+    for first, it in zip(firsts, iters):
+        ids, lps = list(first.token_ids), list(first.logprobs or [])
+        for o in it:
+            assert o.error is None, o.error
+            ids += o.token_ids
+            lps += o.logprobs or []
+        out.append((ids, lps))
+    return out
+
+
+def test_steps_with_prompt_tokens_replay_piecewise_graphs_as_good_as_eager(small3, prompts):
+    e = engine(small3)
+    try:
+        assert e.runner.mixed is not None, "mixed-step capture failed: see the engine log"
+        got = run_staggered(e, prompts)
+        st = e.stats()
+        assert st.mixed_graph_steps >= len(prompts) - 1, f"{st.mixed_graph_steps} mixed-step graph replays"
+        assert st.kv_blocks_in_use == 0
+    finally:
+        e.shutdown()
+    eager = engine(small3, enforce_eager=True)
+    try:
+        want = run_staggered(eager, prompts)
+    finally:
+        eager.shutdown()
+    _assert_close_decoding(got, want, "piecewise graphs", "eager")
+
+
+def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3):
+    """Lockstep, same model, two caches: prefill chunks next to decode rows in several buckets, padding rows
+    scrambled before each step; logits and compressed caches agree (BF16, padded GEMM M: loose tolerance)."""
+    from dsv4.checkpoint.loader import load_checkpoint
+    from dsv4.engine.kv_cache import KVCache
+    from dsv4.engine.mixed_graphs import MixedGraphs
+    from dsv4.engine.runner import ModelRunner
+    from dsv4.engine.scheduler import ScheduledStep
+    from dsv4.model.deepseek_v4 import DeepseekV4Model
+    from dsv4.ops import select_ops
+
+    dev = torch.device("cuda")
+    ckpt = load_checkpoint(str(small3), progress=False)
+    ops = select_ops("cute", dev, torch.bfloat16)
+    ops.reserve_positions(2048)
+    model = DeepseekV4Model(ckpt.config, ckpt.tensors, ops, dev, torch.bfloat16)
+    runners = []
+    for mixed in (False, True):
+        cache = KVCache(model.cfg, 32, 128, 6, dev, torch.bfloat16)
+        graphs = None
+        if mixed:
+            graphs = MixedGraphs(model, cache.layers, dev, [16, 64, 128, 192, 256])
+            graphs.prepare()
+        runners.append(ModelRunner(model, cache, dev, 2048, mixed=graphs))
+    plain, mixed = runners
+
+    class S:
+        def __init__(self, rid, ids):
+            self.request_id, self.prompt_ids, self.output_ids, self.num_computed = rid, ids, [], 0
+
+        all_ids = property(lambda self: self.prompt_ids + self.output_ids)
+        num_tokens = property(lambda self: len(self.prompt_ids) + len(self.output_ids))
+
+    g = torch.Generator().manual_seed(5)
+    lens = {"a": 125, "b": 3, "c": 40, "d": 300, "e": 9}
+    prompts = {k: torch.randint(2, 500, (n,), generator=g).tolist() for k, n in lens.items()}
+    seqs = [{k: S(k, list(p)) for k, p in prompts.items()} for _ in runners]
+    schedule = [[("a", 125), ("b", 3)], [("a", 1), ("b", 1), ("c", 40)], [("a", 1), ("b", 1), ("c", 1), ("d", 150)],
+                [("a", 1), ("b", 1), ("c", 1), ("d", 150), ("e", 9)], [("a", 1), ("d", 1), ("e", 1)]]
+    for plan in schedule:
+        for b in mixed.mixed._buckets.values():
+            b.token_ids.random_(0, 500)
+            b.positions.random_(0, 2048)
+        outs = []
+        for r, ss in zip(runners, seqs):
+            step = ScheduledStep(seqs=[ss[k] for k, _ in plan], num_tokens=[n for _, n in plan])
+            for s, n in zip(step.seqs, step.num_tokens):
+                if s.request_id not in r.cache:
+                    r.cache.add(s.request_id)
+                r.cache.grow(s.request_id, s.num_computed + n)
+            outs.append(r.execute(step)[0].float())
+        torch.cuda.synchronize()
+        want, got = outs
+        assert torch.isfinite(got).all()
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
+        assert cos > 0.999, f"step {plan}: min logits cosine {cos:.5f}"
+        sampled = [k for k, _ in plan if seqs[0][k].num_computed == seqs[0][k].num_tokens]
+        for k, tok in zip(sampled, want.argmax(-1).tolist(), strict=True):
+            for ss in seqs:
+                ss[k].output_ids.append(tok)
+    assert mixed.mixed_graph_steps == 4
+    for lp, lm in zip(plain.cache.layers, mixed.cache.layers):
+        for name in ("comp_kv", "index_k"):
+            a, b = getattr(lp, name), getattr(lm, name)
+            if a is not None:
+                assert torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05), name

@@ -26,6 +26,7 @@ from dsv4.engine.prompt import PromptProcessor
 from dsv4.engine.decode_inputs import PendingTokens
 from dsv4.engine.request import PENDING_TOKEN, RequestOutput, RequestStream, Sequence, Status
 from dsv4.engine.cuda_graphs import DecodeGraphs, bucket_sizes
+from dsv4.engine.mixed_graphs import MixedGraphs, token_buckets
 from dsv4.engine.runner import ModelRunner
 from dsv4.engine.sampler import Sampler, make_generator
 from dsv4.engine.scheduler import ScheduledStep, Scheduler
@@ -61,6 +62,7 @@ class EngineStats:
     num_preemptions: int
     steps: int
     graph_steps: int = 0           # decode steps replayed from a CUDA graph
+    mixed_graph_steps: int = 0     # steps with prompt tokens run through piecewise CUDA graphs
     overlapped_steps: int = 0      # steps launched before the previous step's tokens were read
     cuda_graph_sizes: tuple[int, ...] = ()
 
@@ -96,7 +98,7 @@ class Engine:
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.ops.reserve_positions(config.max_model_len)
         self.runner = ModelRunner(self.model, self.cache, self.device, config.max_model_len,
-                                  self._capture_graphs(config))
+                                  self._capture_graphs(config), self._capture_mixed_graphs(config))
         wait = config.max_waiting_steps
         self.scheduler.max_waiting_steps = (AUTO_MAX_WAITING_STEPS if self.runner.graphs else 0) if wait is None else wait
         self.scheduler.waiting_served_ratio = config.waiting_served_ratio
@@ -128,6 +130,24 @@ class Engine:
             graphs.capture()
         except Exception as e:  # noqa: BLE001 - serving eagerly beats not serving
             log.warning("CUDA graph capture failed, decode runs eagerly: %s\n%s", e, traceback.format_exc())
+            return None
+        return graphs
+
+    def _capture_mixed_graphs(self, config: EngineConfig) -> MixedGraphs | None:
+        """Piecewise graphs of steps with prompt tokens (engine.mixed_graphs); a failed capture is logged and those
+        steps run eagerly."""
+        if config.enforce_eager or self.device.type != "cuda" or not self.ops.supports_cuda_graphs:
+            return None
+        limit = config.cuda_graph_max_tokens
+        limit = min(1024, config.max_num_batched_tokens) if limit is None else min(limit, config.max_num_batched_tokens)
+        if limit == 0:
+            return None
+        graphs = MixedGraphs(self.model, self.cache.layers, self.device, token_buckets(limit))
+        try:
+            graphs.prepare()
+        except Exception as e:  # noqa: BLE001 - serving eagerly beats not serving
+            log.warning("mixed-step CUDA graph capture failed, steps with prompt tokens run eagerly: %s\n%s", e,
+                        traceback.format_exc())
             return None
         return graphs
 
@@ -167,7 +187,8 @@ class Engine:
                                num_running=len(self.scheduler.running),
                                kv_blocks_in_use=self.cache.blocks_in_use, kv_blocks_total=self.cache.blocks_total,
                                num_preemptions=self.scheduler.num_preemptions, steps=self._steps,
-                               graph_steps=self.runner.graph_steps, overlapped_steps=self._overlapped_steps,
+                               graph_steps=self.runner.graph_steps, mixed_graph_steps=self.runner.mixed_graph_steps,
+                               overlapped_steps=self._overlapped_steps,
                                cuda_graph_sizes=tuple(self.runner.graphs.sizes) if self.runner.graphs else ())
 
     def shutdown(self) -> None:

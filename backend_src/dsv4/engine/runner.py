@@ -8,6 +8,7 @@ from dsv4.config import ceil_div
 from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.decode_inputs import TOKEN, DecodeInputs, PendingTokens, decode_batch, to_device
 from dsv4.engine.kv_cache import KVCache
+from dsv4.engine.mixed_graphs import MixedGraphs
 from dsv4.engine.scheduler import ScheduledStep
 from dsv4.model.deepseek_v4 import DeepseekV4Model
 from dsv4.ops.base import ForwardBatch
@@ -16,16 +17,17 @@ from dsv4.ops.base import ForwardBatch
 class ModelRunner:
     """Decode-only steps (one token per sequence) go through `DecodeInputs`: replayed from a CUDA graph when one of
     their size was captured, else run eagerly over the same device-side tables. Steps with prefill tokens build a
-    general ForwardBatch."""
+    general ForwardBatch, run through piecewise CUDA graphs (`mixed`) when one holds their token count."""
 
     def __init__(self, model: DeepseekV4Model, cache: KVCache, device: torch.device, max_model_len: int,
-                 graphs: DecodeGraphs | None = None):
+                 graphs: DecodeGraphs | None = None, mixed: MixedGraphs | None = None):
         self.model, self.cache, self.device = model, cache, device
         self.table_width = ceil_div(max_model_len, cache.block_size)
         # eager decode sizes its launch plans for the same bound as the graphs, so both run identical kernels
         self.max_position = max_model_len - 1
-        self.graphs = graphs
+        self.graphs, self.mixed = graphs, mixed
         self.graph_steps = 0
+        self.mixed_graph_steps = 0
         self.eager_steps = 0
 
     def build_batch(self, step: ScheduledStep) -> tuple[ForwardBatch, list[int]]:
@@ -86,9 +88,13 @@ class ModelRunner:
         else:
             if pending is not None:
                 raise ValueError("pending device tokens are only taken by decode-only steps")
-            self.eager_steps += 1
             batch, sampling = self.build_batch(step)
-            logits = self.model.forward(batch, self.cache.layers)
+            if self.mixed is not None and self.mixed.bucket(sum(step.num_tokens)) is not None:
+                self.mixed_graph_steps += 1
+                logits = self.mixed.forward(batch)
+            else:
+                self.eager_steps += 1
+                logits = self.model.forward(batch, self.cache.layers)
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
             self.cache.release_window(seq.request_id, seq.num_computed)

@@ -51,6 +51,25 @@ class LayerWeights:
     shared: tuple[Any, Any, Any]
 
 
+@dataclass
+class AttnInputs:
+    """What layer i's token-parallel part hands its attention (`DeepseekV4Model.attn_in` -> `attn_core`)."""
+
+    q: Tensor                                     # [T, H, head_dim], normed, RoPE'd
+    kv: Tensor                                    # [T, head_dim] window KV, normed, RoPE'd
+    comp: tuple[Tensor, Tensor] | None = None     # compressor (kv, score) projections (compressed layers)
+    idx_comp: tuple[Tensor, Tensor] | None = None  # indexer compressor projections (ratio 4)
+    iq: Tensor | None = None                      # indexer queries [T, index_heads, index_head_dim] (ratio 4)
+    head_w: Tensor | None = None                  # indexer head weights [T, index_heads] fp32 (ratio 4)
+
+    def rows(self, n: int) -> AttnInputs:
+        """The first n token rows of every tensor (views)."""
+        cut = lambda t: None if t is None else t[:n]          # noqa: E731
+        pair = lambda p: None if p is None else (p[0][:n], p[1][:n])  # noqa: E731
+        return AttnInputs(q=self.q[:n], kv=self.kv[:n], comp=pair(self.comp), idx_comp=pair(self.idx_comp),
+                          iq=cut(self.iq), head_w=cut(self.head_w))
+
+
 class DeepseekV4Model:
     def __init__(self, cfg: ModelConfig, tensors: Mapping[str, Any], ops: Ops, device: torch.device,
                  dtype: torch.dtype):
@@ -101,67 +120,94 @@ class DeepseekV4Model:
                 shared=(lin(f"{f}.shared_experts.w1"), lin(f"{f}.shared_experts.w2"), lin(f"{f}.shared_experts.w3")),
             ))
 
-    # --- sub-layers --------------------------------------------------------------------------------------------
-    def attention(self, x: Tensor, i: int, L: LayerWeights, cache: LayerCache, batch: ForwardBatch) -> Tensor:
-        cfg, ops = self.cfg, self.ops
+    # --- stages of one step ------------------------------------------------------------------------------------
+    # A step is embed -> per layer (attn_in, attn_core, layer_out) -> logits. attn_core is the only stage that
+    # reads the step's host-side batch description or touches the caches; the others are token-parallel and see
+    # only device tensors, which is what lets engine.mixed_graphs capture them in CUDA graphs per token count.
+    def embed_tokens(self, token_ids: Tensor) -> Tensor:
+        """-> residual streams [T, hc_mult, D]."""
+        return self.embed[token_ids][:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
+
+    def attn_in(self, h: Tensor, i: int, positions: Tensor) -> tuple[AttnInputs, Tensor, Tensor]:
+        """Layer i's attention sub-layer up to the cache: mHC collapse, norm, projections, RoPE.
+        -> (attention inputs, mHC post [T, N], mHC comb [T, N, N])."""
+        cfg, ops, L = self.cfg, self.ops, self.layers[i]
+        fn, scale, base = L.hc["attn"]
+        x, post, comb = ops.hc_pre(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+        x = ops.rms_norm(x, L.attn_norm, cfg.norm_eps)
         T = x.shape[0]
         H, hd, rd = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
         ratio = cfg.compress_ratio(i)
         rope = cfg.rope_for_layer(i)
-        pos = batch.positions
 
         q_latent = ops.rms_norm(ops.linear(x, L.wq_a), L.q_norm, cfg.norm_eps)
         q = ops.linear(q_latent, L.wq_b).view(T, H, hd)
-        q = ops.rope_tail(ops.rms_norm(q, None, cfg.norm_eps), pos, rope, rd)
-        kv = ops.rms_norm(ops.linear(x, L.wkv), L.kv_norm, cfg.norm_eps)
-        ops.store_window_kv(ops.rope_tail(kv, pos, rope, rd), cache, batch)
+        q = ops.rope_tail(ops.rms_norm(q, None, cfg.norm_eps), positions, rope, rd)
+        kv = ops.rope_tail(ops.rms_norm(ops.linear(x, L.wkv), L.kv_norm, cfg.norm_eps), positions, rope, rd)
+        a = AttnInputs(q=q, kv=kv)
+        if ratio:
+            a.comp = (ops.linear(x, L.compressor.wkv), ops.linear(x, L.compressor.wgate))
+        if ratio == 4:
+            I = L.idx_compressor
+            nh, ihd = cfg.index_n_heads, cfg.index_head_dim
+            a.idx_comp = (ops.linear(x, I.wkv), ops.linear(x, I.wgate))
+            a.iq = ops.rope_tail(ops.linear(q_latent, L.idx_wq_b).view(T, nh, ihd), positions, rope, rd)
+            a.head_w = ops.linear(x, L.idx_weights_proj).float() * (ihd ** -0.5 * nh ** -0.5)
+        return a, post, comb
 
+    def attn_core(self, a: AttnInputs, i: int, cache: LayerCache, batch: ForwardBatch) -> Tensor:
+        """Layer i's cache writes (window KV, compressed entries, indexer keys) and its attention over the cache
+        -> o [T, H, head_dim] (RoPE'd positions still applied)."""
+        cfg, ops, L = self.cfg, self.ops, self.layers[i]
+        ratio = cfg.compress_ratio(i)
+        rope, rd = cfg.rope_for_layer(i), cfg.rope_head_dim
+        ops.store_window_kv(a.kv, cache, batch)
         topk = None
         if ratio:
             C = L.compressor
-            ops.compress_and_store(ops.linear(x, C.wkv), ops.linear(x, C.wgate), C.ape, C.norm, cfg.norm_eps,
-                                   ratio, rope, rd, cache.comp_carry_kv, cache.comp_carry_score, cache.comp_kv,
-                                   cache.block_size, batch)
+            ops.compress_and_store(*a.comp, C.ape, C.norm, cfg.norm_eps, ratio, rope, rd, cache.comp_carry_kv,
+                                   cache.comp_carry_score, cache.comp_kv, cache.block_size, batch)
         if ratio == 4:
             I = L.idx_compressor
-            ops.compress_and_store(ops.linear(x, I.wkv), ops.linear(x, I.wgate), I.ape, I.norm, cfg.norm_eps,
-                                   4, rope, rd, cache.index_carry_kv, cache.index_carry_score, cache.index_k,
-                                   cache.block_size, batch)
-            nh, ihd = cfg.index_n_heads, cfg.index_head_dim
-            iq = ops.rope_tail(ops.linear(q_latent, L.idx_wq_b).view(T, nh, ihd), pos, rope, rd)
-            head_w = ops.linear(x, L.idx_weights_proj).float() * (ihd ** -0.5 * nh ** -0.5)
-            topk = ops.indexer_topk(iq, head_w, cache.index_k, cache.block_size, cfg.index_topk, batch,
+            ops.compress_and_store(*a.idx_comp, I.ape, I.norm, cfg.norm_eps, 4, rope, rd, cache.index_carry_kv,
+                                   cache.index_carry_score, cache.index_k, cache.block_size, batch)
+            topk = ops.indexer_topk(a.iq, a.head_w, cache.index_k, cache.block_size, cfg.index_topk, batch,
                                     key_rows=cache.index_rows)
+        return ops.sparse_attention(a.q, cache, ratio, cfg.window_size, topk, L.sink, cfg.head_dim ** -0.5, batch)
 
-        o = ops.sparse_attention(q, cache, ratio, cfg.window_size, topk, L.sink, hd ** -0.5, batch)
-        o = ops.rope_tail(o, pos, rope, rd, inverse=True)
-        g = cfg.o_groups
-        o = torch.einsum("tgi,gri->tgr", o.reshape(T, g, -1), L.wo_a).reshape(T, -1)
-        return ops.linear(o, L.wo_b)
+    def layer_out(self, o: Tensor, h: Tensor, post: Tensor, comb: Tensor, i: int, positions: Tensor,
+                  token_ids: Tensor) -> Tensor:
+        """The rest of layer i: output projection and mHC update of the attention sub-layer, then the whole MoE
+        sub-layer -> the layer's residual streams."""
+        cfg, ops, L = self.cfg, self.ops, self.layers[i]
+        T = o.shape[0]
+        o = ops.rope_tail(o, positions, cfg.rope_for_layer(i), cfg.rope_head_dim, inverse=True)
+        o = torch.einsum("tgi,gri->tgr", o.reshape(T, cfg.o_groups, -1), L.wo_a).reshape(T, -1)
+        h = ops.hc_post(ops.linear(o, L.wo_b), h, post, comb)
+        fn, scale, base = L.hc["ffn"]
+        x, post, comb = ops.hc_pre(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+        return ops.hc_post(self.moe(ops.rms_norm(x, L.ffn_norm, cfg.norm_eps), L, token_ids), h, post, comb)
 
-    def moe(self, x: Tensor, i: int, L: LayerWeights, token_ids: Tensor) -> Tensor:
+    def moe(self, x: Tensor, L: LayerWeights, token_ids: Tensor) -> Tensor:
         cfg, ops = self.cfg, self.ops
         ids, weights = ops.route(x, L.gate, L.gate_bias, L.tid2eid, token_ids, cfg.n_activated_experts,
                                  cfg.score_func, cfg.route_scale)
         routed = ops.moe(x, ids, weights, L.experts, cfg.swiglu_limit)
         return routed + ops.swiglu_mlp(x, *L.shared, cfg.swiglu_limit)
 
+    def logits(self, h: Tensor, rows: Tensor) -> Tensor:
+        """FP32 logits [len(rows), vocab] of the residual streams' `rows`."""
+        cfg, ops = self.cfg, self.ops
+        x = ops.hc_head(h[rows], *self.hc_head, cfg.norm_eps, cfg.hc_eps)
+        return ops.linear(ops.rms_norm(x, self.norm, cfg.norm_eps), self.head).float()
+
     # --- whole model -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, caches: list[LayerCache]) -> Tensor:
         """-> FP32 logits [len(batch.logits_indices), vocab]."""
-        cfg, ops = self.cfg, self.ops
-        h = self.embed[batch.token_ids][:, None, :].expand(-1, cfg.hc_mult, -1).contiguous()
-        for i, L in enumerate(self.layers):
-            for sub in ("attn", "ffn"):
-                fn, scale, base = L.hc[sub]
-                x, post, comb = ops.hc_pre(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)
-                if sub == "attn":
-                    y = self.attention(ops.rms_norm(x, L.attn_norm, cfg.norm_eps), i, L, caches[i], batch)
-                else:
-                    y = self.moe(ops.rms_norm(x, L.ffn_norm, cfg.norm_eps), i, L, batch.token_ids)
-                h = ops.hc_post(y, h, post, comb)
-        h = h[batch.logits_indices]
-        x = ops.hc_head(h, *self.hc_head, cfg.norm_eps, cfg.hc_eps)
-        x = ops.rms_norm(x, self.norm, cfg.norm_eps)
-        return ops.linear(x, self.head).float()
+        h = self.embed_tokens(batch.token_ids)
+        for i in range(len(self.layers)):
+            a, post, comb = self.attn_in(h, i, batch.positions)
+            o = self.attn_core(a, i, caches[i], batch)
+            h = self.layer_out(o, h, post, comb, i, batch.positions, batch.token_ids)
+        return self.logits(h, batch.logits_indices)

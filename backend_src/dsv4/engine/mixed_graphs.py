@@ -1,0 +1,221 @@
+"""CUDA graphs of steps with prompt tokens, captured piecewise per token-count bucket (vLLM's piecewise scheme).
+
+Under a server's load, requests arrive one or two at a time, so many steps carry a few prompt chunks next to the
+decode rows. Launched op by op from Python such a "mixed" step of the `small` model cost ~26 ms on an H100 against
+~2.8 ms for a graph-replayed decode step (docs/PERF.md), nearly all of it host time: ~1 000 launches, and cuBLAS
+picking an algorithm for every new token count.
+
+Only part of a mixed step depends on the step's host-side description (which sequence owns which rows, the
+compressor's index plan, the attention launch plan): `DeepseekV4Model.attn_core`. Everything else is
+token-parallel (`embed_tokens`, `attn_in`, `layer_out`) and sees only device tensors. So for each bucket size S
+the token-parallel stages between two attention cores are captured as one graph, n_layers + 1 pieces in all:
+
+    piece 0:  embed -> attn_in(0)
+    piece k:  layer_out(k-1) -> attn_in(k)          (1 <= k < n_layers)
+    piece n:  layer_out(n-1)
+
+and a step of T <= S tokens copies its token ids and positions into the bucket's static inputs, replays piece k,
+runs attn_core(k) eagerly on the first T rows of the piece's outputs, copies the attention output into the static
+input of piece k+1, and so on; the logits of the sampling rows are computed eagerly at the end. Rows T..S-1 are
+padding: they hold whatever token ids and positions an earlier step left (valid values), every token-parallel stage
+computes them independently of the real rows, and nothing of theirs reaches a cache (attn_core sees T rows only).
+
+`capture=False` runs the same pieces eagerly through the same static buffers (CPU tests of the padding and the
+wiring; graph-free debugging).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from dsv4.errors import ConfigError
+from dsv4.model.deepseek_v4 import AttnInputs, DeepseekV4Model
+from dsv4.ops.base import ForwardBatch, LayerCache
+
+log = logging.getLogger("dsv4.engine")
+Tensor = torch.Tensor
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """16, 32, 64, 128, then x1.5 / x2 steps (192, 256, 384, 512, 768, 1024, ...) up to max_tokens, and
+    max_tokens itself. The boundaries 64 and 256 are where the GEMM and mHC kernels change path, so a padded
+    step runs the kernels its unpadded size would."""
+    if max_tokens < 1:
+        raise ConfigError(f"engine setting 'cuda_graph_max_tokens' must be >= 1, got {max_tokens}")
+    sizes, s = [], 16
+    while s <= max_tokens:
+        sizes.append(s)
+        if s >= 128 and s * 3 // 2 <= max_tokens:
+            sizes.append(s * 3 // 2)
+        s *= 2
+    if not sizes or sizes[-1] != max_tokens:
+        sizes.append(max_tokens)
+    return sorted(set(sizes))
+
+
+@dataclass
+class _Piece:
+    """One captured stretch between two attention cores; its outputs are the next stretch's inputs."""
+
+    run: Callable[[], None]                  # replays the graph (or, uncaptured, runs the stages)
+    h: Tensor | None = None                  # residual streams after layer_out (None for piece 0's input side)
+    attn: AttnInputs | None = None           # attn_in outputs (None for the last piece)
+    post: Tensor | None = None
+    comb: Tensor | None = None
+    graph: torch.cuda.CUDAGraph | None = None  # captured: kept alive with its piece
+
+
+@dataclass
+class _Bucket:
+    size: int
+    token_ids: Tensor                        # [size] long, static input
+    positions: Tensor                        # [size] long
+    o: Tensor                                # [size, H, head_dim]: the attention output piece k+1 reads
+    pieces: list[_Piece] = field(default_factory=list)
+
+
+class MixedGraphs:
+    def __init__(self, model: DeepseekV4Model, layers: list[LayerCache], device: torch.device, sizes: list[int],
+                 capture: bool = True):
+        if capture and device.type != "cuda":
+            raise ConfigError("CUDA graphs need a CUDA device")
+        self.model, self.layers, self.device = model, layers, device
+        self.sizes = sorted(sizes)
+        self.captured = capture
+        self._buckets: dict[int, _Bucket] = {}
+        self.capture_seconds = 0.0
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sizes[-1]
+
+    def bucket(self, num_tokens: int) -> int | None:
+        """The smallest prepared size that holds num_tokens (None: run the step eagerly)."""
+        for s in self.sizes:
+            if s >= num_tokens:
+                return s if s in self._buckets else None
+        return None
+
+    # --- building --------------------------------------------------------------------------------------------
+    def _stages(self, b: _Bucket, k: int, prev: _Piece | None) -> Callable[[], _Piece]:
+        """The stage function of piece k of bucket b, reading the static inputs and `prev`'s outputs."""
+        model, n = self.model, len(self.model.layers)
+
+        def stages() -> _Piece:
+            with torch.no_grad():
+                if k == 0:
+                    h = model.embed_tokens(b.token_ids)
+                else:
+                    h = model.layer_out(b.o, prev.h, prev.post, prev.comb, k - 1, b.positions, b.token_ids)
+                if k == n:
+                    return _Piece(run=lambda: None, h=h)
+                a, post, comb = model.attn_in(h, k, b.positions)
+                return _Piece(run=lambda: None, h=h, attn=a, post=post, comb=comb)
+        return stages
+
+    def _new_bucket(self, size: int) -> _Bucket:
+        cfg = self.model.cfg
+        z = dict(dtype=torch.long, device=self.device)
+        return _Bucket(size, torch.zeros(size, **z), torch.zeros(size, **z),
+                       torch.zeros((size, cfg.n_heads, cfg.head_dim), dtype=self.model.dtype, device=self.device))
+
+    def prepare(self) -> None:
+        """Uncaptured: wire every bucket's pieces to run their stages eagerly. Captured: warm each bucket up
+        eagerly (compiles kernels, sizes the shared scratch buffers), capture its pieces in order into one memory
+        pool, and check the replayed chain against the eager one."""
+        t0 = time.monotonic()
+        if not self.captured:
+            for size in self.sizes:
+                b = self._new_bucket(size)
+                prev = None
+                for k in range(len(self.model.layers) + 1):
+                    stages = self._stages(b, k, prev)
+                    piece = stages()
+                    piece.run = _rebinder(piece, stages)
+                    b.pieces.append(piece)
+                    prev = piece
+                self._buckets[size] = b
+            return
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            b = self._new_bucket(size)
+            eager: list[_Piece] = []
+            prev = None
+            for k in range(len(self.model.layers) + 1):
+                prev = self._stages(b, k, prev)()
+                eager.append(prev)
+            torch.cuda.synchronize(self.device)
+            prev = None
+            for k in range(len(self.model.layers) + 1):
+                stages = self._stages(b, k, prev)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    piece = stages()
+                piece.run, piece.graph = g.replay, g
+                b.pieces.append(piece)
+                prev = piece
+            for piece in b.pieces:
+                piece.run()
+            torch.cuda.synchronize(self.device)
+            for k, (got, want) in enumerate(zip(b.pieces, eager)):
+                for name, x, y in _outputs(got, want):
+                    if not torch.isfinite(x).all() or not torch.allclose(x.float(), y.float(), rtol=1e-2, atol=1e-2):
+                        self._buckets.clear()
+                        err = (x.float() - y.float()).abs().max().item()
+                        raise RuntimeError(f"CUDA graph of mixed-step piece {k} ({name}), {size} tokens, replays "
+                                           f"differently from its eager run (max |diff| {err:.3g}): mixed-step "
+                                           "graphs disabled")
+            self._buckets[size] = b
+        self.capture_seconds = time.monotonic() - t0
+        log.info("captured mixed-step CUDA graphs for %d token counts %s (%d pieces each) in %.1f s",
+                 len(self._buckets), self.sizes, len(self.model.layers) + 1, self.capture_seconds)
+
+    # --- running ---------------------------------------------------------------------------------------------
+    def forward(self, batch: ForwardBatch) -> Tensor:
+        """FP32 logits [len(batch.logits_indices), vocab] of a step of at most max_tokens tokens."""
+        T = batch.token_ids.shape[0]
+        size = self.bucket(T)
+        if size is None:
+            raise ValueError(f"a step of {T} tokens has no mixed-step graph (largest {self.max_tokens})")
+        b = self._buckets[size]
+        b.token_ids[:T].copy_(batch.token_ids)
+        b.positions[:T].copy_(batch.positions)
+        model = self.model
+        with torch.no_grad():
+            for k, piece in enumerate(b.pieces):
+                piece.run()
+                if piece.attn is not None:
+                    b.o[:T].copy_(model.attn_core(piece.attn.rows(T), k, self.layers[k], batch))
+            return model.logits(b.pieces[-1].h[:T], batch.logits_indices)
+
+
+def _rebinder(piece: _Piece, stages: Callable[[], _Piece]) -> Callable[[], None]:
+    """Uncaptured pieces: rerun the stages and point the piece at the fresh outputs (the next piece's stages read
+    them through the same _Piece object)."""
+    def run() -> None:
+        fresh = stages()
+        piece.h, piece.attn, piece.post, piece.comb = fresh.h, fresh.attn, fresh.post, fresh.comb
+    return run
+
+
+def _outputs(got: _Piece, want: _Piece):
+    """(name, captured output, eager output) of every tensor a piece hands on."""
+    yield "h", got.h, want.h
+    if got.attn is None:
+        return
+    yield "post", got.post, want.post
+    yield "comb", got.comb, want.comb
+    for name in ("q", "kv", "iq", "head_w"):
+        x = getattr(got.attn, name)
+        if x is not None:
+            yield name, x, getattr(want.attn, name)
+    for name in ("comp", "idx_comp"):
+        pair = getattr(got.attn, name)
+        if pair is not None:
+            yield name, pair[0], getattr(want.attn, name)[0]
+            yield name, pair[1], getattr(want.attn, name)[1]

@@ -1,0 +1,142 @@
+"""Steps with prompt tokens run piecewise through per-token-count buckets (engine.mixed_graphs) compute what the
+plain forward computes: the same logits and the same cache contents, step after step, whatever the padding rows
+of a bucket hold.
+
+On CPU the pieces run eagerly through the same static buffers (`capture=False`); tests/gpu/test_cuda_graphs.py
+replays them from captured graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from dsv4.checkpoint.loader import load_checkpoint
+from dsv4.engine.kv_cache import KVCache
+from dsv4.engine.mixed_graphs import MixedGraphs, token_buckets
+from dsv4.engine.runner import ModelRunner
+from dsv4.engine.scheduler import ScheduledStep
+from dsv4.errors import ConfigError
+from dsv4.model.deepseek_v4 import DeepseekV4Model
+from dsv4.ops.torch_ops import TorchOps
+
+MAX_LEN = 1024
+SIZES = [16, 64, 128, 192]
+
+
+@dataclass
+class Seq:
+    """The parts of an engine Sequence the runner reads."""
+
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def token_at(self, i: int) -> int:
+        return self.all_ids[i]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    ckpt = load_checkpoint(tiny_checkpoint, progress=False)
+    ops = TorchOps()
+    ops.reserve_positions(MAX_LEN)
+    return DeepseekV4Model(ckpt.config, ckpt.tensors, ops, torch.device("cpu"), torch.float32)
+
+
+def new_runner(model, mixed: bool) -> ModelRunner:
+    cache = KVCache(model.cfg, num_blocks=24, block_size=128, max_seqs=6, device=torch.device("cpu"),
+                    dtype=torch.float32)
+    for t in [cache.window_kv] + [t for lc in cache.layers for t in (lc.comp_kv, lc.index_k) if t is not None]:
+        t.fill_(float("nan"))   # anything read before it is written poisons the logits
+    graphs = None
+    if mixed:
+        graphs = MixedGraphs(model, cache.layers, torch.device("cpu"), SIZES, capture=False)
+        graphs.prepare()
+    return ModelRunner(model, cache, torch.device("cpu"), MAX_LEN, mixed=graphs)
+
+
+def scramble_padding(runner: ModelRunner, g: torch.Generator) -> None:
+    """Fill every bucket's static inputs with other valid token ids and positions (what earlier steps leave)."""
+    for b in runner.mixed._buckets.values():
+        b.token_ids.copy_(torch.randint(0, runner.model.cfg.vocab_size, b.token_ids.shape, generator=g))
+        b.positions.copy_(torch.randint(0, MAX_LEN, b.positions.shape, generator=g))
+        b.o.normal_(generator=g)
+
+
+def run_step(runner: ModelRunner, seqs: list[Seq], num_tokens: list[int]) -> torch.Tensor:
+    for s, n in zip(seqs, num_tokens):
+        if s.request_id not in runner.cache:
+            runner.cache.add(s.request_id)
+        runner.cache.grow(s.request_id, s.num_computed + n)
+    logits, _ = runner.execute(ScheduledStep(seqs=seqs, num_tokens=num_tokens))
+    return logits
+
+
+def test_token_buckets_cover_up_to_the_limit_with_kernel_path_boundaries():
+    assert token_buckets(1024) == [16, 32, 64, 128, 192, 256, 384, 512, 768, 1024]
+    assert token_buckets(300) == [16, 32, 64, 128, 192, 256, 300]
+    assert token_buckets(10) == [10]
+    with pytest.raises(ConfigError, match="cuda_graph_max_tokens"):
+        token_buckets(0)
+
+
+def test_mixed_steps_through_buckets_equal_the_plain_forward(model):
+    """Prefill chunks next to decode rows, sizes in several buckets (and one beyond them, run eagerly), chunked
+    prompts crossing compressed-window closings; padding rows scrambled before every step."""
+    g = torch.Generator().manual_seed(11)
+    V = model.cfg.vocab_size
+    prompts = {name: torch.randint(2, V, (n,), generator=g).tolist()
+               for name, n in (("a", 125), ("b", 3), ("c", 40), ("d", 300), ("e", 9))}
+    plain, mixed = new_runner(model, mixed=False), new_runner(model, mixed=True)
+    seqs = {r: {k: Seq(k, list(p)) for k, p in prompts.items()} for r in ("plain", "mixed")}
+    # (sequence, tokens) per step: None = one decode token
+    schedule = [
+        [("a", 125), ("b", 3)],                     # 128 tokens: bucket 128 exactly
+        [("a", None), ("b", None), ("c", 40)],      # 42 -> bucket 64
+        [("a", None), ("b", None), ("c", None), ("d", 150)],   # 153 -> 192
+        [("a", None), ("b", None), ("c", None), ("d", 150), ("e", 9)],  # 162 -> 192 (d's window closings)
+        [("a", None), ("b", None), ("c", None), ("d", None), ("e", None)],  # decode only: not a mixed step
+        [("a", None), ("b", None), ("c", None), ("d", None), ("e", None)],
+    ]
+    steps_before = mixed.mixed_graph_steps
+    for plan in schedule:
+        scramble_padding(mixed, g)
+        out = {}
+        for r, runner in (("plain", plain), ("mixed", mixed)):
+            ss = [seqs[r][k] for k, _ in plan]
+            ns = [1 if n is None else n for _, n in plan]
+            out[r] = run_step(runner, ss, ns)
+        assert torch.isfinite(out["mixed"]).all()
+        err = float((out["mixed"] - out["plain"]).abs().max() / out["plain"].abs().max())
+        assert err < 1e-5, f"step {plan}: relative error {err:.3g}"
+        sampled = [k for k, _ in plan if seqs["plain"][k].num_computed == seqs["plain"][k].num_tokens]
+        for k, tok in zip(sampled, out["plain"].argmax(-1).tolist(), strict=True):
+            for r in ("plain", "mixed"):
+                seqs[r][k].output_ids.append(tok)
+    assert mixed.mixed_graph_steps - steps_before == 4          # the four steps with prompt tokens
+    for lp, lm in zip(plain.cache.layers, mixed.cache.layers):    # and the caches hold the same entries
+        for name in ("comp_kv", "index_k", "comp_carry_kv", "index_carry_kv"):
+            a, b = getattr(lp, name), getattr(lm, name)
+            if a is not None:
+                assert torch.allclose(a.nan_to_num(7.0), b.nan_to_num(7.0), rtol=1e-5, atol=1e-5), name
+
+
+def test_a_step_beyond_the_largest_bucket_runs_the_plain_forward(model):
+    runner = new_runner(model, mixed=True)
+    eager_before, mixed_before = runner.eager_steps, runner.mixed_graph_steps
+    logits = run_step(runner, [Seq("x", list(range(2, 202)))], [200])
+    assert torch.isfinite(logits).all()
+    assert runner.eager_steps == eager_before + 1 and runner.mixed_graph_steps == mixed_before
+    assert runner.mixed.bucket(200) is None and runner.mixed.bucket(193) is None and runner.mixed.bucket(65) == 128
