@@ -141,6 +141,7 @@ class MixedGraphs:
                     prev = piece
                 self._buckets[size] = b
             return
+        reserved0 = torch.cuda.memory_reserved(self.device)
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             b = self._new_bucket(size)
@@ -172,8 +173,9 @@ class MixedGraphs:
                                            "graphs disabled")
             self._buckets[size] = b
         self.capture_seconds = time.monotonic() - t0
-        log.info("captured mixed-step CUDA graphs for %d token counts %s (%d pieces each) in %.1f s",
-                 len(self._buckets), self.sizes, len(self.model.layers) + 1, self.capture_seconds)
+        log.info("captured mixed-step CUDA graphs for %d token counts %s (%d pieces each) in %.1f s, %.0f MiB",
+                 len(self._buckets), self.sizes, len(self.model.layers) + 1, self.capture_seconds,
+                 (torch.cuda.memory_reserved(self.device) - reserved0) / 2**20)
 
     # --- running ---------------------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch) -> Tensor:
