@@ -211,9 +211,11 @@ def test_staggered_arrivals_run_mixed_steps_from_graphs_without_errors(small3, p
         e.shutdown()
 
 
-def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3):
+@pytest.mark.parametrize("graph_compressor", [False, True], ids=["compressor-eager", "compressor-in-graphs"])
+def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3, graph_compressor):
     """Lockstep, same model, two caches: prefill chunks next to decode rows in several buckets, padding rows
-    scrambled before each step; logits and compressed caches agree (BF16, padded GEMM M: loose tolerance)."""
+    scrambled before each step; logits and compressed caches agree (BF16, padded GEMM M: loose tolerance). With
+    `graph_compressor` the compressors run inside the captured pieces from fixed-size padded plans."""
     from dsv4.checkpoint.loader import load_checkpoint
     from dsv4.engine.kv_cache import KVCache
     from dsv4.engine.mixed_graphs import MixedGraphs
@@ -232,7 +234,8 @@ def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3):
         cache = KVCache(model.cfg, 32, 128, 6, dev, torch.bfloat16)
         graphs = None
         if mixed:
-            graphs = MixedGraphs(model, cache.layers, dev, [16, 64, 128, 192, 256])
+            graphs = MixedGraphs(model, cache.layers, dev, [16, 64, 128, 192, 256],
+                                 graph_compressor=graph_compressor)
             graphs.prepare()
         runners.append(ModelRunner(model, cache, dev, 2048, mixed=graphs))
     plain, mixed = runners
@@ -274,7 +277,7 @@ def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3):
                 ss[k].output_ids.append(tok)
     assert mixed.mixed_graph_steps == 4
     for lp, lm in zip(plain.cache.layers, mixed.cache.layers):
-        for name in ("comp_kv", "index_k"):
+        for name in ("comp_kv", "index_k", "comp_carry_kv", "index_carry_kv"):
             a, b = getattr(lp, name), getattr(lm, name)
             if a is not None:
                 assert torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05), name

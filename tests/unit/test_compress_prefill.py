@@ -99,3 +99,67 @@ def test_the_token_that_closes_an_overlapping_window_pools_it_with_its_predecess
     assert plan.entry_pos.tolist() == [4] and plan.entry_index.tolist() == [1] and plan.entry_block.tolist() == [40]
     # window 1 becomes the previous window; the open window (window 2) has no rows yet
     assert sorted(zip(plan.carry_dst.tolist(), plan.carry_src.tolist())) == [(0, 5), (1, 6), (2, 7), (3, 0)]
+
+
+# (sequences as (tokens in the cache, new tokens)) covering: windows closing, none closing (E = 0), chunks ending on
+# a window boundary so that no carry row is written (R = 0 at ratio 128), carry row 0 read or not
+PADDED_CASES = {
+    "closing windows": [(0, 9), (5, 6), (128, 130), (6, 1)],
+    "no window closes": [(129, 2), (1, 1)],
+    "no carry write": [(0, 128), (128, 128)],
+    "no carry write, carry read": [(0, 128), (64, 64)],    # ratio 128: carry row 0 (slot 0) not among those read
+    "decode rows only": [(7, 1), (255, 1), (40, 1)],
+}
+
+
+@pytest.mark.parametrize("ratio", [4, 128])
+@pytest.mark.parametrize("case", list(PADDED_CASES))
+def test_a_padded_plan_writes_what_the_plan_writes_and_nothing_else(ratio, case):
+    """engine.mixed_graphs runs the compressor on a bucket's padded token rows with a fixed-size plan: its padding
+    entries and carry writes must leave every slot as the plain plan leaves it (slots hold earlier data: no NaN
+    guard here, a padding write of anything but the slot's own value fails)."""
+    from dsv4.ops.compress_plan import PlanBounds, padded_plan
+
+    seqs = PADDED_CASES[case]
+    g = torch.Generator().manual_seed(len(case) + ratio)
+    coff = 2 if ratio == 4 else 1
+    rows = coff * ratio
+    ops = TorchOps("cpu", torch.float32)
+    ops.reserve_positions(1024)
+    slots = [0, 3, 1, 2][:len(seqs)]                       # state slot 0 (padding's write-back row) in use
+    tables = [[0] + [10 + 5 * b + j for j in range(5)] if b == 0 else [10 + 5 * b + j for j in range(6)]
+              for b in range(len(seqs))]                    # block 0 (padding's write-back slot) in use
+    T = sum(n for _, n in seqs)
+    S = T + 37
+    kv, score = torch.randn(S, coff * D, generator=g), torch.randn(S, coff * D, generator=g)
+    ape = torch.randn(ratio, coff * D, generator=g)
+    norm = torch.rand(D, generator=g) + 0.5
+    rope = RopeConfig(theta=160000.0)
+    carry_kv0, carry_sc0 = torch.randn(4, rows, coff * D, generator=g), torch.randn(4, rows, coff * D, generator=g)
+    pool0 = torch.randn(40, BLOCK // ratio, D, generator=g)
+    batch = make_batch(seqs, slots, tables)
+    plan = compress_plan(batch, ratio, BLOCK, rows)
+    if case == "no window closes":
+        assert plan.num_entries == 0
+    if case.startswith("no carry write") and ratio == 128:
+        assert plan.carry_dst.size == 0
+
+    want = [carry_kv0.clone(), carry_sc0.clone(), pool0.clone()]
+    ops.compress_and_store(kv[:T], score[:T], ape, norm, 1e-6, ratio, rope, ROPE, *want, BLOCK, batch)
+
+    bounds = PlanBounds(tokens=S, seqs=4, ratio=ratio, carry_pool_rows=4 * rows)
+    padded = padded_plan(plan, T, bounds)
+    assert padded.num_entries == bounds.entries and padded.carry_dst.shape[0] == bounds.carry_writes
+    batch.memo[("compress_plan", ratio, BLOCK, rows, kv.device)] = padded.on(kv.device)
+    got = [carry_kv0.clone(), carry_sc0.clone(), pool0.clone()]
+    ops.compress_and_store(kv, score, ape, norm, 1e-6, ratio, rope, ROPE, *got, BLOCK, batch)
+    for a, b, what in zip(got, want, ("carry kv", "carry score", "compressed entries")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=what)
+
+
+def test_a_plan_beyond_its_bounds_is_refused():
+    from dsv4.ops.compress_plan import PlanBounds, padded_plan
+
+    plan = plan_of([(0, 300)], 4, 8)
+    with pytest.raises(ValueError, match="exceeds its padded bounds"):
+        padded_plan(plan, 300, PlanBounds(tokens=256, seqs=4, ratio=4, carry_pool_rows=32))

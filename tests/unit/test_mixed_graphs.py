@@ -55,14 +55,15 @@ def model(tiny_checkpoint):
     return DeepseekV4Model(ckpt.config, ckpt.tensors, ops, torch.device("cpu"), torch.float32)
 
 
-def new_runner(model, mixed: bool) -> ModelRunner:
+def new_runner(model, mixed: bool, graph_compressor: bool = False) -> ModelRunner:
     cache = KVCache(model.cfg, num_blocks=24, block_size=128, max_seqs=6, device=torch.device("cpu"),
                     dtype=torch.float32)
     for t in [cache.window_kv] + [t for lc in cache.layers for t in (lc.comp_kv, lc.index_k) if t is not None]:
         t.fill_(float("nan"))   # anything read before it is written poisons the logits
     graphs = None
     if mixed:
-        graphs = MixedGraphs(model, cache.layers, torch.device("cpu"), SIZES, capture=False)
+        graphs = MixedGraphs(model, cache.layers, torch.device("cpu"), SIZES, capture=False,
+                             graph_compressor=graph_compressor)
         graphs.prepare()
     return ModelRunner(model, cache, torch.device("cpu"), MAX_LEN, mixed=graphs)
 
@@ -92,14 +93,16 @@ def test_token_buckets_cover_up_to_the_limit_with_kernel_path_boundaries():
         token_buckets(0)
 
 
-def test_mixed_steps_through_buckets_equal_the_plain_forward(model):
-    """Prefill chunks next to decode rows, sizes in several buckets (and one beyond them, run eagerly), chunked
-    prompts crossing compressed-window closings; padding rows scrambled before every step."""
+@pytest.mark.parametrize("graph_compressor", [False, True], ids=["compressor-eager", "compressor-in-pieces"])
+def test_mixed_steps_through_buckets_equal_the_plain_forward(model, graph_compressor):
+    """Prefill chunks next to decode rows, sizes in several buckets, chunked prompts crossing compressed-window
+    closings; padding rows scrambled before every step. With the compressors inside the pieces, their padded plans
+    must write exactly what the plain plan writes (padding writes are no-ops)."""
     g = torch.Generator().manual_seed(11)
     V = model.cfg.vocab_size
     prompts = {name: torch.randint(2, V, (n,), generator=g).tolist()
                for name, n in (("a", 125), ("b", 3), ("c", 40), ("d", 300), ("e", 9))}
-    plain, mixed = new_runner(model, mixed=False), new_runner(model, mixed=True)
+    plain, mixed = new_runner(model, mixed=False), new_runner(model, mixed=True, graph_compressor=graph_compressor)
     seqs = {r: {k: Seq(k, list(p)) for k, p in prompts.items()} for r in ("plain", "mixed")}
     # (sequence, tokens) per step: None = one decode token
     schedule = [

@@ -128,9 +128,12 @@ class DeepseekV4Model:
         """-> residual streams [T, hc_mult, D]."""
         return self.embed[token_ids][:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
 
-    def attn_in(self, h: Tensor, i: int, positions: Tensor) -> tuple[AttnInputs, Tensor, Tensor]:
+    def attn_in(self, h: Tensor, i: int, positions: Tensor, cache: LayerCache | None = None,
+                compress_batch: ForwardBatch | None = None) -> tuple[AttnInputs, Tensor, Tensor]:
         """Layer i's attention sub-layer up to the cache: mHC collapse, norm, projections, RoPE.
-        -> (attention inputs, mHC post [T, N], mHC comb [T, N, N])."""
+        -> (attention inputs, mHC post [T, N], mHC comb [T, N, N]). With `cache` and a `compress_batch` whose memo
+        holds fixed-size compressor plans (engine.mixed_graphs), the compressors run here too (their cache writes
+        are then part of a captured piece) and the returned inputs carry no compressor projections."""
         cfg, ops, L = self.cfg, self.ops, self.layers[i]
         fn, scale, base = L.hc["attn"]
         x, post, comb = ops.hc_pre(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)
@@ -151,6 +154,10 @@ class DeepseekV4Model:
             I = L.idx_compressor
             nh, ihd = cfg.index_n_heads, cfg.index_head_dim
             a.idx_comp = (ops.linear(x, I.wkv), ops.linear(x, I.wgate))
+        if compress_batch is not None and ratio:
+            self._compress(a, i, cache, compress_batch)
+            a.comp = a.idx_comp = None
+        if ratio == 4:
             a.iq = ops.rope_tail(ops.linear(q_latent, L.idx_wq_b).view(T, nh, ihd), positions, rope, rd)
             a.head_w = ops.linear(x, L.idx_weights_proj).float() * (ihd ** -0.5 * nh ** -0.5)
         return a, post, comb
@@ -163,17 +170,25 @@ class DeepseekV4Model:
         rope, rd = cfg.rope_for_layer(i), cfg.rope_head_dim
         ops.store_window_kv(a.kv, cache, batch)
         topk = None
-        if ratio:
-            C = L.compressor
-            ops.compress_and_store(*a.comp, C.ape, C.norm, cfg.norm_eps, ratio, rope, rd, cache.comp_carry_kv,
-                                   cache.comp_carry_score, cache.comp_kv, cache.block_size, batch)
+        if a.comp is not None:
+            self._compress(a, i, cache, batch)
+        if ratio == 4:
+            topk = ops.indexer_topk(a.iq, a.head_w, cache.index_k, cache.block_size, cfg.index_topk, batch,
+                                    key_rows=cache.index_rows)
+        return ops.sparse_attention(a.q, cache, ratio, cfg.window_size, topk, L.sink, cfg.head_dim ** -0.5, batch)
+
+    def _compress(self, a: AttnInputs, i: int, cache: LayerCache, batch: ForwardBatch) -> None:
+        """Layer i's compressors (and the indexer's, ratio 4): pool closed windows into the compressed caches."""
+        cfg, ops, L = self.cfg, self.ops, self.layers[i]
+        ratio = cfg.compress_ratio(i)
+        rope, rd = cfg.rope_for_layer(i), cfg.rope_head_dim
+        C = L.compressor
+        ops.compress_and_store(*a.comp, C.ape, C.norm, cfg.norm_eps, ratio, rope, rd, cache.comp_carry_kv,
+                               cache.comp_carry_score, cache.comp_kv, cache.block_size, batch)
         if ratio == 4:
             I = L.idx_compressor
             ops.compress_and_store(*a.idx_comp, I.ape, I.norm, cfg.norm_eps, 4, rope, rd, cache.index_carry_kv,
                                    cache.index_carry_score, cache.index_k, cache.block_size, batch)
-            topk = ops.indexer_topk(a.iq, a.head_w, cache.index_k, cache.block_size, cfg.index_topk, batch,
-                                    key_rows=cache.index_rows)
-        return ops.sparse_attention(a.q, cache, ratio, cfg.window_size, topk, L.sink, cfg.head_dim ** -0.5, batch)
 
     def layer_out(self, o: Tensor, h: Tensor, post: Tensor, comb: Tensor, i: int, positions: Tensor,
                   token_ids: Tensor) -> Tensor:

@@ -231,7 +231,11 @@ class TorchOps(Ops):
             entries = (wk * ws.softmax(dim=1)).sum(dim=1)
             entries = self.rms_norm(entries, norm_weight, norm_eps)
             entries = self.rope_tail(entries, plan.entry_pos, rope, rope_dim)
-            out[plan.entry_block, plan.entry_index] = _cache_rows(entries, out, rope_dim)
+            rows = _cache_rows(entries, out, rope_dim)
+            if plan.padded:     # padding entries of a fixed-size plan write back what their slot holds
+                keep = plan.entry_valid.bool().view(-1, *([1] * (rows.dim() - 1)))
+                rows = torch.where(keep, rows, out[plan.entry_block, plan.entry_index])
+            out[plan.entry_block, plan.entry_index] = rows
         if plan.carry_dst.shape[0]:
             carry_kv.view(-1, carry_kv.shape[-1])[plan.carry_dst] = src_kv[plan.carry_src]
             carry_score.view(-1, carry_score.shape[-1])[plan.carry_dst] = src_sc[plan.carry_src]
