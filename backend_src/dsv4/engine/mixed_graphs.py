@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from dsv4.engine.decode_inputs import upload
 from dsv4.errors import ConfigError
 from dsv4.model.deepseek_v4 import AttnInputs, DeepseekV4Model
 from dsv4.ops.base import ForwardBatch, LayerCache
@@ -177,7 +178,7 @@ class MixedGraphs:
         T = batch.token_ids.shape[0]
         for (_, ratio, block_size, rows, _), sp in b.plans.items():
             plan = padded_plan(compress_plan(batch, ratio, block_size, rows), T, sp.bounds)
-            sp.flat.copy_(torch.from_numpy(plan.flat()))
+            upload(sp.flat, torch.from_numpy(plan.flat()))
 
     def prepare(self) -> None:
         """Uncaptured: wire every bucket's pieces to run their stages eagerly. Captured: warm each bucket up
