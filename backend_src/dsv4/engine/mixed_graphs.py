@@ -71,7 +71,7 @@ class _Piece:
     """One captured stretch between two attention cores; its outputs are the next stretch's inputs."""
 
     run: Callable[[], None]                  # replays the graph (or, uncaptured, runs the stages)
-    h: Tensor | None = None                  # residual streams after layer_out (None for piece 0's input side)
+    h: Tensor | None = None                  # the residual streams it hands on (after embed or layer_out)
     attn: AttnInputs | None = None           # attn_in outputs (None for the last piece)
     post: Tensor | None = None
     comb: Tensor | None = None
