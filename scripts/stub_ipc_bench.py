@@ -70,7 +70,8 @@ class TritonPythonModel:
 
     def measure(self, sender, n):
         rows = []
-        for name, fn in (("metric observe", lambda: self.hist.observe(0.002)),
+        for name, fn in (("build a response", lambda: self.response("tok")),
+                         ("metric observe", lambda: self.hist.observe(0.002)),
                          ("metric increment", lambda: self.counter.increment(1)),
                          ("is_cancelled", sender.is_cancelled),
                          ("response send", lambda: sender.send(self.response("tok")))):
