@@ -199,8 +199,8 @@ class _Metrics:
 
     def flush(self, now):
         """Counters go out at most every _COUNTER_FLUSH_S: every metric call is an IPC round trip to the server (as
-        costly as a response send), and at c=32 one flush per dispatcher wake-up plus one per finished request
-        took ~10 % of the dispatcher's time. Scrapes see them at most that much late."""
+        costly as a response send), and one flush per dispatcher wake-up plus one increment per finished request
+        came to ~190 calls/s at c=32 (estimated 5-10 % of the dispatcher's time). Scrapes see them that much late."""
         if now - self._flushed < _COUNTER_FLUSH_S:
             return
         self._flushed = now
