@@ -6,7 +6,9 @@
 3. a real tritonserver with the model repository (ops backend `cute` by default) on the checkpoint;
 4. a streaming smoke test whose tokens must equal the direct engine's greedy output;
 5. the same closed-loop workload through Triton's gRPC streaming API, and a perf_analyzer sweep (latencies, errors);
-6. one summary JSON and one PNG in the output folder.
+6. one summary JSON and one PNG in the output folder;
+7. with --paired-rounds N: N back-to-back rounds of direct / Triton / perf_analyzer at one concurrency, and the
+   median of the per-round ratios (the run-to-run drift of a machine is larger than the effect to measure).
 
     bash scripts/gpu_check.sh OUT_DIR [--checkpoint DIR] [--backend cute] [--concurrency 1 8 32 64]
 
@@ -243,6 +245,62 @@ def triton_stream(url: str, sampling: dict) -> tuple[int, float, list[float], st
     return sum(counts), ttft, itl, "".join(texts)
 
 
+def perf_analyzer(server, root: Path | None, out: Path, concurrency: list[int], args, log: Path,
+                  interval_ms: int | None = None) -> tuple[dict, list[dict] | None]:
+    """client.loadtest (perf_analyzer, streaming) at `concurrency` -> (rc and log tail, its summary rows)."""
+    cmd = [sys.executable, "-m", "client.loadtest", "--url", server.grpc_url, "--out", str(out), "--prompt", PROMPT,
+           "--concurrency", ",".join(map(str, concurrency)), "--max-tokens", str(args.max_tokens),
+           "--measurement-interval", str(interval_ms or args.pa_interval_ms), "--max-trials", "3", "--stability", "999"]
+    if root is not None:
+        cmd += ["--perf-analyzer", json.loads((root / "triton_env.json").read_text())["perf_analyzer"]]
+    r = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=1200,
+                       env={**os.environ, "LD_LIBRARY_PATH": os.environ.get("DSV4_TRITON_LIBS", "") + ":" +
+                            os.environ.get("LD_LIBRARY_PATH", "")})
+    log.write_text(r.stdout + r.stderr)
+    status = {"rc": r.returncode, "tail": (r.stdout + r.stderr).splitlines()[-6:]}
+    csv_path = out / "summary.csv"
+    if r.returncode != 0 or not csv_path.exists():
+        return status, None
+    import csv
+    with open(csv_path, newline="") as f:
+        return status, [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def paired_rounds(server, root: Path | None, out: Path, args, sampling: dict) -> dict:
+    """Rounds of direct engine / Triton (Python closed loop, then perf_analyzer) at one concurrency, back to back,
+    with a second engine in this process next to the server's: whatever drifts on the machine between runs (the
+    direct loop alone varied 5.7-7.7k tok/s at c=32 between runs of one code, docs/PERF.md) hits both sides of a
+    round alike, and the median of the per-round ratios is the number to quote."""
+    from statistics import median
+
+    from dsv4.engine.engine import Engine
+
+    c = args.paired_concurrency
+    out.mkdir(parents=True, exist_ok=True)
+    eng = Engine(engine_config(args))
+    rounds = []
+    try:
+        direct_closed_loop(eng, c, 1, sampling)                        # warm-up at this batch size
+        for k in range(args.paired_rounds):
+            d = direct_closed_loop(eng, c, args.requests_per_worker, sampling)
+            t = closed_loop(lambda: triton_stream(server.grpc_url, sampling)[:3], c, args.requests_per_worker)
+            status, pa = perf_analyzer(server, root, out / f"perf_{k}", [c], args, out / f"perf_analyzer_{k}.log",
+                                       interval_ms=args.paired_pa_interval_ms)
+            row = {"direct": d["tokens_per_s"], "triton": t["tokens_per_s"],
+                   "perf_analyzer": pa[0]["tokens_per_s"] if pa else None, "perf_analyzer_rc": status["rc"],
+                   "errors": d["errors"] + t["errors"] + (status["rc"] != 0)}
+            row["triton_over_direct"] = round(row["triton"] / row["direct"], 3)
+            row["pa_over_direct"] = round(row["perf_analyzer"] / row["direct"], 3) if pa else None
+            rounds.append(row)
+            print(f"paired round {k} at c={c}:", row, flush=True)
+    finally:
+        eng.shutdown()
+    pa_ratios = [r["pa_over_direct"] for r in rounds if r["pa_over_direct"] is not None]
+    return {"concurrency": c, "rounds": rounds,
+            "median_triton_over_direct": round(median(r["triton_over_direct"] for r in rounds), 3) if rounds else None,
+            "median_pa_over_direct": round(median(pa_ratios), 3) if pa_ratios else None}
+
+
 def plot(summary: dict, png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -283,6 +341,11 @@ def main() -> int:
     ap.add_argument("--sync-scheduling", action="store_true",
                     help="engine and server without async scheduling (read every step's tokens before the next)")
     ap.add_argument("--skip-perf-analyzer", action="store_true")
+    ap.add_argument("--paired-rounds", type=int, default=0,
+                    help="then this many rounds of direct / Triton / perf_analyzer at --paired-concurrency, back to "
+                         "back, and the median ratio (see paired_rounds)")
+    ap.add_argument("--paired-concurrency", type=int, default=32)
+    ap.add_argument("--paired-pa-interval-ms", type=int, default=4000)
     ap.add_argument("--direct-process", action="store_true",
                     help="also run the direct closed loops through EngineProcess (the engine in its own process)")
     ap.add_argument("--local-triton", action="store_true", help="use .triton/ (make setup) instead of the gpu-bundle")
@@ -334,29 +397,17 @@ def main() -> int:
         summary["triton_over_direct"] = {r["concurrency"]: round(r["tokens_per_s"] / d["tokens_per_s"], 3)
                                          for r, d in zip(rows, summary["direct"])}
         if not args.skip_perf_analyzer:
-            cmd = [sys.executable, "-m", "client.loadtest", "--url", server.grpc_url, "--out", str(out / "perf"),
-                   "--prompt", PROMPT,
-                   "--concurrency", ",".join(map(str, args.concurrency)), "--max-tokens", str(args.max_tokens),
-                   "--measurement-interval", str(args.pa_interval_ms), "--max-trials", "3",
-                   "--stability", "999"]
-            if root is not None:
-                cmd += ["--perf-analyzer", json.loads((root / "triton_env.json").read_text())["perf_analyzer"]]
-            r = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=1200,
-                               env={**os.environ, "LD_LIBRARY_PATH": os.environ.get("DSV4_TRITON_LIBS", "") + ":" +
-                                    os.environ.get("LD_LIBRARY_PATH", "")})
-            (out / "perf_analyzer.log").write_text(r.stdout + r.stderr)
-            summary["perf_analyzer"] = {"rc": r.returncode, "tail": (r.stdout + r.stderr).splitlines()[-6:]}
-            pa_csv = out / "perf" / "summary.csv"
-            if r.returncode == 0 and pa_csv.exists():
-                import csv
-                with open(pa_csv, newline="") as f:
-                    pa_rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            summary["perf_analyzer"], pa_rows = perf_analyzer(server, root, out / "perf", args.concurrency, args,
+                                                              out / "perf_analyzer.log")
+            if pa_rows is not None:
                 summary["perf_analyzer_rows"] = pa_rows
                 # the served throughput as a C++ client sees it: the Python closed loop above is bounded by its
                 # own GIL at high concurrency (one client thread per stream), perf_analyzer is not
                 summary["triton_pa_over_direct"] = {
                     int(p["concurrency"]): round(p["tokens_per_s"] / d["tokens_per_s"], 3)
                     for p in pa_rows for d in summary["direct"] if d["concurrency"] == int(p["concurrency"])}
+        if args.paired_rounds:
+            summary["paired"] = paired_rounds(server, root, out / "paired", args, sampling)
         # requests a client abandoned (perf_analyzer exits with streams open when it cannot stabilise) are
         # cancelled within a poll period: give the server a moment before calling blocks leaked
         deadline = time.monotonic() + 15
@@ -373,9 +424,11 @@ def main() -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out / "summary.png")
     print(json.dumps({k: summary.get(k) for k in ("device", "triton_over_direct", "triton_pa_over_direct",
-                                                  "direct_process_over_direct")},
+                                                  "direct_process_over_direct", "paired")},
                      indent=1))
-    ok = summary["smoke"]["equal_to_direct_engine"] and all(r["errors"] == 0 for r in summary["triton"])
+    paired_ok = all(r["errors"] == 0 for r in summary.get("paired", {}).get("rounds", []))
+    ok = (summary["smoke"]["equal_to_direct_engine"] and all(r["errors"] == 0 for r in summary["triton"])
+          and paired_ok)
     return 0 if ok else 1
 
 
