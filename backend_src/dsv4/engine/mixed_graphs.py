@@ -20,6 +20,11 @@ input of piece k+1, and so on; the logits of the sampling rows are computed eage
 padding: they hold whatever token ids and positions an earlier step left (valid values), every token-parallel stage
 computes them independently of the real rows, and nothing of theirs reaches a cache (attn_core sees T rows only).
 
+Memory: every piece copies what it hands on into one of two sets of static buffers (pieces alternate between
+them), shared by all buckets at the largest bucket's size; the static inputs are shared the same way. So the
+graphs hold two pieces' outputs plus the pool of intermediates. (The first version kept every piece's outputs of
+every bucket: 842 MiB for `small`'s 10 buckets on the H100, ~18 GB estimated for V4-Flash's 44 pieces.)
+
 `capture=False` runs the same pieces eagerly through the same static buffers (CPU tests of the padding and the
 wiring; graph-free debugging).
 
@@ -32,6 +37,7 @@ bucket's static plan buffers. Their host time was ~6 ms of a ~8 ms mixed step of
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -78,6 +84,36 @@ class _Piece:
     graph: torch.cuda.CUDAGraph | None = None  # captured: kept alive with its piece
 
 
+class _OutputSlots:
+    """Static buffers for what pieces hand on: two sets, piece k writes set k % 2, so piece k + 1 reads its inputs
+    while writing the other set, and attn_core(k) still reads set k % 2. One buffer per (name, trailing shape,
+    dtype) at `max_tokens` rows; a bucket of S tokens uses the first S rows. Buffers are allocated when the
+    largest bucket's stages first run eagerly, so never inside a capture."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self._sets: tuple[dict, dict] = ({}, {})
+
+    def put(self, k: int, name: str, t: Tensor) -> Tensor:
+        key = (name, tuple(t.shape[1:]), t.dtype)
+        buf = self._sets[k % 2].get(key)
+        if buf is None:
+            buf = self._sets[k % 2][key] = torch.empty((self.max_tokens, *t.shape[1:]), dtype=t.dtype,
+                                                        device=t.device)
+        view = buf[:t.shape[0]]
+        view.copy_(t)
+        return view
+
+    def put_attn(self, k: int, a: AttnInputs) -> AttnInputs:
+        def one(name: str, t: Tensor | None) -> Tensor | None:
+            return None if t is None else self.put(k, name, t)
+
+        def pair(name: str, p: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
+            return None if p is None else (self.put(k, name + ".0", p[0]), self.put(k, name + ".1", p[1]))
+        return AttnInputs(q=one("q", a.q), kv=one("kv", a.kv), comp=pair("comp", a.comp),
+                          idx_comp=pair("idx_comp", a.idx_comp), iq=one("iq", a.iq), head_w=one("head_w", a.head_w))
+
+
 @dataclass
 class _StaticPlan:
     """One compressor ratio's fixed-size index plan of a bucket: device buffer + the plan's views into it."""
@@ -109,6 +145,11 @@ class MixedGraphs:
         if graph_compressor is None:
             graph_compressor = os.environ.get("DSV4_GRAPH_COMPRESSOR", "0") == "1"
         self.graph_compressor = graph_compressor
+        self._slots = _OutputSlots(self.sizes[-1])
+        cfg, n = model.cfg, self.sizes[-1]
+        self._token_ids = torch.zeros(n, dtype=torch.long, device=device)     # static inputs, shared by buckets
+        self._positions = torch.zeros(n, dtype=torch.long, device=device)
+        self._o = torch.zeros((n, cfg.n_heads, cfg.head_dim), dtype=model.dtype, device=device)
         self._buckets: dict[int, _Bucket] = {}
         self.capture_seconds = 0.0
 
@@ -128,6 +169,8 @@ class MixedGraphs:
         """The stage function of piece k of bucket b, reading the static inputs and `prev`'s outputs."""
         model, n = self.model, len(self.model.layers)
 
+        slots = self._slots
+
         def stages() -> _Piece:
             with torch.no_grad():
                 if k == 0:
@@ -135,19 +178,19 @@ class MixedGraphs:
                 else:
                     h = model.layer_out(b.o, prev.h, prev.post, prev.comb, k - 1, b.positions, b.token_ids)
                 if k == n:
-                    return _Piece(run=lambda: None, h=h)
+                    return _Piece(run=lambda: None, h=slots.put(k, "h", h))
                 if b.compress_batch is not None:
                     a, post, comb = model.attn_in(h, k, b.positions, self.layers[k], b.compress_batch)
                 else:
                     a, post, comb = model.attn_in(h, k, b.positions)
-                return _Piece(run=lambda: None, h=h, attn=a, post=post, comb=comb)
+                return _Piece(run=lambda: None, h=slots.put(k, "h", h), attn=slots.put_attn(k, a),
+                              post=slots.put(k, "post", post), comb=slots.put(k, "comb", comb))
         return stages
 
     def _new_bucket(self, size: int) -> _Bucket:
         cfg = self.model.cfg
         z = dict(dtype=torch.long, device=self.device)
-        b = _Bucket(size, torch.zeros(size, **z), torch.zeros(size, **z),
-                    torch.zeros((size, cfg.n_heads, cfg.head_dim), dtype=self.model.dtype, device=self.device))
+        b = _Bucket(size, self._token_ids[:size], self._positions[:size], self._o[:size])
         if self.graph_compressor:
             for key, bounds in self._plan_keys(size).items():
                 empty = bounds.empty()
@@ -201,12 +244,11 @@ class MixedGraphs:
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             b = self._new_bucket(size)
-            eager: list[_Piece] = []
+            eager: list[list] = []      # digests: the pieces share their output buffers, so no copies are kept
             prev = None
             for k in range(len(self.model.layers) + 1):
                 prev = self._stages(b, k, prev)()
-                eager.append(prev)
-            torch.cuda.synchronize(self.device)
+                eager.append(_digest(prev))
             prev = None
             for k in range(len(self.model.layers) + 1):
                 stages = self._stages(b, k, prev)
@@ -216,17 +258,15 @@ class MixedGraphs:
                 piece.run, piece.graph = g.replay, g
                 b.pieces.append(piece)
                 prev = piece
-            for piece in b.pieces:
+            for k, (piece, want) in enumerate(zip(b.pieces, eager)):
                 piece.run()
-            torch.cuda.synchronize(self.device)
-            for k, (got, want) in enumerate(zip(b.pieces, eager)):
-                for name, x, y in _outputs(got, want):
-                    if not torch.isfinite(x).all() or not torch.allclose(x.float(), y.float(), rtol=1e-2, atol=1e-2):
+                for (name, s_got, a_got), (_, s_want, a_want) in zip(_digest(piece), want):
+                    tol = 1e-3 * (a_want + 1.0)
+                    if not (math.isfinite(a_got) and abs(s_got - s_want) <= tol and abs(a_got - a_want) <= tol):
                         self._buckets.clear()
-                        err = (x.float() - y.float()).abs().max().item()
                         raise RuntimeError(f"CUDA graph of mixed-step piece {k} ({name}), {size} tokens, replays "
-                                           f"differently from its eager run (max |diff| {err:.3g}): mixed-step "
-                                           "graphs disabled")
+                                           f"differently from its eager run (sum {s_got:.6g} vs {s_want:.6g}, "
+                                           f"abs sum {a_got:.6g} vs {a_want:.6g}): mixed-step graphs disabled")
             self._buckets[size] = b
         self.capture_seconds = time.monotonic() - t0
         log.info("captured mixed-step CUDA graphs for %d token counts %s (%d pieces each) in %.1f s, %.0f MiB",
@@ -263,19 +303,21 @@ def _rebinder(piece: _Piece, stages: Callable[[], _Piece]) -> Callable[[], None]
     return run
 
 
-def _outputs(got: _Piece, want: _Piece):
-    """(name, captured output, eager output) of every tensor a piece hands on."""
-    yield "h", got.h, want.h
-    if got.attn is None:
-        return
-    yield "post", got.post, want.post
-    yield "comb", got.comb, want.comb
-    for name in ("q", "kv", "iq", "head_w"):
-        x = getattr(got.attn, name)
-        if x is not None:
-            yield name, x, getattr(want.attn, name)
-    for name in ("comp", "idx_comp"):
-        pair = getattr(got.attn, name)
-        if pair is not None:
-            yield name, pair[0], getattr(want.attn, name)[0]
-            yield name, pair[1], getattr(want.attn, name)[1]
+def _digest(piece: _Piece) -> list[tuple[str, float, float]]:
+    """(name, sum, sum of magnitudes) in float64 of every tensor a piece hands on: what the capture check compares
+    (the outputs themselves are overwritten two pieces later)."""
+    named = [("h", piece.h)]
+    if piece.attn is not None:
+        a = piece.attn
+        named += [("post", piece.post), ("comb", piece.comb), ("q", a.q), ("kv", a.kv), ("iq", a.iq),
+                  ("head_w", a.head_w)]
+        for name in ("comp", "idx_comp"):
+            pair = getattr(a, name)
+            if pair is not None:
+                named += [(name + ".0", pair[0]), (name + ".1", pair[1])]
+    out = []
+    for name, t in named:
+        if t is not None:
+            x = t.double()
+            out.append((name, x.sum().item(), x.abs().sum().item()))
+    return out
