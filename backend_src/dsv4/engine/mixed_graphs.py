@@ -126,7 +126,7 @@ class _StaticPlan:
 @dataclass
 class _Bucket:
     size: int
-    token_ids: Tensor                        # [size] long, static input
+    token_ids: Tensor                        # [size] long, static input (a view of the shared buffer)
     positions: Tensor                        # [size] long
     o: Tensor                                # [size, H, head_dim]: the attention output piece k+1 reads
     pieces: list[_Piece] = field(default_factory=list)
@@ -167,9 +167,7 @@ class MixedGraphs:
     # --- building --------------------------------------------------------------------------------------------
     def _stages(self, b: _Bucket, k: int, prev: _Piece | None) -> Callable[[], _Piece]:
         """The stage function of piece k of bucket b, reading the static inputs and `prev`'s outputs."""
-        model, n = self.model, len(self.model.layers)
-
-        slots = self._slots
+        model, n, slots = self.model, len(self.model.layers), self._slots
 
         def stages() -> _Piece:
             with torch.no_grad():
@@ -188,7 +186,6 @@ class MixedGraphs:
         return stages
 
     def _new_bucket(self, size: int) -> _Bucket:
-        cfg = self.model.cfg
         z = dict(dtype=torch.long, device=self.device)
         b = _Bucket(size, self._token_ids[:size], self._positions[:size], self._o[:size])
         if self.graph_compressor:
