@@ -143,3 +143,27 @@ def test_a_step_beyond_the_largest_bucket_runs_the_plain_forward(model):
     assert torch.isfinite(logits).all()
     assert runner.eager_steps == eager_before + 1 and runner.mixed_graph_steps == mixed_before
     assert runner.mixed.bucket(200) is None and runner.mixed.bucket(193) is None and runner.mixed.bucket(65) == 128
+
+
+def test_a_piece_that_replays_differently_from_its_eager_run_disables_the_graphs(model, monkeypatch):
+    """The check at preparation compares each replayed piece with its eager run (a graph that captured a stale
+    pointer or a host-dependent branch would differ): here the replay is made to drift."""
+    import dsv4.engine.mixed_graphs as mg
+
+    real = mg._rebinder
+
+    def drifting(piece, stages):
+        run = real(piece, stages)
+
+        def drift():
+            run()
+            piece.h.add_(0.5)
+        return drift
+
+    monkeypatch.setattr(mg, "_rebinder", drifting)
+    cache = KVCache(model.cfg, num_blocks=4, block_size=128, max_seqs=2, device=torch.device("cpu"),
+                    dtype=torch.float32)
+    graphs = MixedGraphs(model, cache.layers, torch.device("cpu"), [16], capture=False)
+    with pytest.raises(RuntimeError, match="replays differently from its eager run"):
+        graphs.prepare()
+    assert graphs.bucket(10) is None                 # nothing left to replay: those steps run eagerly

@@ -221,38 +221,31 @@ class MixedGraphs:
             upload(sp.flat, torch.from_numpy(plan.flat()))
 
     def prepare(self) -> None:
-        """Uncaptured: wire every bucket's pieces to run their stages eagerly. Captured: warm each bucket up
-        eagerly (compiles kernels, sizes the shared scratch buffers), capture its pieces in order into one memory
-        pool, and check the replayed chain against the eager one."""
+        """For each bucket, largest first: run its stages eagerly (compiles kernels, sizes the shared scratch and
+        output buffers), capture its pieces in order into one memory pool (uncaptured: wire them to rerun their
+        stages), then run the chain again piece by piece and check it against the eager run."""
         t0 = time.monotonic()
-        if not self.captured:
-            for size in self.sizes:
-                b = self._new_bucket(size)
-                prev = None
-                for k in range(len(self.model.layers) + 1):
-                    stages = self._stages(b, k, prev)
-                    piece = stages()
-                    piece.run = _rebinder(piece, stages)
-                    b.pieces.append(piece)
-                    prev = piece
-                self._buckets[size] = b
-            return
-        reserved0 = torch.cuda.memory_reserved(self.device)
-        pool = torch.cuda.graph_pool_handle()
+        n = len(self.model.layers) + 1
+        reserved0 = torch.cuda.memory_reserved(self.device) if self.captured else 0
+        pool = torch.cuda.graph_pool_handle() if self.captured else None
         for size in reversed(self.sizes):
             b = self._new_bucket(size)
             eager: list[list] = []      # digests: the pieces share their output buffers, so no copies are kept
             prev = None
-            for k in range(len(self.model.layers) + 1):
+            for k in range(n):
                 prev = self._stages(b, k, prev)()
                 eager.append(_digest(prev))
             prev = None
-            for k in range(len(self.model.layers) + 1):
+            for k in range(n):
                 stages = self._stages(b, k, prev)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
+                if self.captured:
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool):
+                        piece = stages()
+                    piece.run, piece.graph = g.replay, g
+                else:
                     piece = stages()
-                piece.run, piece.graph = g.replay, g
+                    piece.run = _rebinder(piece, stages)
                 b.pieces.append(piece)
                 prev = piece
             for k, (piece, want) in enumerate(zip(b.pieces, eager)):
@@ -261,14 +254,15 @@ class MixedGraphs:
                     tol = 1e-3 * (a_want + 1.0)
                     if not (math.isfinite(a_got) and abs(s_got - s_want) <= tol and abs(a_got - a_want) <= tol):
                         self._buckets.clear()
-                        raise RuntimeError(f"CUDA graph of mixed-step piece {k} ({name}), {size} tokens, replays "
-                                           f"differently from its eager run (sum {s_got:.6g} vs {s_want:.6g}, "
-                                           f"abs sum {a_got:.6g} vs {a_want:.6g}): mixed-step graphs disabled")
+                        raise RuntimeError(f"mixed-step piece {k} ({name}), {size} tokens, replays differently from "
+                                           f"its eager run (sum {s_got:.6g} vs {s_want:.6g}, abs sum {a_got:.6g} vs "
+                                           f"{a_want:.6g}): mixed-step graphs disabled")
             self._buckets[size] = b
         self.capture_seconds = time.monotonic() - t0
-        log.info("captured mixed-step CUDA graphs for %d token counts %s (%d pieces each) in %.1f s, %.0f MiB",
-                 len(self._buckets), self.sizes, len(self.model.layers) + 1, self.capture_seconds,
-                 (torch.cuda.memory_reserved(self.device) - reserved0) / 2**20)
+        if self.captured:
+            log.info("captured mixed-step CUDA graphs for %d token counts %s (%d pieces each) in %.1f s, %.0f MiB",
+                     len(self._buckets), self.sizes, n, self.capture_seconds,
+                     (torch.cuda.memory_reserved(self.device) - reserved0) / 2**20)
 
     # --- running ---------------------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch) -> Tensor:
