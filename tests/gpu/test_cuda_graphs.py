@@ -7,6 +7,8 @@ one sequence of five diverging at all."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -39,15 +41,17 @@ def engine(path, **kw) -> Engine:
 def run(e: Engine, prompts):
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     streams = [e.add_request(f"r{i}", prompt_token_ids=p, params=params) for i, p in enumerate(prompts)]
-    out = []
-    for s in streams:
-        ids, lps = [], []
-        for o in s:
-            assert o.error is None, o.error
-            ids += o.token_ids
-            lps += o.logprobs or []
-        out.append((ids, lps))
-    return out
+    return [collect(s) for s in streams]
+
+
+def collect(outputs) -> tuple[list[int], list[float]]:
+    """(token ids, logprobs) of one request's deltas; none may carry an error."""
+    ids, lps = [], []
+    for o in outputs:
+        assert o.error is None, o.error
+        ids += o.token_ids
+        lps += o.logprobs or []
+    return ids, lps
 
 
 @pytest.fixture(scope="module")
@@ -162,22 +166,11 @@ def run_staggered(e: Engine, prompts):
     """Each request arrives once the one before it has produced a token, so most steps with prompt tokens also
     carry decode rows (the load shape of a server)."""
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
-    streams, iters, firsts = [], [], []
+    started = []
     for i, p in enumerate(prompts):
-        s = e.add_request(f"s{i}", prompt_token_ids=p, params=params)
-        it = iter(s)
-        firsts.append(next(it))
-        streams.append(s)
-        iters.append(it)
-    out = []
-    for first, it in zip(firsts, iters):
-        ids, lps = list(first.token_ids), list(first.logprobs or [])
-        for o in it:
-            assert o.error is None, o.error
-            ids += o.token_ids
-            lps += o.logprobs or []
-        out.append((ids, lps))
-    return out
+        it = iter(e.add_request(f"s{i}", prompt_token_ids=p, params=params))
+        started.append((next(it), it))
+    return [collect(itertools.chain([first], it)) for first, it in started]
 
 
 def test_steps_with_prompt_tokens_replay_piecewise_graphs_as_good_as_eager(small3, prompts):

@@ -6,49 +6,22 @@ On CPU this runs the same code eagerly; tests/gpu/test_cuda_graphs.py replays it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
-from dsv4.checkpoint.loader import load_checkpoint
 from dsv4.engine.decode_inputs import DecodeInputs, decode_batch
 from dsv4.engine.kv_cache import KVCache
 from dsv4.engine.runner import ModelRunner
 from dsv4.engine.scheduler import ScheduledStep
-from dsv4.model.deepseek_v4 import DeepseekV4Model
-from dsv4.ops.torch_ops import TorchOps
+
+from engine_runs import Seq, cpu_model
 
 MAX_LEN = 1024
 
 
-@dataclass
-class Seq:
-    """The parts of an engine Sequence the runner reads."""
-
-    request_id: str
-    prompt_ids: list[int]
-    output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    def token_at(self, i: int) -> int:
-        return self.all_ids[i]
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
-    ckpt = load_checkpoint(tiny_checkpoint, progress=False)
-    ops = TorchOps()
-    ops.reserve_positions(MAX_LEN)
-    return DeepseekV4Model(ckpt.config, ckpt.tensors, ops, torch.device("cpu"), torch.float32)
+    return cpu_model(tiny_checkpoint, MAX_LEN)
 
 
 def new_runner(model, fp8: bool = False) -> ModelRunner:

@@ -38,6 +38,14 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return sizes
 
 
+def smallest_prepared(sizes: list[int], prepared, n: int) -> int | None:
+    """The smallest of the sorted `sizes` that is >= n, if it was prepared (else None: the step runs eagerly)."""
+    for s in sizes:
+        if s >= n:
+            return s if s in prepared else None
+    return None
+
+
 @dataclass
 class _Graph:
     size: int
@@ -65,10 +73,7 @@ class DecodeGraphs:
 
     def bucket(self, n: int) -> int | None:
         """The smallest captured size that holds n sequences (None: run eagerly)."""
-        for s in self.sizes:
-            if s >= n:
-                return s if s in self._graphs else None
-        return None
+        return smallest_prepared(self.sizes, self._graphs, n)
 
     def _forward(self, i64: torch.Tensor, i32: torch.Tensor) -> torch.Tensor:
         size = i64.shape[1]

@@ -45,6 +45,7 @@ from typing import Callable
 
 import torch
 
+from dsv4.engine.cuda_graphs import smallest_prepared
 from dsv4.engine.decode_inputs import upload
 from dsv4.errors import ConfigError
 from dsv4.model.deepseek_v4 import AttnInputs, DeepseekV4Model
@@ -159,10 +160,7 @@ class MixedGraphs:
 
     def bucket(self, num_tokens: int) -> int | None:
         """The smallest prepared size that holds num_tokens (None: run the step eagerly)."""
-        for s in self.sizes:
-            if s >= num_tokens:
-                return s if s in self._buckets else None
-        return None
+        return smallest_prepared(self.sizes, self._buckets, num_tokens)
 
     # --- building --------------------------------------------------------------------------------------------
     def _stages(self, b: _Bucket, k: int, prev: _Piece | None) -> Callable[[], _Piece]:
