@@ -4,11 +4,13 @@ TorchOps.hc_pre spends ~10 launches per call around the coefficient kernel (dsv4
 the streams, the [T, n*D] x [n*D, m] fp32 GEMV, square + mean for the RMS factor, a second fp32 copy and a bmm for
 the weighted sum, a cast back. Two calls per layer. Here:
 
-- `HcMix`: partial mixes and partial sum of squares of the raw (bf16) streams, grid (K chunks of 1024, tokens),
-  128 threads x 8 elements per chunk, m + 1 fp32 accumulators per thread, CTA reduction by butterfly shuffles and
-  shared memory. Writes part[t, chunk, 0..m-1] = sum_k x[k] fn[j, k] and part[t, chunk, m] = sum_k x[k]^2 over the
-  chunk; the coefficient kernel sums the (K / 1024) partials of its token, deterministically. fn (m x n*D fp32,
-  1.5 MB for V4-Flash) is read once per token from L2 after the first; meant for decode-sized batches.
+- `HcMix`: partial mixes and partial sum of squares of the raw (bf16) streams, grid (K chunks of 1024, tokens,
+  groups of GROUP outputs), 128 threads x 8 elements per chunk, GROUP fp32 accumulators per thread, CTA reduction
+  by butterfly shuffles and shared memory. Writes part[t, chunk, 0..m-1] = sum_k x[k] fn[j, k] and
+  part[t, chunk, m] = sum_k x[k]^2 over the chunk; the coefficient kernel sums the (K / 1024) partials of its
+  token, deterministically. fn (m x n*D fp32, 1.5 MB for V4-Flash) is read once per token from L2 after the first;
+  meant for decode-sized batches. The output groups are there for batch 1: with all m + 1 outputs in one CTA, V4-
+  Flash's 16 chunks were 16 CTAs pulling 96 KB of fn each, 7.8 us on H100 (one fifth of the SMs' bandwidth).
 - `HcCollapse`: x[t, d] = sum_i pre[t, i] * streams[t, i, d] in fp32, rounded once to the streams' dtype
   (TorchOps: fp32 bmm, then one cast). One CTA per token, D / 8 threads.
 """
@@ -25,6 +27,7 @@ VEC = 8
 THREADS = 128
 CHUNK = THREADS * VEC
 WARPS = THREADS // 32
+GROUP = 4            # outputs (mixes or the sum of squares) per CTA
 
 
 def num_chunks(k: int) -> int:
@@ -35,27 +38,30 @@ class HcMix:
     def __init__(self, m: int):
         self.m = m
         self.acc = m + 1
+        self.group = min(GROUP, self.acc)
+        self.groups = (self.acc + self.group - 1) // self.group
 
     @cute.jit
     def __call__(self, mX: cute.Tensor, mFn: cute.Tensor, mPart: cute.Tensor, stream):
         @cute.struct
         class Storage:
-            red: cute.struct.Align[cute.struct.MemRange[Float32, WARPS * self.acc], 16]
+            red: cute.struct.Align[cute.struct.MemRange[Float32, WARPS * self.group], 16]
 
         T = cute.size(mX.shape[0])
         S = cute.size(mPart.shape[1])
-        self.kernel(mX, mFn, mPart, Storage).launch(grid=(S, T, 1), block=[THREADS, 1, 1],
+        self.kernel(mX, mFn, mPart, Storage).launch(grid=(S, T, self.groups), block=[THREADS, 1, 1],
                                                     smem=Storage.size_in_bytes(), stream=stream)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mFn: cute.Tensor, mPart: cute.Tensor, Storage: cutlass.Constexpr):
         tidx, _, _ = cute.arch.thread_idx()
-        s, t, _ = cute.arch.block_idx()
+        s, t, grp = cute.arch.block_idx()
         K = cute.size(mX.shape[1])
         smem = cutlass.memory.SmemAllocator()
-        red = smem.allocate(Storage).red.get_tensor(cute.make_layout((WARPS, self.acc), stride=(self.acc, 1)))
-        acc = cute.make_rmem_tensor((self.acc,), Float32)
+        red = smem.allocate(Storage).red.get_tensor(cute.make_layout((WARPS, self.group), stride=(self.group, 1)))
+        acc = cute.make_rmem_tensor((self.group,), Float32)
         acc.fill(0.0)
+        j0 = grp * self.group
         k0 = s * CHUNK + tidx * VEC
         if k0 < K:
             xf = cute.make_rmem_tensor((VEC,), mX.element_type)
@@ -66,26 +72,30 @@ class HcMix:
             sq = Float32(0.0)
             for e in cutlass.range_constexpr(VEC):
                 sq = sq + xs[e] * xs[e]
-            acc[self.m] = sq
             w = cute.make_rmem_tensor((VEC,), Float32)
-            for j in cutlass.range_constexpr(self.m):
-                cute.autovec_copy(cute.local_tile(mFn[j, None], (VEC,), (k0 // VEC,)), w)
-                a = Float32(0.0)
-                for e in cutlass.range_constexpr(VEC):
-                    a = a + xs[e] * w[e]
-                acc[j] = a
+            for i in cutlass.range_constexpr(self.group):
+                j = j0 + i
+                if j < self.m:
+                    cute.autovec_copy(cute.local_tile(mFn[j, None], (VEC,), (k0 // VEC,)), w)
+                    a = Float32(0.0)
+                    for e in cutlass.range_constexpr(VEC):
+                        a = a + xs[e] * w[e]
+                    acc[i] = a
+                if j == self.m:
+                    acc[i] = sq
         lane = tidx % 32
         warp = tidx // 32
-        for j in cutlass.range_constexpr(self.acc):
-            v = butterfly(acc[j], add)
+        for i in cutlass.range_constexpr(self.group):
+            v = butterfly(acc[i], add)
             if lane == 0:
-                red[warp, j] = v
+                red[warp, i] = v
         cute.arch.barrier()
-        if tidx < self.acc:
-            v = Float32(0.0)
-            for w_ in cutlass.range_constexpr(WARPS):
-                v = v + red[w_, tidx]
-            mPart[t, s, tidx] = v
+        if tidx < self.group:
+            if j0 + tidx < self.acc:
+                v = Float32(0.0)
+                for w_ in cutlass.range_constexpr(WARPS):
+                    v = v + red[w_, tidx]
+                mPart[t, s, j0 + tidx] = v
 
 
 class HcCollapse:

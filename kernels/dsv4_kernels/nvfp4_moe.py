@@ -18,6 +18,7 @@ tokens on one expert both work. The MMA core, the weight layout and the in-regis
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,19 +199,19 @@ class _Decode:
     inside the kernel, per CTA, from at most 64 ids). Each K split writes its own FP32 partial (no atomics, no
     zeroing, deterministic):
       gateup: GU[ks, a, 0 | 1, i] = gate | up pre-activation of assignment a (no scale_2), x row = a // topk;
-      down:   B operand = bf16(swiglu(sum_ks GU[ks, a] * alpha)) computed on load, YP[ks, a, n] = acc * w[a] * alpha2.
-    `_Finalize` then sums YP over (ks, k) and rounds to bf16."""
+      down:   x row = H[a] (bf16, from `_DecodeSwiglu`), YP[ks, a, n] = acc * w[a] * alpha2.
+    `_Finalize` then sums YP over (ks, k) and rounds to bf16. (A first version applied the SwiGLU while loading
+    the down kernel's operand: every 16-row tile recomputed it for the whole row, 3-6x slower than reading H.)"""
 
-    def __init__(self, mode: str, n: int, k: int, mt: int, ks: int, ks_in: int, topk: int, clamp: bool):
-        self.mode, self.n, self.k, self.mt, self.ks, self.ks_in = mode, n, k, mt, ks, ks_in
-        self.topk, self.clamp = topk, clamp
+    def __init__(self, mode: str, n: int, k: int, mt: int, ks: int, topk: int):
+        self.mode, self.n, self.k, self.mt, self.ks, self.topk = mode, n, k, mt, ks, topk
         self.nchunk = k // KCHUNK
         self.cps = self.nchunk // ks
         self.unroll = 4 if self.cps % 4 == 0 else (2 if self.cps % 2 == 0 else 1)
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
-               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, limit: Float32):
+               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         bx, slot, kz = cute.arch.block_idx()
         lane = tidx % 32
@@ -235,12 +236,7 @@ class _Decode:
         wreg = cute.make_rmem_tensor((4, U), Int32)
         sreg = cute.make_rmem_tensor((U,), Int32)
         xreg = cute.make_rmem_tensor((8,), Int32)
-        gf = cute.make_rmem_tensor((16,), Float32)
-        uf = cute.make_rmem_tensor((16,), Float32)
-        tf = cute.make_rmem_tensor((16,), Float32)
         rows = cute.make_rmem_tensor((MT,), Int32)
-        al0 = mAl[e, 0]
-        al1 = mAl[e, 1]
         al2 = mAl[e, 2]
         if tile < self.n // ROWTILE and dup == 0:
             nblk = (cnt + MT * 8 - 1) // (MT * 8)
@@ -267,27 +263,7 @@ class _Decode:
                         for s in cutlass.range_constexpr(4):
                             wa.append(_decode_word(wreg[s, u], sg, sg8))
                         for j in cutlass.range_constexpr(MT):
-                            if cutlass.const_expr(self.mode == "gateup"):
-                                cute.autovec_copy(mX[rows[j], kx, None], xreg)
-                            else:
-                                cute.autovec_copy(mX[0, rows[j], 0, kx, None], gf)
-                                cute.autovec_copy(mX[0, rows[j], 1, kx, None], uf)
-                                for ki in cutlass.range_constexpr(1, self.ks_in):
-                                    cute.autovec_copy(mX[ki, rows[j], 0, kx, None], tf)
-                                    for i in cutlass.range_constexpr(16):
-                                        gf[i] = gf[i] + tf[i]
-                                    cute.autovec_copy(mX[ki, rows[j], 1, kx, None], tf)
-                                    for i in cutlass.range_constexpr(16):
-                                        uf[i] = uf[i] + tf[i]
-                                for i in cutlass.range_constexpr(16):
-                                    gate = gf[i] * al0
-                                    up = uf[i] * al1
-                                    if cutlass.const_expr(self.clamp):
-                                        gate = cutlass.min(gate, limit)
-                                        up = cutlass.max(cutlass.min(up, limit), -limit)
-                                    tf[i] = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
-                                for i in cutlass.range_constexpr(8):
-                                    xreg[i] = _f32x2_to_bf16x2(tf[2 * i], tf[2 * i + 1])
+                            cute.autovec_copy(mX[rows[j], kx, None], xreg)
                             for s in cutlass.range_constexpr(4):
                                 d = _mma_bf16(wa[s][0], wa[s][1], wa[s][2], wa[s][3], xreg[2 * s], xreg[2 * s + 1],
                                               acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3])
@@ -308,10 +284,46 @@ class _Decode:
 
     @cute.jit
     def launch(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
-               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, limit: Float32, stream):
+               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, stream):
         grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
-        self.kernel(mW, mS, mIds, mX, mWt, mAl, mOut, n_assign, limit).launch(
+        self.kernel(mW, mS, mIds, mX, mWt, mAl, mOut, n_assign).launch(
             grid=[grid_x, n_assign, self.ks], block=[WARPS * 32, 1, 1], stream=stream)
+
+
+class _DecodeSwiglu:
+    """H[a, i] = bf16(silu(gate) * up) with gate | up = alpha0 | alpha1 of expert ids[a] times the sum over K splits
+    of GU[ks, a, 0 | 1, i], clamped by swiglu_limit as the grouped kernel's epilogue does."""
+
+    def __init__(self, inter: int, ks: int, clamp: bool):
+        self.inter, self.ks, self.clamp = inter, ks, clamp
+
+    @cute.kernel
+    def kernel(self, mGU: cute.Tensor, mIds: cute.Tensor, mAl: cute.Tensor, mH: cute.Tensor, total: Int32,
+               limit: Float32):
+        tidx, _, _ = cute.arch.thread_idx()
+        bx, _, _ = cute.arch.block_idx()
+        i = bx * 256 + tidx
+        if i < total:
+            a = i // self.inter
+            c = i % self.inter
+            e = Int32(mIds[a])
+            gs = Float32(0.0)
+            us = Float32(0.0)
+            for ks in cutlass.range_constexpr(self.ks):
+                gs = gs + mGU[ks, a, 0, c]
+                us = us + mGU[ks, a, 1, c]
+            gate = gs * mAl[e, 0]
+            up = us * mAl[e, 1]
+            if cutlass.const_expr(self.clamp):
+                gate = cutlass.min(gate, limit)
+                up = cutlass.max(cutlass.min(up, limit), -limit)
+            mH[a, c] = (gate / (Float32(1.0) + cute.math.exp(-gate)) * up).to(cutlass.BFloat16)
+
+    @cute.jit
+    def launch(self, mGU: cute.Tensor, mIds: cute.Tensor, mAl: cute.Tensor, mH: cute.Tensor, total: Int32,
+               limit: Float32, stream):
+        self.kernel(mGU, mIds, mAl, mH, total, limit).launch(grid=[(total + 255) // 256, 1, 1], block=[256, 1, 1],
+                                                             stream=stream)
 
 
 class _Finalize:
@@ -340,28 +352,35 @@ class _Finalize:
 
 
 DECODE_LIMIT = 64        # the decode kernels gather assignments with two 32-lane ballots: A <= 64
-# The decode path is taken when T * topk <= DECODE_MAX_ASSIGN. 0 = off: on the H100 (2026-11-23, docs/PERF.md) it
-# measured slower than the sorted path (flash T=1 112 vs 101 us, T=8 659 vs 280 us), so it stays opt-in.
-DECODE_MAX_ASSIGN = 0
+# The decode path is taken when T * topk <= DECODE_MAX_ASSIGN (env DSV4_MOE_DECODE_MAX_ASSIGN, 0 = off, for A/B
+# runs). H100, session 15 (docs/PERF.md): flash T=1 101.5 -> 46.3 us, T=8 267.6 -> 222.1 us against the sorted path.
+DECODE_MAX_ASSIGN = int(os.environ.get("DSV4_MOE_DECODE_MAX_ASSIGN", str(DECODE_LIMIT)))
 
 
-def compile_decode(mode: str, e: int, n: int, k: int, mt: int, ks: int, ks_in: int, topk: int, clamp: bool,
-                   inter: int, dim: int, id_dtype=cutlass.Int64, wt_dtype=Float32):
-    key = ("dec", mode, e, n, k, mt, ks, ks_in, topk, clamp, id_dtype, wt_dtype, _TVM_FFI)
+def compile_decode(mode: str, e: int, n: int, k: int, mt: int, ks: int, topk: int, id_dtype=cutlass.Int64,
+                   wt_dtype=Float32):
+    key = ("dec", mode, e, n, k, mt, ks, topk, id_dtype, wt_dtype, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _Decode(mode, n, k, mt, ks, ks_in, topk, clamp)
+        obj = _Decode(mode, n, k, mt, ks, topk)
         a = cute.sym_int()
-        if mode == "gateup":
-            tx = cute.sym_int()
-            xin = _fake(Int32, (tx, k // 16, 8))
-            out = _fake(Float32, (ks, a, 2, inter), 4)
-        else:
-            xin = _fake(Float32, (ks_in, a, 2, inter // 16, 16))
-            out = _fake(Float32, (ks, a, dim), 4)
+        xin = _fake(Int32, (cute.sym_int() if mode == "gateup" else a, k // 16, 8))
+        out = _fake(Float32, (ks, a, 2, n // 2) if mode == "gateup" else (ks, a, n), 4)
         fn = cute.compile(obj.launch,
                           _fake(Int32, (e, n // 16, k // 64, 32, 4)), _fake(cutlass.Int16, (e, n // 16, k // 64, 32), 2),
                           _fake(id_dtype, (a,), 4), xin, _fake(wt_dtype, (a,), 2), _fake(Float32, (e, 3), 4), out,
+                          Int32(1), _stream_arg(), options=_options())
+        _COMPILED[key] = fn
+    return fn
+
+
+def compile_decode_swiglu(e: int, inter: int, ks: int, clamp: bool, id_dtype=cutlass.Int64):
+    key = ("dec_swiglu", e, inter, ks, clamp, id_dtype, _TVM_FFI)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        a = cute.sym_int()
+        fn = cute.compile(_DecodeSwiglu(inter, ks, clamp).launch, _fake(Float32, (ks, a, 2, inter), 4),
+                          _fake(id_dtype, (a,), 4), _fake(Float32, (e, 3), 4), _fake(cutlass.BFloat16, (a, inter), 8),
                           Int32(1), Float32(0.0), _stream_arg(), options=_options())
         _COMPILED[key] = fn
     return fn
@@ -383,23 +402,24 @@ def compile_finalize(d: int, topk: int, ks: int):
 DECODE_KS: tuple[int, int] | None = None
 
 
-def _ks_for(n: int, k: int, experts: int, sms: int = 132) -> int:
-    nchunk = k // KCHUNK
-    ctas = -(-(n // ROWTILE) // WARPS) * experts
-    ks = 1
-    while ctas * ks < 4 * sms and nchunk % (ks * 2 * 4) == 0 and nchunk // (ks * 2) >= 8:
-        ks *= 2
+def _split(nchunk: int, want: int) -> int:
+    """The largest power-of-two K split <= want that divides the K chunks and leaves each split >= 8 of them."""
+    ks = want
+    while ks > 1 and (nchunk % ks or nchunk // ks < 8):
+        ks //= 2
     return ks
 
 
 def decode_plan(experts: "PackedExperts", num_assign: int, topk: int) -> tuple[int, int, int]:
-    """(mt, ks_gateup, ks_down) of the decode path."""
+    """(mt, ks_gateup, ks_down) of the decode path. The K splits are what measured best on the H100 for V4-Flash
+    and V4-Pro at 1-8 tokens (docs/PERF.md, session 15): with few tokens every CTA's walk over K is a chain of
+    dependent loads, so splitting it pays even when the grid already fills the GPU."""
     t = -(-num_assign // topk)
     mt = 1 if t <= 8 else (2 if t <= 16 else 8)
     if DECODE_KS is not None:
         return (mt, *DECODE_KS)
-    busy = min(num_assign, experts.n_experts)
-    return (mt, _ks_for(2 * experts.inter, experts.dim, busy), _ks_for(experts.dim, experts.inter, busy))
+    want = (4, 4) if t <= 2 else ((4, 2) if t <= 4 else (2, 2))
+    return (mt, _split(experts.dim // KCHUNK, want[0]), _split(experts.inter // KCHUNK, want[1]))
 
 
 def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
@@ -418,15 +438,17 @@ def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
     id_t = cutlass.Int64 if ids.dtype == torch.int64 else Int32
     wt_t = Float32 if wts.dtype == torch.float32 else cutlass.BFloat16
     mt, ks1, ks2 = decode_plan(experts, A, topk)
-    clamp = swiglu_limit > 0
     gu = torch.empty((ks1, A, 2, I), dtype=torch.float32, device=dev)
-    f1 = compile_decode("gateup", E, 2 * I, D, mt, ks1, 1, topk, clamp, I, D, id_t, wt_t)
+    f1 = compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t)
     _call(f1, experts.w13_codes, experts.w13_scales, ids, x.view(torch.int32).view(T, D // 16, 8), wts,
-          experts.alphas, gu, A, float(swiglu_limit))
+          experts.alphas, gu, A)
+    h = torch.empty((A, I), dtype=torch.bfloat16, device=dev)
+    _call(compile_decode_swiglu(E, I, ks1, swiglu_limit > 0, id_t), gu, ids, experts.alphas, h, A * I,
+          float(swiglu_limit))
     yp = torch.empty((ks2, A, D), dtype=torch.float32, device=dev)
-    f2 = compile_decode("down", E, D, I, mt, ks2, ks1, topk, clamp, I, D, id_t, wt_t)
-    _call(f2, experts.w2_codes, experts.w2_scales, ids, gu.view(ks1, A, 2, I // 16, 16), wts, experts.alphas, yp,
-          A, float(swiglu_limit))
+    f2 = compile_decode("down", E, D, I, mt, ks2, topk, id_t, wt_t)
+    _call(f2, experts.w2_codes, experts.w2_scales, ids, h.view(torch.int32).view(A, I // 16, 8), wts,
+          experts.alphas, yp, A)
     out = torch.empty((T, D), dtype=torch.bfloat16, device=dev)
     f3 = compile_finalize(D, topk, ks2)
     _call(f3, yp, out, T * D)
@@ -546,8 +568,9 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
     for t in num_tokens:
         if t * topk <= min(DECODE_MAX_ASSIGN, DECODE_LIMIT) and not SORTED_ONLY:
             mt, ks1, ks2 = decode_plan(experts, t * topk, topk)
-            compile_decode("gateup", E, 2 * I, D, mt, ks1, 1, topk, swiglu_limit > 0, I, D)
-            compile_decode("down", E, D, I, mt, ks2, ks1, topk, swiglu_limit > 0, I, D)
+            compile_decode("gateup", E, 2 * I, D, mt, ks1, topk)
+            compile_decode_swiglu(E, I, ks1, swiglu_limit > 0)
+            compile_decode("down", E, D, I, mt, ks2, topk)
             compile_finalize(D, topk, ks2)
             continue
         mt = _mt_for(t * topk, E)

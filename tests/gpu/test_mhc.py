@@ -27,7 +27,7 @@ def _inputs(T, n, D, seed):
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("T", [1, 7, 64, 129, 1000])
-@pytest.mark.parametrize("n,D,iters", [(4, 1024, 20), (4, 4096, 20), (2, 256, 3)])
+@pytest.mark.parametrize("n,D,iters", [(4, 1024, 20), (4, 4096, 20), (4, 7168, 20), (2, 256, 3)])
 def test_hc_pre_matches_torch(T, n, D, iters, fused):
     streams, fn, scale, base = _inputs(T, n, D, seed=T * 31 + D)
     want = TorchOps("cuda", torch.bfloat16).hc_pre(streams, fn, scale, base, 1e-6, iters, 1e-6)
@@ -60,7 +60,7 @@ def test_every_output_element_is_written():
     scale, base = torch.ones(3, device="cuda"), torch.zeros(m, device="cuda")
     outs = [torch.full((T, k), float("nan"), device="cuda") for k in (n, n, n * n)]
     args = (part, scale, scale, base, *outs)
-    _hc_launcher(n, 20, 1e-6, 1e-6, True, *args)(*args, 1.0 / 64)
+    _hc_launcher(n, 20, 1e-6, 1e-6, S, *args)(*args, 1.0 / 64)
     torch.cuda.synchronize()
     assert all(torch.isfinite(o).all() for o in outs)
 

@@ -36,13 +36,14 @@ def test_moe_kernels_compile(mode, n, k, mt):
     assert MO.compile_grouped(mode, 16, n, k, mt, mode == "gateup", n // 2 if mode == "gateup" else n) is not None
 
 
-@pytest.mark.parametrize("mode,n,k,mt,ks,ks_in", [("gateup", 4096, 4096, 1, 2, 1), ("down", 4096, 2048, 2, 2, 2),
-                                                   ("down", 128, 128, 8, 1, 1)])
-def test_moe_decode_kernels_compile(mode, n, k, mt, ks, ks_in):
+@pytest.mark.parametrize("mode,n,k,mt,ks", [("gateup", 4096, 4096, 1, 2), ("down", 4096, 2048, 2, 2),
+                                             ("down", 128, 128, 8, 1)])
+def test_moe_decode_kernels_compile(mode, n, k, mt, ks):
     inter, dim = (n // 2, k) if mode == "gateup" else (k, n)
-    assert MO.compile_decode(mode, 16, n, k, mt, ks, ks_in, 6, True, inter, dim) is not None
-    assert MO.compile_decode(mode, 16, n, k, mt, ks, ks_in, 6, False, inter, dim, cutlass.Int32,
-                             cutlass.BFloat16) is not None
+    assert MO.compile_decode(mode, 16, n, k, mt, ks, 6) is not None
+    assert MO.compile_decode(mode, 16, n, k, mt, ks, 6, cutlass.Int32, cutlass.BFloat16) is not None
+    assert MO.compile_decode_swiglu(16, inter, ks, True) is not None
+    assert MO.compile_decode_swiglu(16, inter, ks, False, cutlass.Int32) is not None
     assert MO.compile_finalize(dim, 6, ks) is not None
 
 

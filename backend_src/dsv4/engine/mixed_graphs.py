@@ -28,10 +28,11 @@ every bucket: 842 MiB for `small`'s 10 buckets on the H100, ~18 GB estimated for
 `capture=False` runs the same pieces eagerly through the same static buffers (CPU tests of the padding and the
 wiring; graph-free debugging).
 
-`graph_compressor` (env DSV4_GRAPH_COMPRESSOR=1; off by default until measured on a GPU) moves the prefill
+`graph_compressor` (default on; env DSV4_GRAPH_COMPRESSOR=0 turns it off for A/B runs) moves the prefill
 compressors out of attn_core into the captured pieces: each step's compressor index plan is padded to fixed sizes
 per bucket (`ops.compress_plan.padded_plan`, padding writes are no-ops by construction) and copied into the
-bucket's static plan buffers. Their host time was ~6 ms of a ~8 ms mixed step of `small` on an H100.
+bucket's static plan buffers. Their host time was ~6 ms of a ~8 ms mixed step of `small` on an H100; inside the
+pieces, mixed steps went from 11.7-13.6 to 8.3-9.6 ms (H100, c=32 staggered load, docs/PERF.md session 15).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class MixedGraphs:
         self.sizes = sorted(sizes)
         self.captured = capture
         if graph_compressor is None:
-            graph_compressor = os.environ.get("DSV4_GRAPH_COMPRESSOR", "0") == "1"
+            graph_compressor = os.environ.get("DSV4_GRAPH_COMPRESSOR", "1") != "0"
         self.graph_compressor = graph_compressor
         self._slots = _OutputSlots(self.sizes[-1])
         cfg, n = model.cfg, self.sizes[-1]

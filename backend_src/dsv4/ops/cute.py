@@ -132,7 +132,7 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
             part = torch.empty((T, num_chunks(K), m + 1), **f32)
             _mix_launcher(m, flat, fnc, part)(flat, fnc, part)
             args = (part, sc, sc, bs, pre, post, comb)          # the mean-square argument is unused here
-            _hc_launcher(n, iters, hc_eps, norm_eps, True, *args)(*args, 1.0 / K)
+            _hc_launcher(n, iters, hc_eps, norm_eps, part.shape[1], *args)(*args, 1.0 / K)
             x = torch.empty((T, D), dtype=streams.dtype, device=streams.device)
             _collapse_launcher(n, D, flat, pre, x)(flat, pre, x)
             return x, post, comb.view(T, n, n)
@@ -141,7 +141,7 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         sq = flat.square().mean(-1)
         if T:
             args = (mixes, sq, sc, bs, pre, post, comb)
-            _hc_launcher(n, iters, hc_eps, norm_eps, False, *args)(*args, 1.0)
+            _hc_launcher(n, iters, hc_eps, norm_eps, 0, *args)(*args, 1.0)
         x = torch.einsum("tn,tnd->td", pre, streams.float())
         return x.to(streams.dtype), post, comb.view(T, n, n)
 
@@ -158,10 +158,12 @@ _HC_SPEC = (("t", False),) * 7 + (("f",),)
 _COMPRESS_SPEC = (("t", True), ("t", True)) + (("t", False),) * 9 + (("t", True),)
 
 
-def _hc_launcher(n: int, iters: int, eps: float, norm_eps: float, partials: bool, *example: Tensor) -> Launcher:
+def _hc_launcher(n: int, iters: int, eps: float, norm_eps: float, num_partials: int, *example: Tensor) -> Launcher:
+    """num_partials: 0 for (mixes, mean square) inputs, else the number of HcMix partials per token."""
     from dsv4_kernels.mhc import HcCoefficients
-    return Launcher(("mhc", n, iters, eps, norm_eps, partials),
-                    lambda: HcCoefficients(n, iters, eps, norm_eps, partials), _HC_SPEC, list(example) + [1.0])
+    return Launcher(("mhc", n, iters, eps, norm_eps, num_partials),
+                    lambda: HcCoefficients(n, iters, eps, norm_eps, num_partials > 0, num_partials), _HC_SPEC,
+                    list(example) + [1.0])
 
 
 def _mix_launcher(m: int, *example: Tensor) -> Launcher:
