@@ -39,7 +39,7 @@ def lockstep(ckpt, prompt: list[int], steps: int, chunk: int) -> dict:
         runs[name] = (model, cache, cache.add("s"))
     tokens = list(prompt)
     ctx = 0
-    cos, agree = [], []
+    cos, agree, flips, gaps = [], [], [], []
     t_step = {"torch": 0.0, "cute": 0.0}
     while len(tokens) - len(prompt) < steps:
         n = min(chunk, len(tokens) - ctx)
@@ -63,8 +63,16 @@ def lockstep(ckpt, prompt: list[int], steps: int, chunk: int) -> dict:
             a, b = logits["torch"], logits["cute"]
             cos.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
             agree.append(int(a.argmax()) == int(b.argmax()))
+            top2 = a.topk(2).values
+            gaps.append(float(top2[0] - top2[1]))
+            if not agree[-1]:
+                # how far apart torch put the two tokens, against how far the two runs' logits are apart anywhere
+                flips.append({"step": len(agree) - 1, "torch_gap": float(a.max() - a[b.argmax()]),
+                              "max_abs_logit_diff": float((a - b).abs().max())})
             tokens.append(int(a.argmax()))
+    gaps.sort()
     return {"min_cosine": min(cos), "mean_cosine": sum(cos) / len(cos), "argmax_agree": sum(agree) / len(agree),
+            "argmax_flips": flips, "median_top2_gap": gaps[len(gaps) // 2],
             "seconds_torch": round(t_step["torch"], 2), "seconds_cute": round(t_step["cute"], 2)}
 
 
@@ -112,6 +120,9 @@ def main() -> int:
         print(f"prompt {len(p):5d}: min cosine {r['min_cosine']:.5f} mean {r['mean_cosine']:.5f} "
               f"argmax agree {r['argmax_agree']:.3f}  ({r['seconds_torch']} s torch, {r['seconds_cute']} s cute)",
               flush=True)
+        print(f"    median top-2 logit gap {r['median_top2_gap']:.4f}; flips (step, torch gap, max |logit diff|): "
+              + ", ".join(f"({f['step']}, {f['torch_gap']:.4f}, {f['max_abs_logit_diff']:.4f})"
+                          for f in r["argmax_flips"]), flush=True)
     report["free_running"] = free_running(args.checkpoint, prompts, args.steps)
     print("free-running greedy identical:", report["free_running"]["identical"],
           "first divergence:", report["free_running"]["first_divergence"], flush=True)
