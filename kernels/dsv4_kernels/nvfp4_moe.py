@@ -203,11 +203,11 @@ class _Decode:
     `_Finalize` then sums YP over (ks, k) and rounds to bf16. (A first version applied the SwiGLU while loading
     the down kernel's operand: every 16-row tile recomputed it for the whole row, 3-6x slower than reading H.)"""
 
-    def __init__(self, mode: str, n: int, k: int, mt: int, ks: int, topk: int):
+    def __init__(self, mode: str, n: int, k: int, mt: int, ks: int, topk: int, unroll: int = 4):
         self.mode, self.n, self.k, self.mt, self.ks, self.topk = mode, n, k, mt, ks, topk
         self.nchunk = k // KCHUNK
         self.cps = self.nchunk // ks
-        self.unroll = 4 if self.cps % 4 == 0 else (2 if self.cps % 2 == 0 else 1)
+        self.unroll = _unroll(self.cps, unroll)
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
@@ -357,12 +357,20 @@ DECODE_LIMIT = 64        # the decode kernels gather assignments with two 32-lan
 DECODE_MAX_ASSIGN = int(os.environ.get("DSV4_MOE_DECODE_MAX_ASSIGN", str(DECODE_LIMIT)))
 
 
+def _unroll(chunks: int, want: int) -> int:
+    """Chunks of weight loads in flight per lane: the largest power of two <= want dividing the split's chunks."""
+    u = want
+    while u > 1 and chunks % u:
+        u //= 2
+    return u
+
+
 def compile_decode(mode: str, e: int, n: int, k: int, mt: int, ks: int, topk: int, id_dtype=cutlass.Int64,
-                   wt_dtype=Float32):
-    key = ("dec", mode, e, n, k, mt, ks, topk, id_dtype, wt_dtype, _TVM_FFI)
+                   wt_dtype=Float32, unroll: int = 4):
+    key = ("dec", mode, e, n, k, mt, ks, topk, id_dtype, wt_dtype, _unroll(k // KCHUNK // ks, unroll), _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _Decode(mode, n, k, mt, ks, topk)
+        obj = _Decode(mode, n, k, mt, ks, topk, unroll)
         a = cute.sym_int()
         xin = _fake(Int32, (cute.sym_int() if mode == "gateup" else a, k // 16, 8))
         out = _fake(Float32, (ks, a, 2, n // 2) if mode == "gateup" else (ks, a, n), 4)
@@ -410,16 +418,18 @@ def _split(nchunk: int, want: int) -> int:
     return ks
 
 
-def decode_plan(experts: "PackedExperts", num_assign: int, topk: int) -> tuple[int, int, int]:
-    """(mt, ks_gateup, ks_down) of the decode path. The K splits are what measured best on the H100 for V4-Flash
-    and V4-Pro at 1-8 tokens (docs/PERF.md, session 15): with few tokens every CTA's walk over K is a chain of
-    dependent loads, so splitting it pays even when the grid already fills the GPU."""
+def decode_plan(experts: "PackedExperts", num_assign: int, topk: int) -> tuple[int, int, int, int]:
+    """(mt, ks_gateup, ks_down, unroll) of the decode path, from sweeps on the H100 for V4-Flash and V4-Pro at 1-8
+    tokens (docs/PERF.md, session 15). With few tokens each warp waits on its weight loads (ncu: 75 % of the stall
+    cycles on L1TEX scoreboard), so the splits and the loads in flight per lane (unroll) both grow as T shrinks:
+    flash T=1 101.5 us (sorted path) -> 46.8 (splits) -> 43.5-44.9 (unroll 16)."""
     t = -(-num_assign // topk)
     mt = 1 if t <= 8 else (2 if t <= 16 else 8)
+    unroll = 16 if t <= 4 else 4
     if DECODE_KS is not None:
-        return (mt, *DECODE_KS)
+        return (mt, *DECODE_KS, unroll)
     want = (4, 4) if t <= 2 else ((4, 2) if t <= 4 else (2, 2))
-    return (mt, _split(experts.dim // KCHUNK, want[0]), _split(experts.inter // KCHUNK, want[1]))
+    return (mt, _split(experts.dim // KCHUNK, want[0]), _split(experts.inter // KCHUNK, want[1]), unroll)
 
 
 def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
@@ -437,16 +447,16 @@ def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
     wts = wts.contiguous()
     id_t = cutlass.Int64 if ids.dtype == torch.int64 else Int32
     wt_t = Float32 if wts.dtype == torch.float32 else cutlass.BFloat16
-    mt, ks1, ks2 = decode_plan(experts, A, topk)
+    mt, ks1, ks2, unroll = decode_plan(experts, A, topk)
     gu = torch.empty((ks1, A, 2, I), dtype=torch.float32, device=dev)
-    f1 = compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t)
+    f1 = compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, unroll)
     _call(f1, experts.w13_codes, experts.w13_scales, ids, x.view(torch.int32).view(T, D // 16, 8), wts,
           experts.alphas, gu, A)
     h = torch.empty((A, I), dtype=torch.bfloat16, device=dev)
     _call(compile_decode_swiglu(E, I, ks1, swiglu_limit > 0, id_t), gu, ids, experts.alphas, h, A * I,
           float(swiglu_limit))
     yp = torch.empty((ks2, A, D), dtype=torch.float32, device=dev)
-    f2 = compile_decode("down", E, D, I, mt, ks2, topk, id_t, wt_t)
+    f2 = compile_decode("down", E, D, I, mt, ks2, topk, id_t, wt_t, unroll)
     _call(f2, experts.w2_codes, experts.w2_scales, ids, h.view(torch.int32).view(A, I // 16, 8), wts,
           experts.alphas, yp, A)
     out = torch.empty((T, D), dtype=torch.bfloat16, device=dev)
@@ -567,10 +577,10 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
     E, D, I = experts.n_experts, experts.dim, experts.inter
     for t in num_tokens:
         if t * topk <= min(DECODE_MAX_ASSIGN, DECODE_LIMIT) and not SORTED_ONLY:
-            mt, ks1, ks2 = decode_plan(experts, t * topk, topk)
-            compile_decode("gateup", E, 2 * I, D, mt, ks1, topk)
+            mt, ks1, ks2, unroll = decode_plan(experts, t * topk, topk)
+            compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, unroll=unroll)
             compile_decode_swiglu(E, I, ks1, swiglu_limit > 0)
-            compile_decode("down", E, D, I, mt, ks2, topk)
+            compile_decode("down", E, D, I, mt, ks2, topk, unroll=unroll)
             compile_finalize(D, topk, ks2)
             continue
         mt = _mt_for(t * topk, E)
@@ -628,7 +638,7 @@ def bench(models, batches, bw, reps, shapes, time_ms, variants=("auto",)) -> lis
                 warmup(ex, [T], k, 10.0)
                 t = time_ms(lambda: nvfp4_moe(x, ids, w, ex, 10.0), reps)
                 path = "sorted" if (SORTED_ONLY or T * k > min(DECODE_MAX_ASSIGN, DECODE_LIMIT)) else \
-                    "decode ks%dx%d" % decode_plan(ex, T * k, k)[1:]
+                    "decode ks%dx%d u%d" % decode_plan(ex, T * k, k)[1:]
                 _set_variant("auto")
                 floor = moved / bw * 1e3
                 row = dict(model=model, T=T, touched_experts=touched, bytes_moved=moved, cute_us=t * 1e3,
