@@ -31,7 +31,7 @@ from cutlass import Float32, Int32
 from cutlass.cutlass_dsl import T as _T, dsl_user_op
 from cutlass._mlir.dialects import llvm
 
-from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _decode_word, _f32x2_to_bf16x2, _fake, _mma_bf16,
+from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _decode_word, _fake, _mma_bf16,
                                      _options, _scale_pair, _stream_arg, _TVM_FFI, prepare_nvfp4_weight)
 
 __all__ = ["PackedExperts", "prepare_nvfp4_experts", "nvfp4_moe", "bench"]

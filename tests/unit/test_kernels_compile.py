@@ -53,6 +53,19 @@ def test_gemv_plan_divides_k():
         assert splits >= 1 and (k // 64) % (splits * unroll) == 0
 
 
+@pytest.mark.parametrize("dim,inter", [(4096, 2048), (7168, 3072), (1024, 512), (512, 256), (128, 64)])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 8, 10])
+def test_moe_decode_plan_splits_k_into_whole_unrolled_chunks(dim, inter, tokens):
+    """V4-Flash, V4-Pro and the test shapes: each K split is a whole number of 64-wide chunks (>= 8 unless K is
+    not split) and the loads in flight per lane divide a split's chunks, so no chunk is skipped or read twice."""
+    from types import SimpleNamespace
+    _, ks_gateup, ks_down, unroll = MO.decode_plan(SimpleNamespace(dim=dim, inter=inter), tokens * 6, 6)
+    for k, ks in ((dim, ks_gateup), (inter, ks_down)):
+        chunks = k // 64
+        assert chunks % ks == 0 and (ks == 1 or chunks // ks >= 8)
+        assert (chunks // ks) % MO._unroll(chunks // ks, unroll) == 0
+
+
 def _weight(n, k, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
