@@ -89,6 +89,16 @@ def prepare_nvfp4_experts(w1: list, w2: list, w3: list, device: torch.device | s
                          torch.tensor(al, dtype=torch.float32, device=dev), len(w1), dim, inter)
 
 
+def _swiglu(gate, up, limit, clamp: bool):
+    """silu(gate) * up of one fp32 pair, clamped as TorchOps.moe does (gate from above, up both ways) when `clamp`
+    (a Python bool: the clamp is decided when the kernel is traced). The one formula of the grouped and the decode
+    paths, so their H values stay bit-equal."""
+    if clamp:
+        gate = cutlass.min(gate, limit)
+        up = cutlass.max(cutlass.min(up, limit), -limit)
+    return gate / (Float32(1.0) + cute.math.exp(-gate)) * up
+
+
 class _Grouped:
     """One grouped GEMM over experts. mode "gateup": x rows gathered by token, SwiGLU epilogue -> H [A, I] bf16
     (sorted order). mode "down": x rows = H (sorted order), epilogue * routing weight -> Y [A, D] fp32 at the
@@ -153,12 +163,8 @@ class _Grouped:
                         p = p0 + j * 8 + 2 * t + q
                         if p < off + cnt:
                             if cutlass.const_expr(self.mode == "gateup"):
-                                gate = acc[j * 4 + q] * mAl[e, 0]
-                                up = acc[j * 4 + 2 + q] * mAl[e, 1]
-                                if cutlass.const_expr(self.clamp):
-                                    gate = cutlass.min(gate, limit)
-                                    up = cutlass.max(cutlass.min(up, limit), -limit)
-                                h = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
+                                h = _swiglu(acc[j * 4 + q] * mAl[e, 0], acc[j * 4 + 2 + q] * mAl[e, 1], limit,
+                                            self.clamp)
                                 mOut[p, tile * 8 + g] = h.to(cutlass.BFloat16)
                             else:
                                 a_idx = mPerm[p]
@@ -312,12 +318,7 @@ class _DecodeSwiglu:
             for ks in cutlass.range_constexpr(self.ks):
                 gs = gs + mGU[ks, a, 0, c]
                 us = us + mGU[ks, a, 1, c]
-            gate = gs * mAl[e, 0]
-            up = us * mAl[e, 1]
-            if cutlass.const_expr(self.clamp):
-                gate = cutlass.min(gate, limit)
-                up = cutlass.max(cutlass.min(up, limit), -limit)
-            mH[a, c] = (gate / (Float32(1.0) + cute.math.exp(-gate)) * up).to(cutlass.BFloat16)
+            mH[a, c] = _swiglu(gs * mAl[e, 0], us * mAl[e, 1], limit, self.clamp).to(cutlass.BFloat16)
 
     @cute.jit
     def launch(self, mGU: cute.Tensor, mIds: cute.Tensor, mAl: cute.Tensor, mH: cute.Tensor, total: Int32,
