@@ -285,9 +285,10 @@ def _f32x2_to_bf16x2(a: Float32, b: Float32, *, loc=None, ip=None):
 class _Gemv:
     """Decode GEMM: y = x @ W^T for M <= 64, K split `splits` ways (partials in fp32 when splits > 1)."""
 
-    def __init__(self, n: int, k: int, mt: int, splits: int, unroll: int, fused: bool = False):
+    def __init__(self, n: int, k: int, mt: int, splits: int, unroll: int, fused: bool = False, pdl: bool = False):
         self.n, self.k, self.mt, self.splits, self.unroll = n, k, mt, splits, unroll
         self.fused = fused and splits > 1
+        self.pdl = pdl
         self.nchunk = k // KCHUNK
         self.cps = self.nchunk // splits                 # chunks per split
         assert self.cps % unroll == 0
@@ -310,14 +311,29 @@ class _Gemv:
         wreg = cute.make_rmem_tensor((4, U), Int32)
         sreg = cute.make_rmem_tensor((U,), Int32)
         xreg = cute.make_rmem_tensor((8,), Int32)
+        # PDL: the split reduce (or the next kernel) may be scheduled once every CTA has started; a no-op otherwise
+        cute.arch.griddepcontrol_launch_dependents()
         # token rows this lane feeds as B operand (clamped: rows >= M only affect unstored columns)
         if tile < self.n // ROWTILE:
             c0 = by * self.cps
+            if cutlass.const_expr(self.pdl):
+                # launched while the kernel that writes x still runs: the weights depend on nothing it writes,
+                # so the first loads go out before griddepcontrol.wait; x, y and the partials come after it
+                for u in cutlass.range_constexpr(U):
+                    cute.autovec_copy(mW[tile, c0 + u, lane, None], wreg[None, u])
+                    sreg[u] = Int32(mS[tile, c0 + u, lane])
+                cute.arch.griddepcontrol_wait()
             for it in cutlass.range(self.cps // U):
                 cb = c0 + it * U
-                for u in cutlass.range_constexpr(U):
-                    cute.autovec_copy(mW[tile, cb + u, lane, None], wreg[None, u])
-                    sreg[u] = Int32(mS[tile, cb + u, lane])
+                if cutlass.const_expr(self.pdl):
+                    if it > 0:
+                        for u in cutlass.range_constexpr(U):
+                            cute.autovec_copy(mW[tile, cb + u, lane, None], wreg[None, u])
+                            sreg[u] = Int32(mS[tile, cb + u, lane])
+                else:
+                    for u in cutlass.range_constexpr(U):
+                        cute.autovec_copy(mW[tile, cb + u, lane, None], wreg[None, u])
+                        sreg[u] = Int32(mS[tile, cb + u, lane])
                 for u in cutlass.range_constexpr(U):
                     sg, sg8 = _scale_pair(sreg[u])
                     kx = (cb + u) * 4 + t                          # group of 16 bf16 = 8 u32
@@ -371,20 +387,23 @@ class _Gemv:
                mC: cute.Tensor, m_rows: Int32, alpha: Float32, stream):
         grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
         self.kernel(mW, mS, mX, mY, mP, mC, m_rows, alpha).launch(grid=[grid_x, self.splits, 1],
-                                                                  block=[WARPS * 32, 1, 1], stream=stream)
+                                                                  block=[WARPS * 32, 1, 1], stream=stream,
+                                                                  use_pdl=self.pdl)
 
 
 class _SplitReduce:
     """y[m, n] = bf16(alpha * sum_s P[s, m, n])."""
 
-    def __init__(self, n: int, splits: int):
-        self.n, self.splits = n, splits
+    def __init__(self, n: int, splits: int, pdl: bool = False):
+        self.n, self.splits, self.pdl = n, splits, pdl
 
     @cute.kernel
     def kernel(self, mP: cute.Tensor, mY: cute.Tensor, total: Int32, alpha: Float32):
         tidx, _, _ = cute.arch.thread_idx()
         bx, _, _ = cute.arch.block_idx()
         i = bx * 256 + tidx
+        cute.arch.griddepcontrol_launch_dependents()
+        cute.arch.griddepcontrol_wait()          # P is the decode kernel's output (a no-op without PDL)
         if i < total:
             m = i // self.n
             nn = i % self.n
@@ -396,7 +415,7 @@ class _SplitReduce:
     @cute.jit
     def launch(self, mP: cute.Tensor, mY: cute.Tensor, total: Int32, alpha: Float32, stream):
         self.kernel(mP, mY, total, alpha).launch(grid=[(total + 255) // 256, 1, 1], block=[256, 1, 1],
-                                                 stream=stream)
+                                                 stream=stream, use_pdl=self.pdl)
 
 
 class _Dequant:
@@ -475,12 +494,12 @@ def _options() -> str:
     return "--enable-tvm-ffi" if _TVM_FFI else ""
 
 
-def compile_gemv(n: int, k: int, mt: int, splits: int, unroll: int, fused: bool = False):
+def compile_gemv(n: int, k: int, mt: int, splits: int, unroll: int, fused: bool = False, pdl: bool = False):
     fused = fused and splits > 1
-    key = ("gemv", n, k, mt, splits, unroll, fused, _TVM_FFI)
+    key = ("gemv", n, k, mt, splits, unroll, fused, pdl, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _Gemv(n, k, mt, splits, unroll, fused)
+        obj = _Gemv(n, k, mt, splits, unroll, fused, pdl)
         m = cute.sym_int()
         fn = cute.compile(obj.launch,
                           _fake(Int32, (n // 16, k // 64, 32, 4)), _fake(cutlass.Int16, (n // 16, k // 64, 32), 2),
@@ -492,11 +511,11 @@ def compile_gemv(n: int, k: int, mt: int, splits: int, unroll: int, fused: bool 
     return fn
 
 
-def compile_split_reduce(n: int, splits: int):
-    key = ("reduce", n, splits, _TVM_FFI)
+def compile_split_reduce(n: int, splits: int, pdl: bool = False):
+    key = ("reduce", n, splits, pdl, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _SplitReduce(n, splits)
+        obj = _SplitReduce(n, splits, pdl)
         m = cute.sym_int()
         fn = cute.compile(obj.launch, _fake(Float32, (splits, m, n), 4), _fake(cutlass.BFloat16, (m, n), 2),
                           Int32(1), Float32(1.0), _stream_arg(), options=_options())
@@ -526,6 +545,14 @@ def _call(fn, *args):
     return fn(*conv, cuda.CUstream(torch.cuda.current_stream().cuda_stream))
 
 
+# Chunks of weight loads in flight per lane (a power of two; fewer where K has fewer chunks). Env DSV4_GEMV_UNROLL
+# overrides it for sweeps.
+GEMV_UNROLL = int(os.environ.get("DSV4_GEMV_UNROLL", "4"))
+# Programmatic dependent launch: the decode kernel issues its first weight loads before it waits for the kernel that
+# writes x, and the split reduce is scheduled while the decode kernel runs. Env DSV4_GEMV_PDL=0 turns it off.
+GEMV_PDL = os.environ.get("DSV4_GEMV_PDL", "1") != "0"
+
+
 def gemv_plan(n: int, k: int, sms: int = 132) -> tuple[int, int]:
     """(splits, unroll) for the decode kernel: enough CTAs (>= 2 per SM) to stream the weight at HBM speed."""
     nchunk = k // KCHUNK
@@ -543,6 +570,10 @@ def gemv_plan(n: int, k: int, sms: int = 132) -> tuple[int, int]:
         splits //= 2
     if (nchunk // unroll) % splits:
         splits = 1
+    cps = nchunk // splits
+    unroll = max(unroll, GEMV_UNROLL)
+    while unroll > 1 and cps % unroll:
+        unroll //= 2
     return splits, unroll
 
 
@@ -604,7 +635,7 @@ def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = No
         pw.cache["plan"] = (splits, unroll)
         mt = -(-m // 8)
         fused = use_fused(splits, mt)
-        fn = compile_gemv(pw.n, pw.k, mt, splits, unroll, fused)
+        fn = compile_gemv(pw.n, pw.k, mt, splits, unroll, fused, GEMV_PDL)
         xi = x2.view(torch.int32).view(m, pw.k // 16, 8)
         ctr = _counters(pw)
         if splits == 1:
@@ -616,7 +647,7 @@ def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = No
             part = _workspace("part", splits * m * pw.n, torch.float32, x.device).view(splits, m, pw.n)
             _call(fn, pw.codes, pw.scales, xi, y, part, ctr, m, pw.alpha)
             if not fused:
-                red = compile_split_reduce(pw.n, splits)
+                red = compile_split_reduce(pw.n, splits, GEMV_PDL)
                 _call(red, part, y, m * pw.n, pw.alpha)
     elif path == "dequant":
         fn = compile_dequant(pw.n, pw.k)
@@ -649,7 +680,7 @@ def warmup(pw: PackedNVFP4, ms: list[int] | tuple[int, ...] = (1, 8, 16, 32, 64)
     _counters(pw)
     for m in ms:
         if m <= GEMV_MAX_M:
-            compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, use_fused(splits, -(-m // 8)))
+            compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, use_fused(splits, -(-m // 8)), GEMV_PDL)
     if splits > 1:
-        compile_split_reduce(pw.n, splits)
+        compile_split_reduce(pw.n, splits, GEMV_PDL)
     compile_dequant(pw.n, pw.k)

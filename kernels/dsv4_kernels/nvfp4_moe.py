@@ -209,11 +209,14 @@ class _Decode:
     `_Finalize` then sums YP over (ks, k) and rounds to bf16. (A first version applied the SwiGLU while loading
     the down kernel's operand: every 16-row tile recomputed it for the whole row, 3-6x slower than reading H.)"""
 
-    def __init__(self, mode: str, n: int, k: int, mt: int, ks: int, topk: int, unroll: int = 4):
+    def __init__(self, mode: str, n: int, k: int, mt: int, ks: int, topk: int, unroll: int = 4, pdl: bool = False):
         self.mode, self.n, self.k, self.mt, self.ks, self.topk = mode, n, k, mt, ks, topk
         self.nchunk = k // KCHUNK
         self.cps = self.nchunk // ks
         self.unroll = _unroll(self.cps, unroll)
+        # down with PDL: launched while the SwiGLU kernel still runs; its first weight loads go out before
+        # griddepcontrol.wait (they depend on nothing the SwiGLU writes), H is read after it
+        self.prefetch = pdl and mode == "down"
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
@@ -227,6 +230,9 @@ class _Decode:
         tile = bx * WARPS + warp
         MT = self.mt
         U = self.unroll
+        # the next kernel of the chain may be scheduled once every CTA of this grid has started (it waits in
+        # griddepcontrol.wait for this grid's end before it reads what we write); a no-op without PDL
+        cute.arch.griddepcontrol_launch_dependents()
         e = Int32(mIds[slot])
         v0 = Int32(-1)
         v1 = Int32(-1)
@@ -246,6 +252,12 @@ class _Decode:
         al2 = mAl[e, 2]
         if tile < self.n // ROWTILE and dup == 0:
             nblk = (cnt + MT * 8 - 1) // (MT * 8)
+            c0 = kz * self.cps
+            if cutlass.const_expr(self.prefetch):
+                for u in cutlass.range_constexpr(U):
+                    cute.autovec_copy(mW[e, tile, c0 + u, lane, None], wreg[None, u])
+                    sreg[u] = Int32(mS[e, tile, c0 + u, lane])
+                cute.arch.griddepcontrol_wait()
             for mb in cutlass.range(nblk):
                 p0 = mb * (MT * 8)
                 for j in cutlass.range_constexpr(MT):
@@ -256,12 +268,17 @@ class _Decode:
                         rows[j] = a
                 for i in cutlass.range_constexpr(MT * 4):
                     acc[i] = Float32(0.0)
-                c0 = kz * self.cps
                 for it in cutlass.range(self.cps // U):
                     cb = c0 + it * U
-                    for u in cutlass.range_constexpr(U):
-                        cute.autovec_copy(mW[e, tile, cb + u, lane, None], wreg[None, u])
-                        sreg[u] = Int32(mS[e, tile, cb + u, lane])
+                    if cutlass.const_expr(self.prefetch):
+                        if mb + it > 0:
+                            for u in cutlass.range_constexpr(U):
+                                cute.autovec_copy(mW[e, tile, cb + u, lane, None], wreg[None, u])
+                                sreg[u] = Int32(mS[e, tile, cb + u, lane])
+                    else:
+                        for u in cutlass.range_constexpr(U):
+                            cute.autovec_copy(mW[e, tile, cb + u, lane, None], wreg[None, u])
+                            sreg[u] = Int32(mS[e, tile, cb + u, lane])
                     for u in cutlass.range_constexpr(U):
                         sg, sg8 = _scale_pair(sreg[u])
                         kx = (cb + u) * 4 + t
@@ -293,15 +310,15 @@ class _Decode:
                mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, stream):
         grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
         self.kernel(mW, mS, mIds, mX, mWt, mAl, mOut, n_assign).launch(
-            grid=[grid_x, n_assign, self.ks], block=[WARPS * 32, 1, 1], stream=stream)
+            grid=[grid_x, n_assign, self.ks], block=[WARPS * 32, 1, 1], stream=stream, use_pdl=self.prefetch)
 
 
 class _DecodeSwiglu:
     """H[a, i] = bf16(silu(gate) * up) with gate | up = alpha0 | alpha1 of expert ids[a] times the sum over K splits
     of GU[ks, a, 0 | 1, i], clamped by swiglu_limit as the grouped kernel's epilogue does."""
 
-    def __init__(self, inter: int, ks: int, clamp: bool):
-        self.inter, self.ks, self.clamp = inter, ks, clamp
+    def __init__(self, inter: int, ks: int, clamp: bool, pdl: bool = False):
+        self.inter, self.ks, self.clamp, self.pdl = inter, ks, clamp, pdl
 
     @cute.kernel
     def kernel(self, mGU: cute.Tensor, mIds: cute.Tensor, mAl: cute.Tensor, mH: cute.Tensor, total: Int32,
@@ -309,6 +326,8 @@ class _DecodeSwiglu:
         tidx, _, _ = cute.arch.thread_idx()
         bx, _, _ = cute.arch.block_idx()
         i = bx * 256 + tidx
+        cute.arch.griddepcontrol_launch_dependents()
+        cute.arch.griddepcontrol_wait()         # GU is the gate_up kernel's output (a no-op without PDL)
         if i < total:
             a = i // self.inter
             c = i % self.inter
@@ -324,20 +343,21 @@ class _DecodeSwiglu:
     def launch(self, mGU: cute.Tensor, mIds: cute.Tensor, mAl: cute.Tensor, mH: cute.Tensor, total: Int32,
                limit: Float32, stream):
         self.kernel(mGU, mIds, mAl, mH, total, limit).launch(grid=[(total + 255) // 256, 1, 1], block=[256, 1, 1],
-                                                             stream=stream)
+                                                             stream=stream, use_pdl=self.pdl)
 
 
 class _Finalize:
     """out[t, n] = bf16(sum_{ks, k} YP[ks, t * topk + k, n])."""
 
-    def __init__(self, d: int, topk: int, ks: int):
-        self.d, self.topk, self.ks = d, topk, ks
+    def __init__(self, d: int, topk: int, ks: int, pdl: bool = False):
+        self.d, self.topk, self.ks, self.pdl = d, topk, ks, pdl
 
     @cute.kernel
     def kernel(self, mYP: cute.Tensor, mOut: cute.Tensor, total: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         bx, _, _ = cute.arch.block_idx()
         i = bx * 256 + tidx
+        cute.arch.griddepcontrol_wait()         # YP is the down kernel's output (a no-op without PDL)
         if i < total:
             tok = i // self.d
             nn = i % self.d
@@ -349,13 +369,20 @@ class _Finalize:
 
     @cute.jit
     def launch(self, mYP: cute.Tensor, mOut: cute.Tensor, total: Int32, stream):
-        self.kernel(mYP, mOut, total).launch(grid=[(total + 255) // 256, 1, 1], block=[256, 1, 1], stream=stream)
+        self.kernel(mYP, mOut, total).launch(grid=[(total + 255) // 256, 1, 1], block=[256, 1, 1], stream=stream,
+                                             use_pdl=self.pdl)
 
 
 DECODE_LIMIT = 64        # the decode kernels gather assignments with two 32-lane ballots: A <= 64
 # The decode path is taken when T * topk <= DECODE_MAX_ASSIGN (env DSV4_MOE_DECODE_MAX_ASSIGN, 0 = off, for A/B
 # runs). H100, session 15 (docs/PERF.md): flash T=1 101.5 -> 46.3 us, T=8 267.6 -> 222.1 us against the sorted path.
 DECODE_MAX_ASSIGN = int(os.environ.get("DSV4_MOE_DECODE_MAX_ASSIGN", str(DECODE_LIMIT)))
+
+
+# Programmatic dependent launch inside the decode chain (gate_up -> SwiGLU -> down -> finalize): each kernel lets
+# the next one be scheduled once all its CTAs have started, and the next waits in griddepcontrol.wait before it
+# reads its input; the down kernel issues its first weight loads before that wait. Env DSV4_MOE_PDL=0 turns it off.
+DECODE_PDL = os.environ.get("DSV4_MOE_PDL", "1") != "0"
 
 
 def _unroll(chunks: int, want: int) -> int:
@@ -367,11 +394,12 @@ def _unroll(chunks: int, want: int) -> int:
 
 
 def compile_decode(mode: str, e: int, n: int, k: int, mt: int, ks: int, topk: int, id_dtype=cutlass.Int64,
-                   wt_dtype=Float32, unroll: int = 4):
-    key = ("dec", mode, e, n, k, mt, ks, topk, id_dtype, wt_dtype, _unroll(k // KCHUNK // ks, unroll), _TVM_FFI)
+                   wt_dtype=Float32, unroll: int = 4, pdl: bool = False):
+    key = ("dec", mode, e, n, k, mt, ks, topk, id_dtype, wt_dtype, _unroll(k // KCHUNK // ks, unroll), pdl,
+           _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _Decode(mode, n, k, mt, ks, topk, unroll)
+        obj = _Decode(mode, n, k, mt, ks, topk, unroll, pdl)
         a = cute.sym_int()
         xin = _fake(Int32, (cute.sym_int() if mode == "gateup" else a, k // 16, 8))
         out = _fake(Float32, (ks, a, 2, n // 2) if mode == "gateup" else (ks, a, n), 4)
@@ -383,23 +411,23 @@ def compile_decode(mode: str, e: int, n: int, k: int, mt: int, ks: int, topk: in
     return fn
 
 
-def compile_decode_swiglu(e: int, inter: int, ks: int, clamp: bool, id_dtype=cutlass.Int64):
-    key = ("dec_swiglu", e, inter, ks, clamp, id_dtype, _TVM_FFI)
+def compile_decode_swiglu(e: int, inter: int, ks: int, clamp: bool, id_dtype=cutlass.Int64, pdl: bool = False):
+    key = ("dec_swiglu", e, inter, ks, clamp, id_dtype, pdl, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
         a = cute.sym_int()
-        fn = cute.compile(_DecodeSwiglu(inter, ks, clamp).launch, _fake(Float32, (ks, a, 2, inter), 4),
+        fn = cute.compile(_DecodeSwiglu(inter, ks, clamp, pdl).launch, _fake(Float32, (ks, a, 2, inter), 4),
                           _fake(id_dtype, (a,), 4), _fake(Float32, (e, 3), 4), _fake(cutlass.BFloat16, (a, inter), 8),
                           Int32(1), Float32(0.0), _stream_arg(), options=_options())
         _COMPILED[key] = fn
     return fn
 
 
-def compile_finalize(d: int, topk: int, ks: int):
-    key = ("fin", d, topk, ks, _TVM_FFI)
+def compile_finalize(d: int, topk: int, ks: int, pdl: bool = False):
+    key = ("fin", d, topk, ks, pdl, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _Finalize(d, topk, ks)
+        obj = _Finalize(d, topk, ks, pdl)
         t = cute.sym_int()
         fn = cute.compile(obj.launch, _fake(Float32, (ks, t * topk, d), 4), _fake(cutlass.BFloat16, (t, d), 2),
                           Int32(1), _stream_arg(), options=_options())
@@ -449,19 +477,20 @@ def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
     id_t = cutlass.Int64 if ids.dtype == torch.int64 else Int32
     wt_t = Float32 if wts.dtype == torch.float32 else cutlass.BFloat16
     mt, ks1, ks2, unroll = decode_plan(experts, A, topk)
+    pdl = DECODE_PDL
     gu = torch.empty((ks1, A, 2, I), dtype=torch.float32, device=dev)
+    h = torch.empty((A, I), dtype=torch.bfloat16, device=dev)
+    yp = torch.empty((ks2, A, D), dtype=torch.float32, device=dev)
+    out = torch.empty((T, D), dtype=torch.bfloat16, device=dev)
     f1 = compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, unroll)
     _call(f1, experts.w13_codes, experts.w13_scales, ids, x.view(torch.int32).view(T, D // 16, 8), wts,
           experts.alphas, gu, A)
-    h = torch.empty((A, I), dtype=torch.bfloat16, device=dev)
-    _call(compile_decode_swiglu(E, I, ks1, swiglu_limit > 0, id_t), gu, ids, experts.alphas, h, A * I,
+    _call(compile_decode_swiglu(E, I, ks1, swiglu_limit > 0, id_t, pdl), gu, ids, experts.alphas, h, A * I,
           float(swiglu_limit))
-    yp = torch.empty((ks2, A, D), dtype=torch.float32, device=dev)
-    f2 = compile_decode("down", E, D, I, mt, ks2, topk, id_t, wt_t, unroll)
+    f2 = compile_decode("down", E, D, I, mt, ks2, topk, id_t, wt_t, unroll, pdl)
     _call(f2, experts.w2_codes, experts.w2_scales, ids, h.view(torch.int32).view(A, I // 16, 8), wts,
           experts.alphas, yp, A)
-    out = torch.empty((T, D), dtype=torch.bfloat16, device=dev)
-    f3 = compile_finalize(D, topk, ks2)
+    f3 = compile_finalize(D, topk, ks2, pdl)
     _call(f3, yp, out, T * D)
     return out
 
@@ -580,9 +609,9 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
         if t * topk <= min(DECODE_MAX_ASSIGN, DECODE_LIMIT) and not SORTED_ONLY:
             mt, ks1, ks2, unroll = decode_plan(experts, t * topk, topk)
             compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, unroll=unroll)
-            compile_decode_swiglu(E, I, ks1, swiglu_limit > 0)
-            compile_decode("down", E, D, I, mt, ks2, topk, unroll=unroll)
-            compile_finalize(D, topk, ks2)
+            compile_decode_swiglu(E, I, ks1, swiglu_limit > 0, pdl=DECODE_PDL)
+            compile_decode("down", E, D, I, mt, ks2, topk, unroll=unroll, pdl=DECODE_PDL)
+            compile_finalize(D, topk, ks2, DECODE_PDL)
             continue
         mt = _mt_for(t * topk, E)
         compile_grouped("gateup", E, 2 * I, D, mt, swiglu_limit > 0, I)

@@ -25,6 +25,10 @@ def test_gemv_compiles(n, k, mt, splits):
     assert G.compile_gemv(n, k, mt, splits, unroll) is not None
     assert G.compile_gemv(n, k, mt, splits, unroll, fused=True) is not None
     assert G.compile_split_reduce(n, max(splits, 2)) is not None
+    # programmatic dependent launch: first weight loads before griddepcontrol.wait, reduce scheduled early
+    assert G.compile_gemv(n, k, mt, splits, unroll, pdl=True) is not None
+    assert G.compile_gemv(n, k, mt, splits, 16 if (k // 64 // splits) % 16 == 0 else unroll, pdl=True) is not None
+    assert G.compile_split_reduce(n, max(splits, 2), pdl=True) is not None
 
 
 def test_dequant_compiles():
@@ -45,6 +49,10 @@ def test_moe_decode_kernels_compile(mode, n, k, mt, ks):
     assert MO.compile_decode_swiglu(16, inter, ks, True) is not None
     assert MO.compile_decode_swiglu(16, inter, ks, False, cutlass.Int32) is not None
     assert MO.compile_finalize(dim, 6, ks) is not None
+    # the programmatic-dependent-launch chain (down prefetches its weights before griddepcontrol.wait)
+    assert MO.compile_decode(mode, 16, n, k, mt, ks, 6, unroll=16, pdl=True) is not None
+    assert MO.compile_decode_swiglu(16, inter, ks, True, pdl=True) is not None
+    assert MO.compile_finalize(dim, 6, ks, pdl=True) is not None
 
 
 def test_gemv_plan_divides_k():
