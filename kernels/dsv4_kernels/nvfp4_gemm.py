@@ -311,8 +311,6 @@ class _Gemv:
         wreg = cute.make_rmem_tensor((4, U), Int32)
         sreg = cute.make_rmem_tensor((U,), Int32)
         xreg = cute.make_rmem_tensor((8,), Int32)
-        # PDL: the split reduce (or the next kernel) may be scheduled once every CTA has started; a no-op otherwise
-        cute.arch.griddepcontrol_launch_dependents()
         # token rows this lane feeds as B operand (clamped: rows >= M only affect unstored columns)
         if tile < self.n // ROWTILE:
             c0 = by * self.cps
@@ -348,6 +346,9 @@ class _Gemv:
                                           acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3])
                             for q in cutlass.range_constexpr(4):
                                 acc[j * 4 + q] = d[q]
+            # PDL: the split reduce (or the next kernel) may be scheduled once every CTA is past its loads; at
+            # the start instead, back-to-back GEMVs would all be resident at once, prefetching (measured slower)
+            cute.arch.griddepcontrol_launch_dependents()
             n0 = tile * ROWTILE + g
             for j in cutlass.range_constexpr(MT):
                 for q in cutlass.range_constexpr(4):
@@ -545,9 +546,9 @@ def _call(fn, *args):
     return fn(*conv, cuda.CUstream(torch.cuda.current_stream().cuda_stream))
 
 
-# Chunks of weight loads in flight per lane (a power of two; fewer where K has fewer chunks). Env DSV4_GEMV_UNROLL
-# overrides it for sweeps.
-GEMV_UNROLL = int(os.environ.get("DSV4_GEMV_UNROLL", "4"))
+# Chunks of weight loads in flight per lane where a warp's share of K is long or the grid is large; 0 = the rule
+# of `gemv_unroll`. Env DSV4_GEMV_UNROLL forces a value for sweeps.
+GEMV_UNROLL = int(os.environ.get("DSV4_GEMV_UNROLL", "0"))
 # Programmatic dependent launch: the decode kernel issues its first weight loads before it waits for the kernel that
 # writes x, and the split reduce is scheduled while the decode kernel runs. Env DSV4_GEMV_PDL=0 turns it off.
 GEMV_PDL = os.environ.get("DSV4_GEMV_PDL", "1") != "0"
@@ -570,11 +571,23 @@ def gemv_plan(n: int, k: int, sms: int = 132) -> tuple[int, int]:
         splits //= 2
     if (nchunk // unroll) % splits:
         splits = 1
-    cps = nchunk // splits
-    unroll = max(unroll, GEMV_UNROLL)
-    while unroll > 1 and cps % unroll:
-        unroll //= 2
     return splits, unroll
+
+
+def gemv_unroll(n: int, k: int, splits: int, mt: int, base: int, sms: int = 132) -> int:
+    """Chunks of weight loads in flight per lane. A warp whose split holds <= 16 chunks loads them all at once
+    (one memory round trip: small weights are latency-bound) unless many CTAs of 2+ token tiles would then compete
+    for registers; otherwise `base` (4). H100 sweep, docs/PERF.md session 16: flash wkv M=1 6.2 -> 3.7 us."""
+    cps = k // KCHUNK // splits
+    if GEMV_UNROLL:
+        u = GEMV_UNROLL
+        while u > 1 and cps % u:
+            u //= 2
+        return u
+    ctas = -(-(n // ROWTILE) // WARPS) * splits
+    if cps <= 16 and (mt == 1 or ctas <= sms):
+        return cps
+    return base
 
 
 # Single-launch split-K (the last warp per tile sums the partials) when splits * token tiles <= FUSED_MAX; otherwise
@@ -635,7 +648,7 @@ def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = No
         pw.cache["plan"] = (splits, unroll)
         mt = -(-m // 8)
         fused = use_fused(splits, mt)
-        fn = compile_gemv(pw.n, pw.k, mt, splits, unroll, fused, GEMV_PDL)
+        fn = compile_gemv(pw.n, pw.k, mt, splits, gemv_unroll(pw.n, pw.k, splits, mt, unroll), fused, GEMV_PDL)
         xi = x2.view(torch.int32).view(m, pw.k // 16, 8)
         ctr = _counters(pw)
         if splits == 1:
@@ -680,7 +693,9 @@ def warmup(pw: PackedNVFP4, ms: list[int] | tuple[int, ...] = (1, 8, 16, 32, 64)
     _counters(pw)
     for m in ms:
         if m <= GEMV_MAX_M:
-            compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, use_fused(splits, -(-m // 8)), GEMV_PDL)
+            mt = -(-m // 8)
+            compile_gemv(pw.n, pw.k, mt, splits, gemv_unroll(pw.n, pw.k, splits, mt, unroll), use_fused(splits, mt),
+                         GEMV_PDL)
     if splits > 1:
         compile_split_reduce(pw.n, splits, GEMV_PDL)
     compile_dequant(pw.n, pw.k)

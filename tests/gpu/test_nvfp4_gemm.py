@@ -132,7 +132,7 @@ def test_cuda_graph_capture():
 def test_programmatic_dependent_launch_chain_is_bit_identical(n, k):
     """With PDL the decode kernel issues weight loads before it waits for the kernel that writes x: a chain where
     each GEMV reads the previous one's output (written by its split reduce) must give bit-identical results with
-    PDL on and off, eagerly and replayed from a CUDA graph, for 4 and 16 chunks of loads in flight."""
+    PDL on and off, eagerly and replayed from a CUDA graph, for 4, 16 and the rule's chunks of loads in flight."""
     gen = torch.Generator(device=DEV).manual_seed(n ^ k)
     w1 = G.prepare_nvfp4_weight(rand_weight(n, k, gen))
     w2 = G.prepare_nvfp4_weight(rand_weight(k, n, gen))
@@ -145,7 +145,7 @@ def test_programmatic_dependent_launch_chain_is_bit_identical(n, k):
     old = G.GEMV_PDL, G.GEMV_UNROLL
     try:
         results = {}
-        for unroll in (4, 16):
+        for unroll in (4, 16, 0):          # 0: the automatic rule
             for pdl in (False, True):
                 G.GEMV_PDL, G.GEMV_UNROLL = pdl, unroll
                 w1.cache.clear()

@@ -59,6 +59,8 @@ def test_gemv_plan_divides_k():
     for n, k in [(512, 4096), (1024, 4096), (4096, 8192), (32768, 1024), (129280, 4096), (64, 4096), (512, 1536)]:
         splits, unroll = G.gemv_plan(n, k)
         assert splits >= 1 and (k // 64) % (splits * unroll) == 0
+        for mt in (1, 2, 8):
+            assert (k // 64 // splits) % G.gemv_unroll(n, k, splits, mt, unroll) == 0
 
 
 @pytest.mark.parametrize("dim,inter", [(4096, 2048), (7168, 3072), (1024, 512), (512, 256), (128, 64)])
