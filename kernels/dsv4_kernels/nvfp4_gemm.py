@@ -549,8 +549,9 @@ def _call(fn, *args):
 # Chunks of weight loads in flight per lane where a warp's share of K is long or the grid is large; 0 = the rule
 # of `gemv_unroll`. Env DSV4_GEMV_UNROLL forces a value for sweeps.
 GEMV_UNROLL = int(os.environ.get("DSV4_GEMV_UNROLL", "0"))
-# Programmatic dependent launch: the decode kernel issues its first weight loads before it waits for the kernel that
-# writes x, and the split reduce is scheduled while the decode kernel runs. Env DSV4_GEMV_PDL=0 turns it off.
+# Programmatic dependent launch for latency-bound shapes (`gemv_pdl`): the decode kernel issues its weight loads
+# before it waits for the kernel that writes x, and the split reduce is scheduled while the decode kernel runs.
+# Env DSV4_GEMV_PDL=0 turns it off.
 GEMV_PDL = os.environ.get("DSV4_GEMV_PDL", "1") != "0"
 
 
@@ -588,6 +589,15 @@ def gemv_unroll(n: int, k: int, splits: int, mt: int, base: int, sms: int = 132)
     if cps <= 16 and (mt == 1 or ctas <= sms):
         return cps
     return base
+
+
+def gemv_pdl(n: int, k: int, splits: int, unroll: int, sms: int = 132) -> bool:
+    """PDL where a CTA loads its whole split before the wait and the grid is small (<= 2 CTAs per SM): there it
+    hides the launch and the one memory round trip (flash wkv M=1 6.1 -> 3.7 us back to back). On larger grids the
+    early CTAs' loads compete with the running kernel's and it measured slower (flash wq_b M=1 5.9 -> 7.1 us, head
+    M=16 133 -> 194 us; H100, docs/PERF.md session 16)."""
+    ctas = -(-(n // ROWTILE) // WARPS) * splits
+    return GEMV_PDL and unroll == k // KCHUNK // splits and ctas <= 2 * sms
 
 
 # Single-launch split-K (the last warp per tile sums the partials) when splits * token tiles <= FUSED_MAX; otherwise
@@ -648,7 +658,9 @@ def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = No
         pw.cache["plan"] = (splits, unroll)
         mt = -(-m // 8)
         fused = use_fused(splits, mt)
-        fn = compile_gemv(pw.n, pw.k, mt, splits, gemv_unroll(pw.n, pw.k, splits, mt, unroll), fused, GEMV_PDL)
+        unroll = gemv_unroll(pw.n, pw.k, splits, mt, unroll)
+        pdl = gemv_pdl(pw.n, pw.k, splits, unroll)
+        fn = compile_gemv(pw.n, pw.k, mt, splits, unroll, fused, pdl)
         xi = x2.view(torch.int32).view(m, pw.k // 16, 8)
         ctr = _counters(pw)
         if splits == 1:
@@ -660,7 +672,7 @@ def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = No
             part = _workspace("part", splits * m * pw.n, torch.float32, x.device).view(splits, m, pw.n)
             _call(fn, pw.codes, pw.scales, xi, y, part, ctr, m, pw.alpha)
             if not fused:
-                red = compile_split_reduce(pw.n, splits, GEMV_PDL)
+                red = compile_split_reduce(pw.n, splits, pdl)
                 _call(red, part, y, m * pw.n, pw.alpha)
     elif path == "dequant":
         fn = compile_dequant(pw.n, pw.k)
@@ -694,8 +706,9 @@ def warmup(pw: PackedNVFP4, ms: list[int] | tuple[int, ...] = (1, 8, 16, 32, 64)
     for m in ms:
         if m <= GEMV_MAX_M:
             mt = -(-m // 8)
-            compile_gemv(pw.n, pw.k, mt, splits, gemv_unroll(pw.n, pw.k, splits, mt, unroll), use_fused(splits, mt),
-                         GEMV_PDL)
-    if splits > 1:
-        compile_split_reduce(pw.n, splits, GEMV_PDL)
+            u = gemv_unroll(pw.n, pw.k, splits, mt, unroll)
+            pdl = gemv_pdl(pw.n, pw.k, splits, u)
+            compile_gemv(pw.n, pw.k, mt, splits, u, use_fused(splits, mt), pdl)
+            if splits > 1:
+                compile_split_reduce(pw.n, splits, pdl)
     compile_dequant(pw.n, pw.k)
