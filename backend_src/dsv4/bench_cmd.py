@@ -1,4 +1,9 @@
-"""`dsv4 bench gemm|moe`: the CuTe DSL NVFP4 kernels against cuBLAS BF16 and the measured HBM bandwidth.
+"""`dsv4 bench gemm|moe`: the CuTe DSL NVFP4 / FP8 kernels against cuBLAS BF16 and the measured HBM bandwidth.
+
+`bench gemm --fmt nvfp4|fp8|both`: NVFP4 W4A16 rows (the NVFP4-quantised shapes, `SHAPES`) and/or FP8-block W8A16
+rows (the projections the checkpoint stores as FP8 e4m3 + 128x128 UE8M0 scales, `FP8_SHAPES`). Every row: the CuTe
+kernel's time, cuBLAS BF16 on the same dequantised weight in the same run, the weight bytes the kernel reads per
+second against the measured HBM copy bandwidth, and the path / plan.
 
 Prints a table and writes JSON (--json-out). Needs a CUDA GPU with CuTe DSL (`import dsv4_kernels`).
 """
@@ -6,9 +11,12 @@ Prints a table and writes JSON (--json-out). Needs a CUDA GPU with CuTe DSL (`im
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import statistics
 import sys
+from typing import Any, Callable
 
 import torch
 
@@ -19,13 +27,21 @@ SHAPES = {
     "pro": [("wq_a", 1536, 7168), ("wq_b", 65536, 1536), ("wkv", 512, 7168), ("wo_b", 7168, 16384),
             ("expert.w1", 3072, 7168), ("expert.w2", 7168, 3072)],
 }
+# (name, N, K) of the projections V4 stores as FP8 blocks and CuteOps runs through the W8A16 GEMM (wo_a is a grouped
+# einsum in the model and stays BF16; shared.w3 has w1's shape; MTP layers are not run)
+FP8_SHAPES = {
+    "flash": [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wo_b", 4096, 8192),
+              ("idx.wq_b", 8192, 1024), ("shared.w1", 2048, 4096), ("shared.w2", 4096, 2048)],
+    "pro": [("wq_a", 1536, 7168), ("wq_b", 65536, 1536), ("wkv", 512, 7168), ("wo_b", 7168, 16384),
+            ("idx.wq_b", 8192, 1536), ("shared.w1", 3072, 7168), ("shared.w2", 7168, 3072)],
+}
 MOE = {"flash": dict(experts=256, dim=4096, inter=2048, topk=6), "pro": dict(experts=384, dim=7168, inter=3072, topk=6)}
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 4096]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Registers `gemm` and `moe` under `dsv4 bench`."""
-    for what, text in (("gemm", "NVFP4 W4A16 GEMM vs cuBLAS BF16 and the HBM roofline"),
+    for what, text in (("gemm", "NVFP4 W4A16 / FP8 W8A16 GEMM vs cuBLAS BF16 and the HBM roofline"),
                        ("moe", "NVFP4 grouped MoE vs the HBM floor of the experts touched")):
         _add_one(sub.add_parser(what, help=text), what)
 
@@ -40,16 +56,22 @@ def _add_one(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--fused-max", default="", help="gemm: comma-separated nvfp4_gemm.FUSED_MAX values to compare "
                    "(0 = partials + reduce kernel); default: the module's setting")
+    p.add_argument("--fmt", choices=("nvfp4", "fp8", "both"), default="nvfp4",
+                   help="gemm: NVFP4 W4A16 rows, FP8-block W8A16 rows, or both")
+    p.add_argument("--fp8-plans", default="auto", help="gemm --fmt fp8: comma-separated decode plans to compare, "
+                   "'auto' (fp8_gemm.fp8_gemv_plan) or SxU[xP] = K splits x unroll [x L2 prefetch iterations]")
+    p.add_argument("--cold-l2", action="store_true", help="gemm: every timed call reads a different copy of the "
+                   "weight (copies >= 2x the L2 size), so weights that fit in L2 are read from HBM as in a model "
+                   "step; default: the same weight every call (what docs/PERF.md's NVFP4 rows measured)")
     p.add_argument("--moe-ks", default="", help="moe: comma-separated decode K splits to compare, 'auto' or "
                    "GxD (gate_up x down), plus 'sorted' for the torch-routing path")
     p.set_defaults(func=run)
 
 
-def time_ms(fn, reps: int = 50, graph: bool = True) -> float:
+def time_ms(fn, reps: int = 50, graph: bool = True, inner: int = 10) -> float:
     """Median time of fn() in ms: CUDA-graph replays of `inner` calls when graph=True, events around each."""
     fn()
     torch.cuda.synchronize()
-    inner = 1
     g = None
     if graph:
         try:
@@ -59,13 +81,14 @@ def time_ms(fn, reps: int = 50, graph: bool = True) -> float:
                 fn()
             torch.cuda.current_stream().wait_stream(s)
             torch.cuda.synchronize()
-            inner = 10
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 for _ in range(inner):
                     fn()
         except Exception:  # noqa: BLE001 - fall back to eager timing
-            g, inner = None, 1
+            g = None
+    if g is None:
+        inner = 1
     run = g.replay if g is not None else fn
     for _ in range(3):
         run()
@@ -115,14 +138,57 @@ def run(args: argparse.Namespace) -> int:
 
 
 def bench_gemm(models, ms, bw, args) -> list[dict]:
+    rows = []
+    hdr = (f"{'fmt':5} {'model':6} {'proj':10} {'N':>6} {'K':>6} {'M':>5} {'cute us':>9} {'cublas us':>9} "
+           f"{'x cublas':>8} {'wGB/s':>7} {'%HBM':>5} {'TFLOP/s':>7} {'path':>10} plan")
+    print(hdr)
+    fmts = ["nvfp4", "fp8"] if getattr(args, "fmt", "nvfp4") == "both" else [getattr(args, "fmt", "nvfp4")]
+    for fmt in fmts:
+        rows += (_bench_gemm_nvfp4 if fmt == "nvfp4" else _bench_gemm_fp8)(models, ms, bw, args)
+    return rows
+
+
+def _copies(w: Any, nbytes: int, cold: bool, clone: Callable[[Any], Any]) -> list[Any]:
+    """w plus clones (clone(w)) until they hold >= 2x the L2 size (cold) -- else just [w]."""
+    if not cold:
+        return [w]
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return [w] + [clone(w) for _ in range(min(63, -(-2 * l2 // nbytes) - 1))]
+
+
+def _clone_packed(p: Any) -> Any:
+    """A PackedNVFP4 / PackedFP8 with its own copy of the weight (and an empty per-weight cache)."""
+    return dataclasses.replace(p, codes=p.codes.clone(), scales=p.scales.clone(), cache={})
+
+
+def _rotating(call: Callable[[Any], Any], ws: list[Any]) -> Callable[[], Any]:
+    """fn() calling `call` on the next of ws each time. time_ms(..., inner=len(ws)) captures one pass over all of
+    them per graph replay, so a replay reads >= 2x L2 of weights and none is still in L2 when it comes round."""
+    it = itertools.cycle(ws)
+    return lambda: call(next(it))
+
+
+def _gemm_row(fmt: str, model: str, name: str, n: int, k: int, m: int, t_cute: float, t_cub: float, wbytes: int,
+              bw: float, path: str, plan: str, **extra) -> dict:
+    """One row of `bench gemm` (times in ms in, µs out), printed as it is made."""
+    flops = 2.0 * m * n * k
+    row = dict(fmt=fmt, model=model, proj=name, N=n, K=k, M=m, cute_us=t_cute * 1e3, cublas_us=t_cub * 1e3,
+               speedup_vs_cublas=t_cub / t_cute, weight_GBps=wbytes / (t_cute * 1e-3) / 1e9,
+               frac_hbm=wbytes / (t_cute * 1e-3) / bw, tflops=flops / (t_cute * 1e-3) / 1e12,
+               cublas_tflops=flops / (t_cub * 1e-3) / 1e12, cublas_frac_hbm=2 * n * k / (t_cub * 1e-3) / bw,
+               path=path, weight_bytes=wbytes, plan=plan, **extra)
+    print(f"{fmt:5} {model:6} {name:10} {n:6d} {k:6d} {m:5d} {row['cute_us']:9.1f} {row['cublas_us']:9.1f} "
+          f"{row['speedup_vs_cublas']:8.2f} {row['weight_GBps']:7.0f} {100 * row['frac_hbm']:5.0f} "
+          f"{row['tflops']:7.1f} {path:>10} {plan}", flush=True)
+    return row
+
+
+def _bench_gemm_nvfp4(models, ms, bw, args) -> list[dict]:
     from dsv4.checkpoint.formats import quantize_nvfp4
     from dsv4_kernels import nvfp4_gemm as G
 
     rows = []
     keep = set(filter(None, args.shapes.split(",")))
-    hdr = (f"{'model':6} {'proj':10} {'N':>6} {'K':>6} {'M':>5} {'cute us':>9} {'cublas us':>9} {'x cublas':>8} "
-           f"{'wGB/s':>7} {'%HBM':>5} {'TFLOP/s':>7} {'path':>7}")
-    print(hdr)
     for model in models:
         for name, n, k in SHAPES[model]:
             if keep and name not in keep:
@@ -134,30 +200,85 @@ def bench_gemm(models, ms, bw, args) -> list[dict]:
             wbf = G.dequantize_packed(pw)
             del q
             wbytes = pw.nbytes()
+            pws = _copies(pw, wbytes, args.cold_l2, _clone_packed)
+            wbfs = _copies(wbf, 2 * n * k, args.cold_l2, torch.clone)
             variants = [int(v) for v in args.fused_max.split(",")] if args.fused_max else [G.FUSED_MAX]
             default_fm = G.FUSED_MAX
             for m, fm in [(m, fm) for m in ms for fm in variants]:
                 G.FUSED_MAX = fm
-                G.warmup(pw, [m] if m <= G.GEMV_MAX_M else [])
+                for p in pws:
+                    G.warmup(p, [m] if m <= G.GEMV_MAX_M else [])
                 x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
                 y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                t_cute = time_ms(lambda: G.nvfp4_linear(x, pw, out=y), args.reps)
+                t_cute = time_ms(_rotating(lambda p: G.nvfp4_linear(x, p, out=y), pws), args.reps,
+                                 inner=max(10, len(pws)))
                 G.FUSED_MAX = default_fm
-                t_cub = time_ms(lambda: torch.matmul(x, wbf.t()), args.reps)
+                t_cub = time_ms(_rotating(lambda wb: torch.matmul(x, wb.t()), wbfs), args.reps,
+                                inner=max(10, len(wbfs)))
                 splits, _ = pw.cache.get("plan", (1, 1))
                 fused = m <= G.GEMV_MAX_M and splits > 1 and splits * -(-m // 8) <= fm
-                flops = 2.0 * m * n * k
-                row = dict(model=model, proj=name, N=n, K=k, M=m, cute_us=t_cute * 1e3, cublas_us=t_cub * 1e3,
-                           speedup_vs_cublas=t_cub / t_cute, weight_GBps=wbytes / (t_cute * 1e-3) / 1e9,
-                           frac_hbm=wbytes / (t_cute * 1e-3) / bw, tflops=flops / (t_cute * 1e-3) / 1e12,
-                           cublas_tflops=flops / (t_cub * 1e-3) / 1e12,
-                           path=("gemv" + ("-fused" if fused else "")) if m <= G.GEMV_MAX_M else "dequant",
-                           weight_bytes=wbytes, fused_max=fm, splits=splits)
-                rows.append(row)
-                print(f"{model:6} {name:10} {n:6d} {k:6d} {m:5d} {row['cute_us']:9.1f} {row['cublas_us']:9.1f} "
-                      f"{row['speedup_vs_cublas']:8.2f} {row['weight_GBps']:7.0f} {100 * row['frac_hbm']:5.0f} "
-                      f"{row['tflops']:7.1f} {row['path']:>10} s{splits}", flush=True)
-            del pw, wbf
+                path = ("gemv" + ("-fused" if fused else "")) if m <= G.GEMV_MAX_M else "dequant"
+                rows.append(_gemm_row("nvfp4", model, name, n, k, m, t_cute, t_cub, wbytes, bw, path, f"s{splits}",
+                                      fused_max=fm, splits=splits, cold_l2=len(pws) > 1))
+            del pw, wbf, pws, wbfs
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _fp8_plans(spec: str, n: int, k: int) -> list[tuple[int, int, int]]:
+    """--fp8-plans -> (splits, unroll, prefetch) plans valid for [N, K] ('auto' = the module's plan)."""
+    from dsv4_kernels import fp8_gemm as F
+
+    plans = []
+    for item in filter(None, spec.split(",")):
+        if item == "auto":
+            plans.append(F.fp8_gemv_plan(n, k))
+            continue
+        parts = [int(v) for v in item.lower().split("x")]
+        if len(parts) not in (2, 3):
+            raise SystemExit(f"--fp8-plans: {item!r} is not 'auto', SxU or SxUxP")
+        splits, unroll, prefetch = (parts + [F.PREFETCH])[:3]
+        if (k // F.KCHUNK) % (splits * unroll) == 0:
+            plans.append((splits, unroll, prefetch))
+    return list(dict.fromkeys(plans)) or [F.fp8_gemv_plan(n, k)]
+
+
+def _bench_gemm_fp8(models, ms, bw, args) -> list[dict]:
+    from dsv4.checkpoint.formats import quantize_fp8_block
+    from dsv4_kernels import fp8_gemm as F
+
+    rows = []
+    keep = set(filter(None, args.shapes.split(",")))
+    for model in models:
+        for name, n, k in FP8_SHAPES[model]:
+            if keep and name not in keep:
+                continue
+            w = torch.randn(n, k, device="cuda", dtype=torch.float32)
+            q = quantize_fp8_block(w, ue8m0_scale=True)      # what our checkpoints hold (DeepSeek's UE8M0 recipe)
+            del w
+            pw = F.prepare_fp8_weight(q)
+            del q
+            wbf = F.dequantize_packed(pw)                     # torch's bf16 weight, bit for bit
+            wbytes = pw.nbytes()
+            pws = _copies(pw, wbytes, args.cold_l2, _clone_packed)
+            wbfs = _copies(wbf, 2 * n * k, args.cold_l2, torch.clone)
+            for m in ms:
+                x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+                y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+                t_cub = time_ms(_rotating(lambda wb: torch.matmul(x, wb.t()), wbfs), args.reps,
+                                inner=max(10, len(wbfs)))
+                plans = _fp8_plans(args.fp8_plans, n, k) if m <= F.GEMV_MAX_M else [F.fp8_gemv_plan(n, k)]
+                for plan in plans:
+                    for p in pws:
+                        p.cache["plan"] = plan
+                        F.warmup(p, [m] if m <= F.GEMV_MAX_M else [])
+                    t_cute = time_ms(_rotating(lambda p: F.fp8_linear(x, p, out=y), pws), args.reps,
+                                     inner=max(10, len(pws)))
+                    path = "gemv" if m <= F.GEMV_MAX_M else "dequant"
+                    label = "s{}u{}p{}".format(*plan) if path == "gemv" else ""
+                    rows.append(_gemm_row("fp8", model, name, n, k, m, t_cute, t_cub, wbytes, bw, path, label,
+                                          splits=plan[0], unroll=plan[1], prefetch=plan[2], cold_l2=len(pws) > 1))
+            del pw, wbf, pws, wbfs
             torch.cuda.empty_cache()
     return rows
 

@@ -50,9 +50,10 @@ class _Seq:
 
 
 def _random_tensors(cfg, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """Every main-layer tensor the model reads: projections as BF16 (what CuteOps keeps for FP8 checkpoints),
-    routed experts NVFP4 (quantised on the GPU), the rest as the generator makes them."""
-    from dsv4.checkpoint.formats import quantize_nvfp4
+    """Every main-layer tensor the model reads: projections FP8 e4m3 with 128x128 UE8M0 scales and routed experts
+    NVFP4 (as the nvfp4 checkpoint holds them, quantised on the GPU), the rest as the generator makes them. CuteOps
+    keeps the FP8 projections FP8 (W8A16 GEMM) unless DSV4_CUTE_FP8_LINEAR=0 (then BF16, the previous path)."""
+    from dsv4.checkpoint.formats import quantize_fp8_block, quantize_nvfp4
     from dsv4.checkpoint.generator import generate_tensor
     from dsv4.checkpoint.names import model_specs
 
@@ -63,7 +64,8 @@ def _random_tensors(cfg, device: torch.device, seed: int = 0) -> dict[str, Any]:
             continue
         if spec.role in ("linear", "expert") and spec.init == "normal":
             w = torch.randn(spec.shape, device=device) * spec.std
-            out[spec.param_name] = quantize_nvfp4(w) if spec.role == "expert" else w.to(torch.bfloat16)
+            out[spec.param_name] = quantize_nvfp4(w) if spec.role == "expert" else quantize_fp8_block(
+                w, ue8m0_scale=True)
         else:
             out[spec.param_name] = generate_tensor(cfg, spec, seed)
     return out
@@ -76,7 +78,7 @@ def _nbytes(h: Any) -> int:
         return h.numel() * h.element_size()
     if isinstance(h, (tuple, list)):
         return sum(_nbytes(x) for x in h)
-    if hasattr(h, "codes") and hasattr(h, "scales"):            # PackedNVFP4
+    if hasattr(h, "codes") and hasattr(h, "scales"):            # PackedNVFP4, PackedFP8
         return _nbytes(h.codes) + _nbytes(h.scales)
     if hasattr(h, "wkv"):                                        # CompressorWeights
         return _nbytes(h.wkv) + _nbytes(h.wgate) + _nbytes(h.ape) + _nbytes(h.norm)
@@ -190,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     all_layers = list(model.layers)
     result: dict[str, Any] = {"device": _device(), "hbm_copy_GBps": bw / 1e9, "context": args.context,
                               "model": args.checkpoint or f"{args.preset} x{cfg.n_layers} (random weights)",
+                              "fp8_weights": getattr(ops, "fp8_weights", False),
                               "steps": [], "layers": []}
 
     def eager_ms(B: int) -> float:

@@ -1,22 +1,29 @@
-"""CuTe DSL ops for Hopper: NVFP4 linear layers and routed experts through dsv4_kernels, everything else TorchOps.
+"""CuTe DSL ops for Hopper: NVFP4 and FP8 linear layers and routed experts through dsv4_kernels, everything else
+TorchOps.
 
 Weights
 - NVFP4 linear weights (N % 16 == 0, K % 64 == 0) stay NVFP4 in GPU memory in the kernels' layout
   (`dsv4_kernels.nvfp4_gemm.prepare_nvfp4_weight`); others fall back to TorchOps' dense weight.
-- FP8-block and BF16 weights stay on the torch path: requantising them to NVFP4 would change the model's numbers
-  (FP8 e4m3 with 128x128 scales is far more precise than e2m1 with 16-element scales), so no requantisation at load.
+- FP8-block linear weights (the checkpoint's wq_a, wq_b, wkv, wo_b, indexer wq_b, shared experts: e4m3 + 128x128
+  scales) with N % 16 == 0, K % 64 == 0 and blocks that are multiples of (16, 64) stay FP8 in GPU memory
+  (`dsv4_kernels.fp8_gemm.prepare_fp8_weight`, W8A16: half the bytes of BF16 at decode, same numbers as TorchOps'
+  bf16 weight up to fp32 summation order for power-of-two scales). Other FP8 shapes, and every weight when
+  DSV4_CUTE_FP8_LINEAR=0, get TorchOps' dense BF16 weight. Nothing is requantised at load (no FP8 -> NVFP4).
+  wo_a does not come through prepare_linear: the model dequantises it for its grouped einsum (still BF16).
+- BF16 weights (LM head, compressor and indexer-weight projections) stay on the torch path.
 - Routed experts: all-NVFP4 expert lists become `PackedExperts` (grouped kernel); MXFP4 experts (the official
   checkpoint) and dense ones use TorchOps until an MXFP4 path exists.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import torch
 
-from dsv4.checkpoint.formats import NVFP4Tensor
+from dsv4.checkpoint.formats import FP8BlockTensor, NVFP4Tensor
 from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch
 from dsv4.ops.cute_attention import CuteAttentionMixin, Launcher
@@ -25,17 +32,25 @@ from dsv4.ops.cute_route import CuteRouteMixin
 from dsv4.ops.torch_ops import TorchOps
 
 import dsv4_kernels  # noqa: F401  (raises ImportError where CuTe DSL is missing: select_ops then picks torch)
+from dsv4_kernels.fp8_gemm import PackedFP8, fp8_kernel_ok, fp8_linear, prepare_fp8_weight
 from dsv4_kernels.nvfp4_gemm import KCHUNK, ROWTILE, PackedNVFP4, nvfp4_linear, prepare_nvfp4_weight
 from dsv4_kernels.nvfp4_moe import PackedExperts, nvfp4_moe, prepare_nvfp4_experts
 
 Tensor = torch.Tensor
+log = logging.getLogger("dsv4.ops")
 
 
 def _kernel_ok(w: Any) -> bool:
+    """NVFP4 linear weights the W4A16 GEMM takes."""
     if not isinstance(w, NVFP4Tensor) or w.packed.dim() != 2:
         return False
     n, k = w.shape
     return n % ROWTILE == 0 and k % KCHUNK == 0
+
+
+def _fp8_kernel_ok(w: Any) -> bool:
+    """FP8-block linear weights the W8A16 GEMM takes (2-D, N % 16, K % 64, blocks multiples of (16, 64))."""
+    return isinstance(w, FP8BlockTensor) and fp8_kernel_ok(w)
 
 
 class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
@@ -43,19 +58,27 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
     supports_cuda_graphs = True
 
     def __init__(self, device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                 fused_glue: bool | None = None):
+                 fused_glue: bool | None = None, fp8_weights: bool | None = None):
         """`fused_glue` (default on; env DSV4_CUTE_FUSED_GLUE=0 turns it off) runs the decode-glue kernels (RMSNorm,
         SwiGLU, mHC mix/collapse/post, MoE gate, MoE assignment sort, FP8 window-KV write) instead of the torch ops
-        they replace; off gives the previous path for A/B runs (docs/PERF.md: 2.43 -> 1.81 ms per flash step)."""
+        they replace; off gives the previous path for A/B runs (docs/PERF.md: 2.43 -> 1.81 ms per flash step).
+        `fp8_weights` (default on; env DSV4_CUTE_FP8_LINEAR=0 turns it off) keeps FP8-block projections FP8 for the
+        W8A16 GEMM; off dequantises them to BF16 at load (the previous path, for A/B runs)."""
         super().__init__(device, dtype)
         if self.device.type != "cuda":
             raise ValueError(f"CuteOps needs a CUDA device, got {self.device}")
         self.fused_glue = os.environ.get("DSV4_CUTE_FUSED_GLUE", "1") != "0" if fused_glue is None else fused_glue
+        self.fp8_weights = os.environ.get("DSV4_CUTE_FP8_LINEAR", "1") != "0" if fp8_weights is None else fp8_weights
 
     # --- weights ---------------------------------------------------------------------------------------------
     def prepare_linear(self, weight: Any) -> Any:
         if _kernel_ok(weight):
             return prepare_nvfp4_weight(_to(weight, self.device), self.device)
+        if self.fp8_weights and _fp8_kernel_ok(weight):
+            try:
+                return prepare_fp8_weight(_fp8_to(weight, self.device), self.device)
+            except ValueError as e:   # NaN codes / non-finite scales: TorchOps reproduces them, the kernel cannot
+                log.warning("FP8 weight %s kept on the torch path: %s", tuple(weight.shape), e)
         return super().prepare_linear(weight)
 
     def prepare_experts(self, w1: list[Any], w2: list[Any], w3: list[Any]) -> Any:
@@ -69,6 +92,9 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
     def linear(self, x: Tensor, w: Any) -> Tensor:
         if isinstance(w, PackedNVFP4):
             y = nvfp4_linear(x.to(torch.bfloat16), w)
+            return y if self.dtype == torch.bfloat16 else y.to(self.dtype)
+        if isinstance(w, PackedFP8):
+            y = fp8_linear(x.to(torch.bfloat16), w)
             return y if self.dtype == torch.bfloat16 else y.to(self.dtype)
         return super().linear(x, w)
 
@@ -190,3 +216,8 @@ def _rope_launcher(dim: int, rope_dim: int, inverse: bool, *example: Tensor) -> 
 def _to(w: NVFP4Tensor, device: torch.device) -> NVFP4Tensor:
     """Move the container to the GPU first so the re-layout runs there."""
     return NVFP4Tensor(packed=w.packed.to(device), scale=w.scale.to(device), scale_2=w.scale_2.to(device))
+
+
+def _fp8_to(w: FP8BlockTensor, device: torch.device) -> FP8BlockTensor:
+    """Move the container to the GPU first so the re-layout runs there."""
+    return FP8BlockTensor(weight=w.weight.to(device), scale=w.scale.to(device), block=w.block)
