@@ -457,11 +457,12 @@ def fp8_gemv_plan(n: int, k: int, sms: int = 132, unroll: int | None = None,
     """(splits, unroll, prefetch) of the decode kernel.
 
     unroll: chunks whose loads a lane issues before using any (2 -> 4 x 16 B per lane, the bytes nvfp4_gemm's
-    unroll 4 issues). splits: K splits (grid.y), the smallest divisor of the unrolled iterations that gives >= 2 CTAs
+    unroll 4 issues; 8 where a split holds >= 16 chunks). splits: K splits (grid.y), the smallest divisor of the unrolled iterations that gives >= 2 CTAs
     per SM, keeping >= 4 iterations per warp (the NVFP4 plan's rule; docs/PERF.md). Every split is a whole number of
     unrolled iterations. prefetch: `PREFETCH` unless given.
     """
     nchunk = k // KCHUNK
+    auto_unroll = unroll is None
     if unroll is None:
         unroll = 2 if nchunk % 2 == 0 else 1
     if unroll < 1 or nchunk % unroll:
@@ -475,6 +476,11 @@ def fp8_gemv_plan(n: int, k: int, sms: int = 132, unroll: int | None = None,
             break
         if iters % s == 0:
             splits = s
+    cps = nchunk // splits
+    if auto_unroll and cps >= 16 and cps % 8 == 0:
+        # long splits: 8 chunks' loads per lane before the first use. H100, cold L2, M = 1 (docs/PERF.md session
+        # 16): flash wq_b 15.7 -> 14.1 us (73 -> 81 % HBM), wo_b 17.5 -> 15.8 us; shorter splits were slower with it
+        unroll = 8
     return splits, unroll, PREFETCH if prefetch is None else prefetch
 
 

@@ -188,15 +188,19 @@ def test_bench_lists_every_v4_fp8_projection():
 
 @pytest.mark.parametrize("n,k", V4_FP8)
 def test_plan_splits_k_into_whole_unrolled_iterations(n, k):
-    """The spec: the fewest K splits giving >= 2 CTAs per SM (132 SMs), each split >= 4 unrolled iterations, else
-    the most splits allowed; every split a whole number of unrolled iterations."""
+    """The spec: the fewest K splits giving >= 2 CTAs per SM (132 SMs), each split >= 4 iterations of 2 chunks, else
+    the most splits allowed; then 8 chunks of loads in flight where a split holds >= 16 chunks (a multiple of 8),
+    else 2; every split a whole number of unrolled iterations."""
     splits, unroll, prefetch = F.fp8_gemv_plan(n, k)
     nchunk = k // 64
     assert prefetch == F.PREFETCH and nchunk % (splits * unroll) == 0
-    iters = nchunk // unroll
+    base = 2 if nchunk % 2 == 0 else 1
+    iters = nchunk // base
     allowed = [s for s in range(1, iters + 1) if iters % s == 0 and (s == 1 or iters // s >= 4)]
     ctas = -(-n // 64)
     assert splits == min([s for s in allowed if s * ctas >= 2 * 132], default=max(allowed))
+    cps = nchunk // splits
+    assert unroll == (8 if cps >= 16 and cps % 8 == 0 else base)
 
 
 def test_plan_rejects_bad_unroll():
