@@ -217,8 +217,6 @@ class _Decode:
         # down with PDL: launched while the SwiGLU kernel still runs; its first weight loads go out before
         # griddepcontrol.wait (they depend on nothing the SwiGLU writes), H is read after it
         self.prefetch = pdl and mode == "down"
-        self.min_ctas = MIN_CTAS_PER_SM.get(mode, 0)
-        self.carveout = 0 if self.min_ctas > 1 else None     # no shared memory used: all of it to L1
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
@@ -312,8 +310,7 @@ class _Decode:
                mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, stream):
         grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
         self.kernel(mW, mS, mIds, mX, mWt, mAl, mOut, n_assign).launch(
-            grid=[grid_x, n_assign, self.ks], block=[WARPS * 32, 1, 1], stream=stream, use_pdl=self.prefetch,
-            min_blocks_per_mp=self.min_ctas, preferred_smem_carveout=self.carveout)
+            grid=[grid_x, n_assign, self.ks], block=[WARPS * 32, 1, 1], stream=stream, use_pdl=self.prefetch)
 
 
 class _DecodeSwiglu:
@@ -386,9 +383,6 @@ DECODE_MAX_ASSIGN = int(os.environ.get("DSV4_MOE_DECODE_MAX_ASSIGN", str(DECODE_
 # the next one be scheduled once all its CTAs have started, and the next waits in griddepcontrol.wait before it
 # reads its input; the down kernel issues its first weight loads before that wait. Env DSV4_MOE_PDL=0 turns it off.
 DECODE_PDL = os.environ.get("DSV4_MOE_PDL", "1") != "0"
-# Occupancy the register allocator must leave room for (CTAs per SM, per kernel): env DSV4_MOE_MIN_CTAS=gateup:12,down:8
-MIN_CTAS_PER_SM = {m: int(v) for m, v in (kv.split(":") for kv in os.environ.get("DSV4_MOE_MIN_CTAS", "").split(",")
-                                          if kv)}
 
 
 def _unroll(chunks: int, want: int) -> int:
@@ -402,7 +396,7 @@ def _unroll(chunks: int, want: int) -> int:
 def compile_decode(mode: str, e: int, n: int, k: int, mt: int, ks: int, topk: int, id_dtype=cutlass.Int64,
                    wt_dtype=Float32, unroll: int = 4, pdl: bool = False):
     key = ("dec", mode, e, n, k, mt, ks, topk, id_dtype, wt_dtype, _unroll(k // KCHUNK // ks, unroll), pdl,
-           MIN_CTAS_PER_SM.get(mode, 0), _TVM_FFI)
+           _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
         obj = _Decode(mode, n, k, mt, ks, topk, unroll, pdl)
