@@ -27,8 +27,8 @@ SHAPES = {
     "pro": [("wq_a", 1536, 7168), ("wq_b", 65536, 1536), ("wkv", 512, 7168), ("wo_b", 7168, 16384),
             ("expert.w1", 3072, 7168), ("expert.w2", 7168, 3072)],
 }
-# (name, N, K) of the projections V4 stores as FP8 blocks and CuteOps runs through the W8A16 GEMM (wo_a is a grouped
-# einsum in the model and stays BF16; shared.w3 has w1's shape; MTP layers are not run)
+# (name, N, K) of the projections V4 stores as FP8 blocks and CuteOps runs through the W8A16 GEMM (wo_a, grouped, runs
+# through the same kernel and is timed inside `bench decode`; shared.w3 has w1's shape; MTP layers are not run)
 FP8_SHAPES = {
     "flash": [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wo_b", 4096, 8192),
               ("idx.wq_b", 8192, 1024), ("shared.w1", 2048, 4096), ("shared.w2", 4096, 2048)],

@@ -118,6 +118,9 @@ class PackedFP8:
     n: int
     k: int
     block: tuple[int, int] = (128, 128)
+    # > 1: a grouped (block-diagonal) projection: rows [g n/groups, (g+1) n/groups) multiply x[..., g k:(g+1) k]
+    # (V4's wo_a: o [T, groups * k] -> [T, n], the einsum "tgi,gri->tgr")
+    groups: int = 1
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -170,8 +173,9 @@ def _scale_fp32(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
-def prepare_fp8_weight(w: Any, device: torch.device | str | None = None) -> PackedFP8:
-    """FP8BlockTensor (e4m3 weight [N, K], block scale [ceil(N/bn), ceil(K/bk)]) -> PackedFP8.
+def prepare_fp8_weight(w: Any, device: torch.device | str | None = None, groups: int = 1) -> PackedFP8:
+    """FP8BlockTensor (e4m3 weight [N, K], block scale [ceil(N/bn), ceil(K/bk)]) -> PackedFP8. `groups` > 1: the
+    weight is `groups` row blocks, each applied to its own K-slice of x (see PackedFP8.groups).
 
     Pure torch, exact (a byte permutation; scales only converted to fp32); runs on the tensors' device (use the GPU
     for big weights) and moves the result to `device`. Raises ValueError for shapes the kernels do not take (see
@@ -184,6 +188,8 @@ def prepare_fp8_weight(w: Any, device: torch.device | str | None = None) -> Pack
         raise kind(f"prepare_fp8_weight: {problem}")
     weight = w.weight
     n, k = weight.shape
+    if groups < 1 or n % groups or (n // groups) % ROWTILE:
+        raise ValueError(f"prepare_fp8_weight: {groups} groups do not split N={n} into whole {ROWTILE}-row tiles")
     bn, bk = (int(b) for b in w.block)
     dev = torch.device(device) if device is not None else weight.device
     b = weight.view(torch.uint8)
@@ -197,7 +203,8 @@ def prepare_fp8_weight(w: Any, device: torch.device | str | None = None) -> Pack
     # row = 16 r + 8 h8 + g and K = 64 c + 16 t + 4 s + 2 kp + e  ->  [r, c, sh, g, t, sl, kp, h8, e]
     v = b.reshape(n // 16, 2, 8, k // 64, 4, 2, 2, 2, 2)
     codes = v.permute(0, 3, 5, 2, 4, 6, 7, 1, 8).reshape(n // 16, k // 64, 2, 32, 16).view(torch.int32)
-    return PackedFP8(codes=codes.to(dev), scales=scales.contiguous().to(dev), n=n, k=k, block=(bn, bk))
+    return PackedFP8(codes=codes.to(dev), scales=scales.contiguous().to(dev), n=n, k=k, block=(bn, bk),
+                     groups=groups)
 
 
 def unpack_to_bytes(pw: PackedFP8) -> torch.Tensor:
@@ -281,8 +288,11 @@ def _chunk_fragments(wreg, u: int):
 class _Gemv:
     """Decode GEMM: y = x @ W^T for M <= 64, K split `splits` ways (partials in fp32 when splits > 1)."""
 
-    def __init__(self, n: int, k: int, mt: int, splits: int, unroll: int, prefetch: int, block: tuple[int, int]):
+    def __init__(self, n: int, k: int, mt: int, splits: int, unroll: int, prefetch: int, block: tuple[int, int],
+                 groups: int = 1):
         self.n, self.k, self.mt, self.splits, self.unroll, self.prefetch = n, k, mt, splits, unroll, prefetch
+        self.group_tiles = n // groups // ROWTILE          # 16-row tiles per group (x K-slice per group)
+        self.groups = groups
         self.tiles_per_sblock = block[0] // ROWTILE        # 16-row tiles per scale block row
         self.chunks_per_sblock = block[1] // KCHUNK       # 64-K chunks per scale block column
         self.nchunk = k // KCHUNK
@@ -311,6 +321,9 @@ class _Gemv:
         if tile < self.n // ROWTILE:
             srow = tile // self.tiles_per_sblock
             c0 = by * self.cps
+            xoff = Int32(0)
+            if cutlass.const_expr(self.groups > 1):
+                xoff = (tile // self.group_tiles) * (self.k // 16)     # this group's K-slice of x
             step = U * CHUNK_BYTES
             if cutlass.const_expr(self.prefetch > 0):
                 # ptxas keeps only ~2 of the lane's 16-byte loads in flight (it sinks the rest to their use to stay
@@ -329,7 +342,7 @@ class _Gemv:
                     sreg[u] = mS[srow, (cb + u) // self.chunks_per_sblock]
                 for u in cutlass.range_constexpr(U):
                     a = _chunk_fragments(wreg, u)
-                    kx = (cb + u) * 4 + t                          # group of 16 bf16 = 8 u32
+                    kx = xoff + (cb + u) * 4 + t                   # group of 16 bf16 = 8 u32
                     for j in cutlass.range_constexpr(MT):
                         # token rows >= M are clamped: they only feed accumulator columns that are never stored
                         row = cutlass.min(j * 8 + g, m_rows - 1)
@@ -422,14 +435,14 @@ def _weight_fakes(n: int, k: int, block: tuple[int, int]):
 
 
 def compile_gemv(n: int, k: int, mt: int, splits: int, unroll: int, prefetch: int = 0,
-                 block: tuple[int, int] = (128, 128)):
-    key = ("fp8-gemv", n, k, mt, splits, unroll, prefetch, tuple(block), _TVM_FFI)
+                 block: tuple[int, int] = (128, 128), groups: int = 1):
+    key = ("fp8-gemv", n, k, mt, splits, unroll, prefetch, tuple(block), groups, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _Gemv(n, k, mt, splits, unroll, prefetch, tuple(block))
+        obj = _Gemv(n, k, mt, splits, unroll, prefetch, tuple(block), groups)
         m = cute.sym_int()
         fn = cute.compile(obj.launch, *_weight_fakes(n, k, block),
-                          _fake(Int32, (m, k // 16, 8)), _fake(cutlass.BFloat16, (m, n), 2),
+                          _fake(Int32, (m, groups * k // 16, 8)), _fake(cutlass.BFloat16, (m, n), 2),
                           _fake(Float32, (splits, m, n), 4), Int32(1), _stream_arg(), options=_options())
         _COMPILED[key] = fn
     return fn
@@ -508,8 +521,10 @@ def _check(x: torch.Tensor, pw: PackedFP8) -> None:
         raise TypeError(f"fp8_linear: x must be bfloat16, got {x.dtype}")
     if x.device.type != "cuda" or x.device != pw.device:
         raise ValueError(f"fp8_linear: x on {x.device}, weight on {pw.device}; both must be on the same GPU")
-    if x.dim() < 1 or x.shape[-1] != pw.k:
-        raise ValueError(f"fp8_linear: x has shape {tuple(x.shape)}, weight is [N={pw.n}, K={pw.k}]")
+    if x.dim() < 1 or x.shape[-1] != pw.k * pw.groups:
+        what = f"[N={pw.n}, K={pw.k}]" if pw.groups == 1 else f"{pw.groups} groups of [{pw.n // pw.groups}, {pw.k}]"
+        raise ValueError(f"fp8_linear: x has shape {tuple(x.shape)}, weight is {what} (x needs "
+                         f"{pw.k * pw.groups} features)")
 
 
 def _output(out: torch.Tensor | None, m: int, pw: PackedFP8, x: torch.Tensor) -> torch.Tensor:
@@ -534,8 +549,8 @@ def _gemv(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:
     if m > GEMV_MAX_M:
         raise ValueError(f"fp8_linear: the decode kernel takes M <= {GEMV_MAX_M}, got {m}")
     splits, unroll, prefetch = _plan(pw)
-    fn = compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, prefetch, pw.block)
-    xi = x2.view(torch.int32).view(m, pw.k // 16, 8)
+    fn = compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, prefetch, pw.block, pw.groups)
+    xi = x2.view(torch.int32).view(m, pw.groups * pw.k // 16, 8)
     part = _workspace("part", splits * m * pw.n, torch.float32, x2.device).view(splits, m, pw.n)  # unused if 1
     _call(fn, pw.codes, pw.scales, xi, y, part, m)
     if splits > 1:
@@ -544,6 +559,9 @@ def _gemv(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:
 
 def _dequant_matmul(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:
     fn = compile_dequant(pw.n, pw.k, pw.block)
+    if pw.groups > 1:
+        _dequant_grouped(x2, pw, y, fn)
+        return
     rows_per = max(ROWTILE, (DEQUANT_WORKSPACE_ELEMS // pw.k) // ROWTILE * ROWTILE)
     for r0 in range(0, pw.n, rows_per):
         rows = min(rows_per, pw.n - r0)
@@ -556,13 +574,27 @@ def _dequant_matmul(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:
             y[:, r0:r0 + rows].copy_(torch.matmul(x2, wbuf.t()))
 
 
+def _dequant_grouped(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor, fn) -> None:
+    """Grouped weight, many tokens: dequantise whole groups into the workspace, one batched matmul per pass."""
+    G, R, K = pw.groups, pw.n // pw.groups, pw.k
+    per = max(1, DEQUANT_WORKSPACE_ELEMS // (R * K))
+    m = x2.shape[0]
+    xg, yg = x2.view(m, G, K), y.view(m, G, R)
+    for g0 in range(0, G, per):
+        g1 = min(G, g0 + per)
+        wbuf = _workspace("dequant", (g1 - g0) * R * K, torch.bfloat16, x2.device).view((g1 - g0) * R, K)
+        _call(fn, pw.codes, pw.scales, wbuf.view(torch.int32).view((g1 - g0) * R, K // 16, 8), g0 * R // ROWTILE,
+              (g1 - g0) * R // ROWTILE)
+        yg[:, g0:g1] = torch.einsum("tgi,gri->tgr", xg[:, g0:g1], wbuf.view(g1 - g0, R, K))
+
+
 def fp8_linear(x: torch.Tensor, pw: PackedFP8, out: torch.Tensor | None = None,
                force: str | None = None) -> torch.Tensor:
     """y = x @ dequant(W)^T, x bf16 [..., K] -> bf16 [..., N]. `force`: "gemv" / "dequant" to pick a path.
     Asynchronous, no host synchronisation (CUDA-graph capturable once `warmup` compiled the kernels)."""
     _check(x, pw)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, pw.k)
+    x2 = x.reshape(-1, pw.k * pw.groups)
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)   # fresh allocation: contiguous and aligned
     m = x2.shape[0]
@@ -592,7 +624,7 @@ def warmup(pw: PackedFP8, ms: list[int] | tuple[int, ...] = (1, 8, 16, 32, 64)) 
     splits, unroll, prefetch = _plan(pw)
     for m in ms:
         if 0 < m <= GEMV_MAX_M:
-            compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, prefetch, pw.block)
+            compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, prefetch, pw.block, pw.groups)
     if splits > 1:
         compile_split_reduce(pw.n, splits)
     compile_dequant(pw.n, pw.k, pw.block)

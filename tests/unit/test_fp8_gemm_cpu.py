@@ -246,6 +246,40 @@ def test_cute_ops_falls_back_for_nan_codes(caplog):
 
 # --- compile for sm_90a ----------------------------------------------------------------------------------------
 
+def test_grouped_weight_is_the_same_bytes_with_a_group_count():
+    """A grouped projection (wo_a) packs exactly like a plain one; only the x K-slice per row group differs, so the
+    layout round trip holds and groups that do not split N into 16-row tiles are refused."""
+    q = quantize_fp8_block(torch.randn(4 * 32, 256), ue8m0_scale=True)
+    pw = F.prepare_fp8_weight(q, groups=4)
+    assert pw.groups == 4 and pw.shape == (128, 256)
+    assert torch.equal(F.decode_reference(pw), q.dequantize(torch.float32))
+    with pytest.raises(ValueError, match="groups"):
+        F.prepare_fp8_weight(q, groups=3)
+    with pytest.raises(ValueError, match="groups"):
+        F.prepare_fp8_weight(q, groups=16)        # 8-row groups
+
+
+def test_torch_ops_grouped_linear_is_the_models_einsum():
+    """TorchOps.grouped_linear: group g's rows times x's g-th K-slice (the model's wo_a einsum, unchanged)."""
+    from dsv4.ops.torch_ops import TorchOps
+
+    ops = TorchOps("cpu", torch.float32)
+    q = quantize_fp8_block(torch.randn(3 * 16, 64), ue8m0_scale=True)
+    w = ops.prepare_grouped_linear(q, 3)
+    x = torch.randn(5, 3 * 64)
+    dense = q.dequantize(torch.float32).view(3, 16, 64)
+    want = torch.stack([x[:, g * 64:(g + 1) * 64] @ dense[g].T for g in range(3)], 1).reshape(5, 48)
+    torch.testing.assert_close(ops.grouped_linear(x, w), want)
+    with pytest.raises(ValueError, match="row groups"):
+        ops.prepare_grouped_linear(q, 5)
+
+
+@pytest.mark.parametrize("groups", [8, 16])
+def test_grouped_gemv_compiles(groups):
+    assert F.compile_gemv(groups * 1024, 4096, 1, 2, 8, 0, (128, 128), groups) is not None
+    assert F.compile_gemv(groups * 1024, 4096, 4, 1, 2, 0, (128, 128), groups) is not None
+
+
 @pytest.mark.parametrize("mt", range(1, 9))
 @pytest.mark.parametrize("split", [False, True])
 def test_gemv_compiles(mt, split):

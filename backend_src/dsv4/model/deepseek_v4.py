@@ -37,7 +37,7 @@ class LayerWeights:
     wq_b: Any
     wkv: Any
     kv_norm: Tensor
-    wo_a: Tensor          # [groups, o_lora_rank, heads*head_dim/groups]
+    wo_a: Any             # grouped projection: o_groups x [o_lora_rank, heads*head_dim/groups] (ops.grouped_linear)
     wo_b: Any
     sink: Tensor
     compressor: CompressorWeights | None
@@ -99,7 +99,7 @@ class DeepseekV4Model:
             a, f = f"{p}.attn", f"{p}.ffn"
             ratio = cfg.compress_ratio(i)
             E = cfg.n_routed_experts
-            wo_a = small(f"{a}.wo_a.weight", dtype).view(cfg.o_groups, cfg.o_lora_rank, -1)
+            wo_a = ops.prepare_grouped_linear(tensors[f"{a}.wo_a.weight"], cfg.o_groups)
             self.layers.append(LayerWeights(
                 hc={s: (small(f"{p}.hc_{s}_fn"), small(f"{p}.hc_{s}_scale"), small(f"{p}.hc_{s}_base"))
                     for s in ("attn", "ffn")},
@@ -197,7 +197,7 @@ class DeepseekV4Model:
         cfg, ops, L = self.cfg, self.ops, self.layers[i]
         T = o.shape[0]
         o = ops.rope_tail(o, positions, cfg.rope_for_layer(i), cfg.rope_head_dim, inverse=True)
-        o = torch.einsum("tgi,gri->tgr", o.reshape(T, cfg.o_groups, -1), L.wo_a).reshape(T, -1)
+        o = ops.grouped_linear(o.reshape(T, -1), L.wo_a)
         h = ops.hc_post(ops.linear(o, L.wo_b), h, post, comb)
         fn, scale, base = L.hc["ffn"]
         x, post, comb = ops.hc_pre(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)

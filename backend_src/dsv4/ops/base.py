@@ -90,12 +90,20 @@ class Ops(ABC):
         """Checkpoint tensor (dense or quantised) -> the handle `linear` takes."""
 
     @abstractmethod
+    def prepare_grouped_linear(self, weight: Any, groups: int) -> Any:
+        """Checkpoint tensor [groups * R, K] of a block-diagonal projection -> the handle `grouped_linear` takes."""
+
+    @abstractmethod
     def prepare_experts(self, w1: list[Any], w2: list[Any], w3: list[Any]) -> Any:
         """Routed experts' checkpoint tensors -> the handle `moe` takes."""
 
     # --- dense math ------------------------------------------------------------------------------------------
     @abstractmethod
     def linear(self, x: Tensor, w: Any) -> Tensor: ...
+
+    @abstractmethod
+    def grouped_linear(self, x: Tensor, w: Any) -> Tensor:
+        """x [T, groups * K] -> [T, groups * R]: group g's rows of the weight times x's g-th K-slice (V4's wo_a)."""
 
     @abstractmethod
     def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor: ...

@@ -9,7 +9,8 @@ Weights
   (`dsv4_kernels.fp8_gemm.prepare_fp8_weight`, W8A16: half the bytes of BF16 at decode, same numbers as TorchOps'
   bf16 weight up to fp32 summation order for power-of-two scales). Other FP8 shapes, and every weight when
   DSV4_CUTE_FP8_LINEAR=0, get TorchOps' dense BF16 weight. Nothing is requantised at load (no FP8 -> NVFP4).
-  wo_a does not come through prepare_linear: the model dequantises it for its grouped einsum (still BF16).
+  wo_a (a block-diagonal projection: one row group per group of heads) comes through prepare_grouped_linear and
+  runs through the same kernel with each row group reading its own K-slice of x.
 - BF16 weights (LM head, compressor and indexer-weight projections) stay on the torch path.
 - Routed experts: all-NVFP4 expert lists become `PackedExperts` (grouped kernel); MXFP4 experts (the official
   checkpoint) and dense ones use TorchOps until an MXFP4 path exists.
@@ -81,6 +82,14 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
                 log.warning("FP8 weight %s kept on the torch path: %s", tuple(weight.shape), e)
         return super().prepare_linear(weight)
 
+    def prepare_grouped_linear(self, weight: Any, groups: int) -> Any:
+        if self.fp8_weights and _fp8_kernel_ok(weight) and weight.weight.shape[0] % (groups * ROWTILE) == 0:
+            try:
+                return prepare_fp8_weight(_fp8_to(weight, self.device), self.device, groups=groups)
+            except ValueError as e:
+                log.warning("FP8 grouped weight %s kept on the torch path: %s", tuple(weight.shape), e)
+        return super().prepare_grouped_linear(weight, groups)
+
     def prepare_experts(self, w1: list[Any], w2: list[Any], w3: list[Any]) -> Any:
         if all(isinstance(t, NVFP4Tensor) for t in (*w1, *w2, *w3)):
             inter, dim = w1[0].shape
@@ -97,6 +106,12 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
             y = fp8_linear(x.to(torch.bfloat16), w)
             return y if self.dtype == torch.bfloat16 else y.to(self.dtype)
         return super().linear(x, w)
+
+    def grouped_linear(self, x: Tensor, w: Any) -> Tensor:
+        if isinstance(w, PackedFP8):
+            y = fp8_linear(x.to(torch.bfloat16), w)
+            return y if self.dtype == torch.bfloat16 else y.to(self.dtype)
+        return super().grouped_linear(x, w)
 
     def rope_tail(self, x: Tensor, positions: Tensor, rope: RopeConfig, rope_dim: int, inverse: bool = False) -> Tensor:
         """One kernel (dsv4_kernels.rope) instead of TorchOps' ~12 launches; same fp32 math, one rounding."""

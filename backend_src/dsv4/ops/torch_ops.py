@@ -82,6 +82,12 @@ class TorchOps(Ops):
     def prepare_linear(self, weight: Any) -> Tensor:
         return dense(weight, self.dtype, self.device)
 
+    def prepare_grouped_linear(self, weight: Any, groups: int) -> Tensor:
+        w = dense(weight, self.dtype, self.device)
+        if w.dim() != 2 or w.shape[0] % groups:
+            raise ValueError(f"grouped projection: weight {tuple(w.shape)} is not {groups} row groups [G*R, K]")
+        return w.view(groups, w.shape[0] // groups, w.shape[1])
+
     def prepare_experts(self, w1: list[Any], w2: list[Any], w3: list[Any]) -> dict[str, Tensor]:
         return {"w1": torch.stack([dense(t, self.dtype, self.device) for t in w1]),
                 "w2": torch.stack([dense(t, self.dtype, self.device) for t in w2]),
@@ -90,6 +96,10 @@ class TorchOps(Ops):
     # --- dense math ------------------------------------------------------------------------------------------
     def linear(self, x: Tensor, w: Tensor) -> Tensor:
         return F.linear(x.to(w.dtype), w)
+
+    def grouped_linear(self, x: Tensor, w: Tensor) -> Tensor:
+        G, R, K = w.shape
+        return torch.einsum("tgi,gri->tgr", x.reshape(-1, G, K).to(w.dtype), w).reshape(*x.shape[:-1], G * R)
 
     def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
         # one fused kernel on the GPU (the composite form is ~7 launches, and decode runs ~5 norms per layer)
