@@ -59,13 +59,16 @@ two roundings as torch's dequantize + .to(bfloat16), so it is bit-equal to torch
 Regimes
 -------
 * M <= 64 ("decode"): `_Gemv`: 4 warps per CTA, one 16-row tile per warp, K split over the grid's y dimension so
-  that even N = 512 fills the GPU; a lane issues the loads of `unroll` chunks (2 x 16 B each) before using them.
+  that even N = 512 fills the GPU; a lane issues the loads of `unroll` chunks (2 x 16 B each) before using them
+  (8 on splits of >= 16 chunks, else 2: H100 sweep, docs/PERF.md session 16).
   The plan (splits, unroll, prefetch) comes from `fp8_gemv_plan` (or pw.cache["plan"]). ptxas sinks loads towards
   their use to stay at ~32-40 registers (sm_90a SASS of the M = 1 kernel: 2-3 of the 4 weight loads of an unroll-2
   iteration are issued ahead), so the bytes in flight come mostly from the number of resident warps; `prefetch` > 0
   adds a bulk L2 prefetch (`cp.async.bulk.prefetch.L2`, one per warp and iteration, no registers) that many
-  iterations ahead, an option to measure (`PREFETCH`, default off). With more than one K split the kernel writes
-  FP32 partials and nvfp4_gemm's `_SplitReduce` sums them (fixed order: deterministic).
+  iterations ahead, an option to measure (`PREFETCH`, default off: slower in every plan tried on the H100). With more
+  than one K split the kernel writes FP32 partials and nvfp4_gemm's `_SplitReduce` sums them (fixed order:
+  deterministic). A grouped weight (`groups` > 1, V4's wo_a) is the same kernel with each row group's tiles
+  reading their own K-slice of x.
 * M > 64 ("prefill"): `_Dequant` writes BF16 row blocks of a reusable workspace (bit-equal to torch's BF16 weight)
   and cuBLAS multiplies.
 
