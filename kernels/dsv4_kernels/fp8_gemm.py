@@ -86,8 +86,8 @@ import torch
 
 from dsv4_kernels.nvfp4_gemm import (GEMV_MAX_M, _bf16x2_to_f32, _call, _f32x2_to_bf16x2, _fake, _mma_bf16,
                                      _options, _stream_arg, compile_split_reduce)
-from dsv4_kernels.nvfp4_gemm import _TVM_FFI, DEQUANT_WORKSPACE_ELEMS
-from dsv4_kernels.workspace import workspace
+from dsv4_kernels.nvfp4_gemm import (_TVM_FFI, DEQUANT_WORKSPACE_ELEMS, PackedWeight, dequant_matmul,
+                                     gemm_workspace)
 
 import cutlass
 import cutlass.cute as cute
@@ -113,7 +113,7 @@ _FP8_NAN = 0x7F                  # e4m3fn NaN is S.1111.111 (no infinities)
 # ------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class PackedFP8:
+class PackedFP8(PackedWeight):
     """An FP8-block weight [N, K] in the kernel's layout (see module docstring)."""
 
     codes: torch.Tensor      # int32 [N/16, K/64, 2, 32, 4]: the e4m3 bytes, permuted
@@ -125,17 +125,6 @@ class PackedFP8:
     # (V4's wo_a: o [T, groups * k] -> [T, n], the einsum "tgi,gri->tgr")
     groups: int = 1
     cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.k)
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    def nbytes(self) -> int:
-        return self.codes.numel() * 4 + self.scales.numel() * 4
 
 
 def fp8_shape_problem(w: Any) -> str | None:
@@ -472,10 +461,10 @@ def fp8_gemv_plan(n: int, k: int, sms: int = 132, unroll: int | None = None,
                   prefetch: int | None = None) -> tuple[int, int, int]:
     """(splits, unroll, prefetch) of the decode kernel.
 
-    unroll: chunks whose loads a lane issues before using any (2 -> 4 x 16 B per lane, the bytes nvfp4_gemm's
-    unroll 4 issues; 8 where a split holds >= 16 chunks). splits: K splits (grid.y), the smallest divisor of the unrolled iterations that gives >= 2 CTAs
-    per SM, keeping >= 4 iterations per warp (the NVFP4 plan's rule; docs/PERF.md). Every split is a whole number of
-    unrolled iterations. prefetch: `PREFETCH` unless given.
+    splits: K splits (grid.y), the smallest divisor of the 2-chunk iterations that gives >= 2 CTAs per SM, keeping
+    >= 4 iterations per warp (the NVFP4 plan's rule; docs/PERF.md). unroll: chunks whose loads a lane issues before
+    using any: 8 where a split holds >= 16 chunks, else 2 (4 x 16 B per lane, the bytes nvfp4_gemm's unroll 4
+    issues). Every split is a whole number of unrolled iterations. prefetch: `PREFETCH` unless given.
     """
     nchunk = k // KCHUNK
     auto_unroll = unroll is None
@@ -541,10 +530,6 @@ def _output(out: torch.Tensor | None, m: int, pw: PackedFP8, x: torch.Tensor) ->
     return out.view(m, pw.n)
 
 
-def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # the same buffers as nvfp4_gemm's (one stream: never in use twice at once); the prefill dequant buffer (up to
-    # 256 MiB) grows only to what is asked
-    return workspace("gemm." + name, numel, dtype, device, growth=1.0 if name == "dequant" else 2.0)
 
 
 def _gemv(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:
@@ -554,7 +539,7 @@ def _gemv(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:
     splits, unroll, prefetch = _plan(pw)
     fn = compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, prefetch, pw.block, pw.groups)
     xi = x2.view(torch.int32).view(m, pw.groups * pw.k // 16, 8)
-    part = _workspace("part", splits * m * pw.n, torch.float32, x2.device).view(splits, m, pw.n)  # unused if 1
+    part = gemm_workspace("part", splits * m * pw.n, torch.float32, x2.device).view(splits, m, pw.n)  # 1: unused
     _call(fn, pw.codes, pw.scales, xi, y, part, m)
     if splits > 1:
         _call(compile_split_reduce(pw.n, splits), part, y, m * pw.n, 1.0)
@@ -565,16 +550,7 @@ def _dequant_matmul(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:
     if pw.groups > 1:
         _dequant_grouped(x2, pw, y, fn)
         return
-    rows_per = max(ROWTILE, (DEQUANT_WORKSPACE_ELEMS // pw.k) // ROWTILE * ROWTILE)
-    for r0 in range(0, pw.n, rows_per):
-        rows = min(rows_per, pw.n - r0)
-        wbuf = _workspace("dequant", rows * pw.k, torch.bfloat16, x2.device).view(rows, pw.k)
-        _call(fn, pw.codes, pw.scales, wbuf.view(torch.int32).view(rows, pw.k // 16, 8), r0 // ROWTILE,
-              rows // ROWTILE)
-        if rows == pw.n:
-            torch.matmul(x2, wbuf.t(), out=y)
-        else:
-            y[:, r0:r0 + rows].copy_(torch.matmul(x2, wbuf.t()))
+    dequant_matmul(x2, y, pw.n, pw.k, lambda buf, t0, nt: _call(fn, pw.codes, pw.scales, buf, t0, nt))
 
 
 def _dequant_grouped(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor, fn) -> None:
@@ -585,9 +561,10 @@ def _dequant_grouped(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor, fn) -> No
     xg, yg = x2.view(m, G, K), y.view(m, G, R)
     for g0 in range(0, G, per):
         g1 = min(G, g0 + per)
-        wbuf = _workspace("dequant", (g1 - g0) * R * K, torch.bfloat16, x2.device).view((g1 - g0) * R, K)
-        _call(fn, pw.codes, pw.scales, wbuf.view(torch.int32).view((g1 - g0) * R, K // 16, 8), g0 * R // ROWTILE,
-              (g1 - g0) * R // ROWTILE)
+        rows = (g1 - g0) * R
+        wbuf = gemm_workspace("dequant", rows * K, torch.bfloat16, x2.device).view(rows, K)
+        _call(fn, pw.codes, pw.scales, wbuf.view(torch.int32).view(rows, K // 16, 8), g0 * R // ROWTILE,
+              rows // ROWTILE)
         yg[:, g0:g1] = torch.einsum("tgi,gri->tgr", xg[:, g0:g1], wbuf.view(g1 - g0, R, K))
 
 

@@ -61,8 +61,8 @@ from cutlass import Int32, Uint32, Float32
 from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass._mlir.dialects import llvm
 
-__all__ = ["PackedNVFP4", "prepare_nvfp4_weight", "unpack_to_codes", "nvfp4_linear", "decode_reference",
-           "GEMV_MAX_M", "KCHUNK", "ROWTILE"]
+__all__ = ["PackedNVFP4", "PackedWeight", "prepare_nvfp4_weight", "unpack_to_codes", "nvfp4_linear",
+           "decode_reference", "dequant_matmul", "gemm_workspace", "GEMV_MAX_M", "KCHUNK", "ROWTILE"]
 
 KCHUNK = 64          # K per chunk (one 16-byte word per lane)
 ROWTILE = 16         # rows per warp tile
@@ -75,16 +75,13 @@ _SLOT_BITS = ((6, 7, 8, 15), (3, 4, 5, 12), (0, 1, 2, 9), (10, 11, 13, 14))   # 
 # weight re-layout (torch, exact)
 # ------------------------------------------------------------------------------------------------------------
 
-@dataclass
-class PackedNVFP4:
-    """An NVFP4 weight [N, K] in the kernel's layout (see module docstring)."""
+class PackedWeight:
+    """What every packed weight (NVFP4 here, FP8 in fp8_gemm) offers: fields `codes`, `scales`, `n`, `k`."""
 
-    codes: torch.Tensor      # int32 [N/16, K/64, 32, 4]
-    scales: torch.Tensor     # int16 [N/16, K/64, 32]
-    alpha: float             # scale_2 * 2^8, applied in the epilogue
+    codes: torch.Tensor
+    scales: torch.Tensor
     n: int
     k: int
-    cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -95,7 +92,19 @@ class PackedNVFP4:
         return self.codes.device
 
     def nbytes(self) -> int:
-        return self.codes.numel() * 4 + self.scales.numel() * 2
+        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
+
+
+@dataclass
+class PackedNVFP4(PackedWeight):
+    """An NVFP4 weight [N, K] in the kernel's layout (see module docstring)."""
+
+    codes: torch.Tensor      # int32 [N/16, K/64, 32, 4]
+    scales: torch.Tensor     # int16 [N/16, K/64, 32]
+    alpha: float             # scale_2 * 2^8, applied in the epilogue
+    n: int
+    k: int
+    cache: dict = field(default_factory=dict, repr=False)
 
 
 def _scale_codes(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -633,9 +642,24 @@ def _check(x: torch.Tensor, pw: PackedNVFP4) -> None:
 DEQUANT_WORKSPACE_ELEMS = 1 << 27   # bf16 elements of the prefill dequant workspace (256 MiB)
 
 
-def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # the prefill dequant buffer (up to 256 MiB, never used inside a CUDA graph) grows only to what is asked
+def gemm_workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The GEMMs' scratch buffers (shared by the NVFP4 and FP8 paths: one stream, never in use twice at once); the
+    prefill dequant buffer (up to 256 MiB, never used inside a CUDA graph) grows only to what is asked."""
     return workspace("gemm." + name, numel, dtype, device, growth=1.0 if name == "dequant" else 2.0)
+
+
+def dequant_matmul(x2: torch.Tensor, y: torch.Tensor, n: int, k: int, dequant_rows) -> None:
+    """y = x2 @ W^T for many tokens: W decoded into the BF16 workspace in row blocks (dequant_rows(buf, tile0,
+    ntiles) writes 16-row tiles tile0 .. tile0 + ntiles as int32 [rows, k/16, 8]), each block multiplied by cuBLAS."""
+    rows_per = max(ROWTILE, (DEQUANT_WORKSPACE_ELEMS // k) // ROWTILE * ROWTILE)
+    for r0 in range(0, n, rows_per):
+        rows = min(rows_per, n - r0)
+        wbuf = gemm_workspace("dequant", rows * k, torch.bfloat16, x2.device).view(rows, k)
+        dequant_rows(wbuf.view(torch.int32).view(rows, k // 16, 8), r0 // ROWTILE, rows // ROWTILE)
+        if rows == n:
+            torch.matmul(x2, wbuf.t(), out=y)
+        else:
+            y[:, r0:r0 + rows].copy_(torch.matmul(x2, wbuf.t()))
 
 
 def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = None,
@@ -664,26 +688,19 @@ def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = No
         xi = x2.view(torch.int32).view(m, pw.k // 16, 8)
         ctr = _counters(pw)
         if splits == 1:
-            part = _workspace("part", m * pw.n, torch.float32, x.device).view(1, m, pw.n)   # unused
+            part = gemm_workspace("part", m * pw.n, torch.float32, x.device).view(1, m, pw.n)   # unused
             _call(fn, pw.codes, pw.scales, xi, y, part, ctr, m, pw.alpha)
         else:
             # partials per weight: a fused call's last warps read them while later calls may already run
             # (same stream: no), so a shared workspace is fine; counters are per weight and self-resetting
-            part = _workspace("part", splits * m * pw.n, torch.float32, x.device).view(splits, m, pw.n)
+            part = gemm_workspace("part", splits * m * pw.n, torch.float32, x.device).view(splits, m, pw.n)
             _call(fn, pw.codes, pw.scales, xi, y, part, ctr, m, pw.alpha)
             if not fused:
                 red = compile_split_reduce(pw.n, splits, pdl)
                 _call(red, part, y, m * pw.n, pw.alpha)
     elif path == "dequant":
         fn = compile_dequant(pw.n, pw.k)
-        rows_per = max(ROWTILE, (DEQUANT_WORKSPACE_ELEMS // pw.k) // ROWTILE * ROWTILE)
-        for r0 in range(0, pw.n, rows_per):
-            rows = min(rows_per, pw.n - r0)
-            wbuf = _workspace("dequant", rows * pw.k, torch.bfloat16, x.device).view(rows, pw.k)
-            _call(fn, pw.codes, pw.scales, wbuf.view(torch.int32).view(rows, pw.k // 16, 8), r0 // ROWTILE,
-                  rows // ROWTILE, pw.alpha)
-            torch.matmul(x2, wbuf.t(), out=y[:, r0:r0 + rows]) if rows == pw.n else \
-                y[:, r0:r0 + rows].copy_(torch.matmul(x2, wbuf.t()))
+        dequant_matmul(x2, y, pw.n, pw.k, lambda buf, t0, nt: _call(fn, pw.codes, pw.scales, buf, t0, nt, pw.alpha))
     else:
         raise ValueError(f"nvfp4_linear: unknown path {path!r}")
     return y.view(*lead, pw.n)

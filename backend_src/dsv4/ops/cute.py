@@ -83,7 +83,7 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         return super().prepare_linear(weight)
 
     def prepare_grouped_linear(self, weight: Any, groups: int) -> Any:
-        if self.fp8_weights and _fp8_kernel_ok(weight) and weight.weight.shape[0] % (groups * ROWTILE) == 0:
+        if self.fp8_weights and _fp8_kernel_ok(weight):
             try:
                 return prepare_fp8_weight(_fp8_to(weight, self.device), self.device, groups=groups)
             except ValueError as e:
