@@ -384,6 +384,12 @@ DECODE_MAX_ASSIGN = int(os.environ.get("DSV4_MOE_DECODE_MAX_ASSIGN", str(DECODE_
 # reads its input; the down kernel issues its first weight loads before that wait. Env DSV4_MOE_PDL=0 turns it off.
 DECODE_PDL = os.environ.get("DSV4_MOE_PDL", "1") != "0"
 
+# Up to this many assignments the decode path runs as one launch (dsv4_kernels.nvfp4_moe_fused: gate_up + SwiGLU +
+# down in one grid, then the finalize) instead of the gate_up -> SwiGLU -> down chain. Off by default: on the H100
+# it measured within +-5 % of the chain (flash T = 1: 45.5 vs 43.2 us; docs/PERF.md session 17). Env
+# DSV4_MOE_FUSED_MAX_ASSIGN (e.g. 64) turns it on for A/B runs.
+DECODE_FUSED_MAX_ASSIGN = int(os.environ.get("DSV4_MOE_FUSED_MAX_ASSIGN", "0"))
+
 
 def _unroll(chunks: int, want: int) -> int:
     """Chunks of weight loads in flight per lane: the largest power of two <= want dividing the split's chunks."""
@@ -474,6 +480,9 @@ def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
     if wts.dtype not in (torch.float32, torch.bfloat16):
         wts = wts.float()
     wts = wts.contiguous()
+    if A <= DECODE_FUSED_MAX_ASSIGN and DECODE_KS is None:
+        from dsv4_kernels.nvfp4_moe_fused import moe_decode_fused
+        return moe_decode_fused(x, ids, wts, experts, swiglu_limit, topk, DECODE_PDL)
     id_t = cutlass.Int64 if ids.dtype == torch.int64 else Int32
     wt_t = Float32 if wts.dtype == torch.float32 else cutlass.BFloat16
     mt, ks1, ks2, unroll = decode_plan(experts, A, topk)
@@ -607,6 +616,12 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
     E, D, I = experts.n_experts, experts.dim, experts.inter
     for t in num_tokens:
         if t * topk <= min(DECODE_MAX_ASSIGN, DECODE_LIMIT) and not SORTED_ONLY:
+            if t * topk <= DECODE_FUSED_MAX_ASSIGN and DECODE_KS is None:
+                from dsv4_kernels.nvfp4_moe_fused import compile_fused, fused_plan
+                mt, ks2, u1, u2 = fused_plan(experts, t * topk, topk)
+                compile_fused(E, D, I, mt, ks2, topk, swiglu_limit > 0, u1=u1, u2=u2)
+                compile_finalize(D, topk, ks2, DECODE_PDL)
+                continue
             mt, ks1, ks2, unroll = decode_plan(experts, t * topk, topk)
             compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, unroll=unroll)
             compile_decode_swiglu(E, I, ks1, swiglu_limit > 0, pdl=DECODE_PDL)
@@ -623,14 +638,33 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
 # ------------------------------------------------------------------------------------------------------------
 
 _DEFAULT_MAX_ASSIGN = DECODE_MAX_ASSIGN
+_DEFAULT_FUSED_MAX = DECODE_FUSED_MAX_ASSIGN
 
 
 def _set_variant(v: str) -> None:
-    """Bench variants: "auto" (module defaults), "sorted", "decode" (auto K splits), "GxD" (decode, forced)."""
-    global DECODE_KS, SORTED_ONLY, DECODE_MAX_ASSIGN
+    """Bench variants: "auto" (module defaults), "sorted", "decode" (auto K splits), "GxD" (decode chain, forced
+    splits), "chain" (decode chain, auto splits), "fused" (decode in one launch)."""
+    global DECODE_KS, SORTED_ONLY, DECODE_MAX_ASSIGN, DECODE_FUSED_MAX_ASSIGN
     SORTED_ONLY = v == "sorted"
     DECODE_MAX_ASSIGN = _DEFAULT_MAX_ASSIGN if v in ("auto", "sorted") else DECODE_LIMIT
-    DECODE_KS = None if v in ("auto", "sorted", "decode") else tuple(int(a) for a in v.split("x"))
+    DECODE_FUSED_MAX_ASSIGN = {"auto": _DEFAULT_FUSED_MAX, "decode": _DEFAULT_FUSED_MAX, "fused": DECODE_LIMIT}.get(v, 0)
+    DECODE_KS = None if v in ("auto", "sorted", "decode", "chain", "fused") else tuple(int(a) for a in v.split("x"))
+
+
+def _read_peer_us(nbytes: int, time_ms, reps: int) -> float:
+    """Time torch takes to stream `nbytes` once (torch.sum over bf16 copies that together hold >= 2x the L2, so
+    each read comes from HBM as the experts' bytes do): the plain-read peer of the MoE's weight stream."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    copies = max(2, -(-2 * l2 // nbytes))
+    bufs = [torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+
+    def read_all():
+        for b in bufs:
+            b.sum(dtype=torch.float32)
+
+    t = time_ms(read_all, reps) / copies
+    del bufs
+    return t * 1e3
 
 
 def bench(models, batches, bw, reps, shapes, time_ms, variants=("auto",)) -> list[dict]:
@@ -638,7 +672,7 @@ def bench(models, batches, bw, reps, shapes, time_ms, variants=("auto",)) -> lis
 
     rows = []
     print(f"{'model':6} {'T':>5} {'experts':>7} {'MB moved':>8} {'cute us':>9} {'floor us':>8} {'x floor':>7} "
-          f" path")
+          f"{'read us':>8} {'x read':>6}  path")
     for model in models:
         cfg = shapes[model]
         E, D, I, k = cfg["experts"], cfg["dim"], cfg["inter"], cfg["topk"]
@@ -661,21 +695,27 @@ def bench(models, batches, bw, reps, shapes, time_ms, variants=("auto",)) -> lis
             w = w / w.sum(-1, keepdim=True)
             touched = int(torch.unique(ids).numel())
             moved = touched * ex.expert_bytes()
+            peer = _read_peer_us(moved, time_ms, reps)
             for v in variants:
                 if v not in ("auto", "sorted") and T * k > DECODE_LIMIT:
                     continue
                 _set_variant(v)
                 warmup(ex, [T], k, 10.0)
                 t = time_ms(lambda: nvfp4_moe(x, ids, w, ex, 10.0), reps)
-                path = "sorted" if (SORTED_ONLY or T * k > min(DECODE_MAX_ASSIGN, DECODE_LIMIT)) else \
-                    "decode ks%dx%d u%d" % decode_plan(ex, T * k, k)[1:]
+                if SORTED_ONLY or T * k > min(DECODE_MAX_ASSIGN, DECODE_LIMIT):
+                    path = "sorted"
+                elif T * k <= DECODE_FUSED_MAX_ASSIGN and DECODE_KS is None:
+                    path = "fused ks%d" % decode_plan(ex, T * k, k)[2]
+                else:
+                    path = "decode ks%dx%d u%d" % decode_plan(ex, T * k, k)[1:]
                 _set_variant("auto")
                 floor = moved / bw * 1e3
                 row = dict(model=model, T=T, touched_experts=touched, bytes_moved=moved, cute_us=t * 1e3,
-                           floor_us=floor * 1e3, ratio_to_floor=t / floor, variant=v, path=path)
+                           floor_us=floor * 1e3, ratio_to_floor=t / floor, read_peer_us=peer,
+                           ratio_to_read_peer=t * 1e3 / peer, variant=v, path=path)
                 rows.append(row)
                 print(f"{model:6} {T:5d} {touched:7d} {moved / 1e6:8.1f} {t * 1e3:9.1f} {floor * 1e3:8.1f} "
-                      f"{t / floor:7.2f}  {path}", flush=True)
+                      f"{t / floor:7.2f} {peer:8.1f} {t * 1e3 / peer:6.2f}  {path}", flush=True)
         del ex, one
         torch.cuda.empty_cache()
     return rows

@@ -230,10 +230,10 @@ def test_moe_decode_pdl_chain_is_bit_identical(T):
     w = torch.rand(T, topk, device=DEV, generator=gen) + 0.1
     routings = [torch.stack([torch.randperm(E, device=DEV, generator=gen)[:topk] for _ in range(T)])
                 for _ in range(3)]
-    old = MO.DECODE_PDL, MO.DECODE_MAX_ASSIGN
+    old = MO.DECODE_PDL, MO.DECODE_MAX_ASSIGN, MO.DECODE_FUSED_MAX_ASSIGN
     outs = {}
     try:
-        MO.DECODE_MAX_ASSIGN = MO.DECODE_LIMIT
+        MO.DECODE_MAX_ASSIGN, MO.DECODE_FUSED_MAX_ASSIGN = MO.DECODE_LIMIT, 0     # the three-kernel chain
         for pdl in (False, True):
             MO.DECODE_PDL = pdl
             MO.warmup(ex, [T], topk, 10.0)
@@ -253,6 +253,6 @@ def test_moe_decode_pdl_chain_is_bit_identical(T):
             assert torch.equal(replays[0], eager)
             outs[pdl] = replays
     finally:
-        MO.DECODE_PDL, MO.DECODE_MAX_ASSIGN = old
+        MO.DECODE_PDL, MO.DECODE_MAX_ASSIGN, MO.DECODE_FUSED_MAX_ASSIGN = old
     for a, b in zip(outs[False], outs[True]):
         assert torch.equal(a, b), "PDL changed the MoE decode output"

@@ -135,3 +135,17 @@ def test_kernel_bit_decode_model():
 @pytest.mark.parametrize("e,topk,ids_i64", [(256, 6, True), (32, 2, False), (384, 6, True), (1024, 8, False)])
 def test_moe_sort_compiles(e, topk, ids_i64):
     MO.compile_sort(e, topk, ids_i64)
+
+
+@pytest.mark.parametrize("d,inter,mt,ks2,clamp", [(4096, 2048, 1, 4, True), (7168, 3072, 1, 4, True),
+                                                  (1024, 512, 2, 2, False), (256, 128, 8, 1, True)])
+def test_fused_moe_decode_compiles(d, inter, mt, ks2, clamp):
+    from dsv4_kernels import nvfp4_moe_fused as MF
+    assert MF.compile_fused(16, d, inter, mt, ks2, 6, clamp) is not None
+    assert MF.compile_fused(16, d, inter, mt, ks2, 6, clamp, cutlass.Int32, cutlass.BFloat16, 8, 4) is not None
+
+
+def test_fused_moe_decode_rejects_tiles_the_grid_cannot_split():
+    from dsv4_kernels import nvfp4_moe_fused as MF
+    with pytest.raises(ValueError, match="multiples of"):
+        MF.compile_fused(16, 4096 + 16, 2048, 1, 4, 6, True)
