@@ -562,6 +562,8 @@ GEMV_UNROLL = int(os.environ.get("DSV4_GEMV_UNROLL", "0"))
 # before it waits for the kernel that writes x, and the split reduce is scheduled while the decode kernel runs.
 # Env DSV4_GEMV_PDL=0 turns it off.
 GEMV_PDL = os.environ.get("DSV4_GEMV_PDL", "1") != "0"
+# One token, large weights: the cp.async-ring kernel (dsv4_kernels.nvfp4_gemv_async). Env DSV4_GEMV_RING=0 turns it off.
+GEMV_RING = os.environ.get("DSV4_GEMV_RING", "1") != "0"
 
 
 def gemv_plan(n: int, k: int, sms: int = 132) -> tuple[int, int]:
@@ -680,6 +682,16 @@ def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = No
             raise ValueError(f"nvfp4_linear: the decode kernel takes M <= {GEMV_MAX_M}, got {m}")
         splits, unroll = pw.cache.get("plan") or gemv_plan(pw.n, pw.k)
         pw.cache["plan"] = (splits, unroll)
+        if GEMV_RING:
+            from dsv4_kernels import nvfp4_gemv_async as ring
+            if ring.use_ring(pw.n, pw.k, m, splits):
+                fn = ring.compile_gemv_async(pw.n, pw.k, splits, ring.RING_U, ring.RING_STAGES)
+                xi = x2.view(torch.int32).view(m, pw.k // 16, 8)
+                part = gemm_workspace("part", splits * pw.n, torch.float32, x.device).view(splits, 1, pw.n)
+                _call(fn, pw.codes, pw.scales, xi, y, part, pw.alpha)
+                if splits > 1:
+                    _call(compile_split_reduce(pw.n, splits), part, y, pw.n, pw.alpha)
+                return y.view(*lead, pw.n)
         mt = -(-m // 8)
         fused = use_fused(splits, mt)
         unroll = gemv_unroll(pw.n, pw.k, splits, mt, unroll)
@@ -728,4 +740,10 @@ def warmup(pw: PackedNVFP4, ms: list[int] | tuple[int, ...] = (1, 8, 16, 32, 64)
             compile_gemv(pw.n, pw.k, mt, splits, u, use_fused(splits, mt), pdl)
             if splits > 1:
                 compile_split_reduce(pw.n, splits, pdl)
+            if GEMV_RING:
+                from dsv4_kernels import nvfp4_gemv_async as ring
+                if ring.use_ring(pw.n, pw.k, m, splits):
+                    ring.compile_gemv_async(pw.n, pw.k, splits, ring.RING_U, ring.RING_STAGES)
+                    if splits > 1:
+                        compile_split_reduce(pw.n, splits)
     compile_dequant(pw.n, pw.k)

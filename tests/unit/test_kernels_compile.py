@@ -149,3 +149,11 @@ def test_fused_moe_decode_rejects_tiles_the_grid_cannot_split():
     from dsv4_kernels import nvfp4_moe_fused as MF
     with pytest.raises(ValueError, match="multiples of"):
         MF.compile_fused(16, 4096 + 16, 2048, 1, 4, 6, True)
+
+
+@pytest.mark.parametrize("n,k", [(32768, 1024), (4096, 8192), (65536, 1536), (129280, 4096)])
+def test_ring_gemv_compiles(n, k):
+    from dsv4_kernels import nvfp4_gemv_async as R
+    splits, _ = G.gemv_plan(n, k)
+    assert R.use_ring(n, k, 1, splits)
+    assert R.compile_gemv_async(n, k, splits, R.RING_U, R.RING_STAGES) is not None

@@ -1,0 +1,166 @@
+"""NVFP4 decode GEMV for one token whose weight stream goes through cp.async into a shared-memory ring.
+
+nvfp4_gemm._Gemv loads each lane's weight words into registers, then decodes them: a warp's loads return in order,
+so a warp holds only the loads it issued before its math (ncu: ~70 % of warp time on the long scoreboard). Here each
+lane copies its 16 B per chunk with cp.async (no registers held) into a STAGES-deep ring per warp, STAGES - 1 stages
+ahead of the math; the CTA's x split is staged in shared memory once; the math reads shared memory. Same per-lane
+accumulation order as _Gemv, so with the same K splits the output is bit-identical (tested).
+
+H100, cold L2 (`scratch` probe of session 17, docs/PERF.md), µs register GEMV -> ring (u4 s4): Flash wq_b 12.0 -> 10.3,
+wo_b 14.3 -> 12.0, Pro wq_b 25.1 -> 22.9, Pro wo_b 36.9 -> 27.9, head 117.6 -> 106.8; Flash expert w1 (4.7 MB)
+6.3 -> 6.6, so the ring is used from 16 MB of weights up (`use_ring`).
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64
+
+from cutlass.cutlass_dsl import T as _T, dsl_user_op
+from cutlass._mlir.dialects import llvm
+
+from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _decode_word, _fake, _mma_bf16, _options,
+                                     _scale_pair, _stream_arg)
+
+_COMPILED: dict = {}
+
+
+@dsl_user_op
+def _cp_async16(dst_smem: Int32, src: Int64, *, loc=None, ip=None):
+    llvm.inline_asm(None, [Int32(dst_smem).ir_value(loc=loc, ip=ip), Int64(src).ir_value(loc=loc, ip=ip)],
+                    "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", has_side_effects=True, loc=loc, ip=ip)
+
+
+class _GemvAsync:
+    def __init__(self, n: int, k: int, splits: int, u: int, stages: int):
+        self.n, self.k, self.splits, self.u, self.stages = n, k, splits, u, stages
+        self.nchunk = k // KCHUNK
+        self.cps = self.nchunk // splits
+        assert self.cps % u == 0 and u <= 8
+        self.nit = self.cps // u
+
+    @cute.jit
+    def _issue(self, w0: Int64, s0: Int64, sw0: Int32, ss0: Int32, tl: Int32, warp: Int32, lane: Int32,
+               slot: Int32, cb: Int32):
+        """cp.async of one stage: U chunks of this lane's 16 B of weights, and the stage's scales (16 B per lane
+        of the first 4U lanes)."""
+        U, S = self.u, self.stages
+        for u in cutlass.range_constexpr(U):
+            src = w0 + (Int64(tl * self.nchunk + cb + u) * 32 + Int64(lane)) * 16
+            dst = sw0 + (((warp * S + slot) * U + u) * 32 + lane) * 16
+            _cp_async16(dst, src)
+        if lane < 4 * U:
+            src = s0 + (Int64(tl * self.nchunk + cb + lane // 4) * 32 + Int64((lane % 4) * 8)) * 2
+            dst = ss0 + (((warp * S + slot) * U + lane // 4) * 32 + (lane % 4) * 8) * 2
+            _cp_async16(dst, src)
+
+    @cute.kernel
+    def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mP: cute.Tensor,
+               alpha: Float32, Storage: cutlass.Constexpr):
+        tidx, _, _ = cute.arch.thread_idx()
+        bx, by, _ = cute.arch.block_idx()
+        lane = tidx % 32
+        warp = tidx // 32
+        g = lane // 4
+        t = lane % 4
+        tile = bx * WARPS + warp
+        U, S = self.u, self.stages
+        smem = cutlass.memory.SmemAllocator()
+        st = smem.allocate(Storage)
+        sw = st.sw.get_tensor(cute.make_layout((WARPS, S, U, 32, 4), stride=(S * U * 128, U * 128, 128, 4, 1)))
+        ss = st.ss.get_tensor(cute.make_layout((WARPS, S, U, 32), stride=(S * U * 32, U * 32, 32, 1)))
+        sx = st.sx.get_tensor(cute.make_layout((self.cps, 4, 8), stride=(32, 8, 1)))
+        sw0 = sw.iterator.toint()
+        ss0 = ss.iterator.toint()
+        w0 = mW.iterator.toint()
+        s0 = mS.iterator.toint()
+        c0 = by * self.cps
+        valid = tile < self.n // ROWTILE
+        tl = cutlass.min(tile, self.n // ROWTILE - 1)
+
+        for s in cutlass.range_constexpr(S - 1):
+            if cutlass.const_expr(s < self.nit):
+                self._issue(w0, s0, sw0, ss0, tl, warp, lane, Int32(s), c0 + s * U)
+            cute.arch.cp_async_commit_group()
+        for i in cutlass.range((self.cps * 32 + WARPS * 32 - 1) // (WARPS * 32)):
+            idx = i * (WARPS * 32) + tidx
+            if idx < self.cps * 32:
+                c = idx // 32
+                r = idx % 32
+                sx[c, r // 8, r % 8] = mX[0, (c0 + c) * 4 + r // 8, r % 8]
+        cute.arch.barrier()
+        acc = cute.make_rmem_tensor((4,), Float32)
+        for q in cutlass.range_constexpr(4):
+            acc[q] = Float32(0.0)
+        wreg = cute.make_rmem_tensor((4, U), Int32)
+        sreg = cute.make_rmem_tensor((U,), Int32)
+        xreg = cute.make_rmem_tensor((8,), Int32)
+        for it in cutlass.range(self.nit):
+            cute.arch.cp_async_wait_group(S - 2)
+            cute.arch.sync_warp()
+            slot = it % S
+            for u in cutlass.range_constexpr(U):
+                cute.autovec_copy(sw[warp, slot, u, lane, None], wreg[None, u])
+                sreg[u] = Int32(ss[warp, slot, u, lane])
+            nxt = it + S - 1
+            if nxt < self.nit:
+                self._issue(w0, s0, sw0, ss0, tl, warp, lane, nxt % S, c0 + nxt * U)
+            cute.arch.cp_async_commit_group()
+            for u in cutlass.range_constexpr(U):
+                sg, sg8 = _scale_pair(sreg[u])
+                a = []
+                for s in cutlass.range_constexpr(4):
+                    a.append(_decode_word(wreg[s, u], sg, sg8))
+                cute.autovec_copy(sx[it * U + u, t, None], xreg)
+                for s in cutlass.range_constexpr(4):
+                    d = _mma_bf16(a[s][0], a[s][1], a[s][2], a[s][3], xreg[2 * s], xreg[2 * s + 1],
+                                  acc[0], acc[1], acc[2], acc[3])
+                    for q in cutlass.range_constexpr(4):
+                        acc[q] = d[q]
+        cute.arch.cp_async_wait_group(0)
+        if valid:
+            n0 = tile * ROWTILE + g
+            if t == 0:
+                for q in cutlass.range_constexpr(0, 4, 2):
+                    nn = n0 + 8 * (q // 2)
+                    if cutlass.const_expr(self.splits == 1):
+                        mY[0, nn] = (acc[q] * alpha).to(cutlass.BFloat16)
+                    else:
+                        mP[by, 0, nn] = acc[q]
+
+    @cute.jit
+    def launch(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mP: cute.Tensor,
+               alpha: Float32, stream):
+        @cute.struct
+        class Storage:
+            sw: cute.struct.Align[cute.struct.MemRange[Int32, WARPS * self.stages * self.u * 128], 128]
+            ss: cute.struct.Align[cute.struct.MemRange[cutlass.Int16, WARPS * self.stages * self.u * 32], 128]
+            sx: cute.struct.Align[cute.struct.MemRange[Int32, self.cps * 32], 128]
+
+        grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
+        self.kernel(mW, mS, mX, mY, mP, alpha, Storage).launch(grid=[grid_x, self.splits, 1],
+                                                               block=[WARPS * 32, 1, 1],
+                                                               smem=Storage.size_in_bytes(), stream=stream)
+
+
+def compile_gemv_async(n: int, k: int, splits: int, u: int = 4, stages: int = 4):
+    key = (n, k, splits, u, stages)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = cute.compile(_GemvAsync(n, k, splits, u, stages).launch,
+                          _fake(Int32, (n // 16, k // 64, 32, 4)), _fake(cutlass.Int16, (n // 16, k // 64, 32), 2),
+                          _fake(Int32, (1, k // 16, 8)), _fake(cutlass.BFloat16, (1, n), 2),
+                          _fake(Float32, (splits, 1, n), 4), Float32(1.0), _stream_arg(), options=_options())
+        _COMPILED[key] = fn
+    return fn
+
+
+RING_MIN_BYTES = 16 << 20        # below this the register GEMV (with PDL where it applies) measured faster
+RING_U, RING_STAGES = 4, 4
+
+
+def use_ring(n: int, k: int, m: int, splits: int) -> bool:
+    """The ring kernel takes one token and splits of whole stages; it pays off on large weights."""
+    cps = k // KCHUNK // splits
+    return m == 1 and cps % RING_U == 0 and n % ROWTILE == 0 and n * k // 2 >= RING_MIN_BYTES
