@@ -11,24 +11,12 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # module-level skip: CPU CI reports these as skipped, never as passed
     pytest.skip("no CUDA device: the CuTe DSL kernels need a Hopper GPU", allow_module_level=True)
 
-from dsv4.checkpoint.formats import quantize_nvfp4  # noqa: E402
 from dsv4.ops.torch_ops import TorchOps  # noqa: E402
 from dsv4_kernels import nvfp4_moe as MO  # noqa: E402
+from tests.gpu.moe_helpers import make_experts, poison_allocator  # noqa: E402
 from dsv4_kernels import nvfp4_moe_fused as F  # noqa: E402
 
 DEV = torch.device("cuda")
-
-
-def poison_allocator(mb: int = 512) -> None:
-    t = torch.full((mb << 18,), float("nan"), dtype=torch.float32, device=DEV)
-    del t
-
-
-def make_experts(E, D, I, gen):
-    w1 = [quantize_nvfp4(torch.randn(I, D, device=DEV, generator=gen) * 0.5) for _ in range(E)]
-    w3 = [quantize_nvfp4(torch.randn(I, D, device=DEV, generator=gen) * 0.5) for _ in range(E)]
-    w2 = [quantize_nvfp4(torch.randn(D, I, device=DEV, generator=gen) * 0.5) for _ in range(E)]
-    return w1, w2, w3
 
 
 def routing(kind, T, topk, E, gen):
