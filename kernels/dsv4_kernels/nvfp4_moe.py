@@ -384,6 +384,10 @@ DECODE_MAX_ASSIGN = int(os.environ.get("DSV4_MOE_DECODE_MAX_ASSIGN", str(DECODE_
 # reads its input; the down kernel issues its first weight loads before that wait. Env DSV4_MOE_PDL=0 turns it off.
 DECODE_PDL = os.environ.get("DSV4_MOE_PDL", "1") != "0"
 
+# The decode chain's gate_up and down kernels stream their weights through a cp.async shared-memory ring
+# (dsv4_kernels.nvfp4_moe_ring, bit-identical) where the K split allows. Env DSV4_MOE_RING=0 turns it off.
+DECODE_RING = os.environ.get("DSV4_MOE_RING", "1") != "0"
+
 # Up to this many assignments the decode path runs as one launch (dsv4_kernels.nvfp4_moe_fused: gate_up + SwiGLU +
 # down in one grid, then the finalize) instead of the gate_up -> SwiGLU -> down chain. Off by default: on the H100
 # it measured within +-5 % of the chain (flash T = 1: 45.5 vs 43.2 us; docs/PERF.md session 17). Env
@@ -455,16 +459,40 @@ def _split(nchunk: int, want: int) -> int:
 
 def decode_plan(experts: "PackedExperts", num_assign: int, topk: int) -> tuple[int, int, int, int]:
     """(mt, ks_gateup, ks_down, unroll) of the decode path, from sweeps on the H100 for V4-Flash and V4-Pro at 1-8
-    tokens (docs/PERF.md, session 15). With few tokens each warp waits on its weight loads (ncu: 75 % of the stall
-    cycles on L1TEX scoreboard), so the splits and the loads in flight per lane (unroll) both grow as T shrinks:
-    flash T=1 101.5 us (sorted path) -> 46.8 (splits) -> 43.5-44.9 (unroll 16)."""
+    tokens (docs/PERF.md, sessions 15 and 17). With the cp.async ring (the default) no K split. For the register
+    kernels each warp waits on its weight loads with few tokens (ncu: 75 % of the stall cycles on L1TEX
+    scoreboard), so the splits and the loads in flight per lane (unroll) both grow as T shrinks: flash T=1 101.5 us
+    (sorted path) -> 46.8 (splits) -> 43.5-44.9 (unroll 16)."""
     t = -(-num_assign // topk)
     mt = 1 if t <= 8 else (2 if t <= 16 else 8)
     unroll = 16 if t <= 4 else 4
     if DECODE_KS is not None:
         return (mt, *DECODE_KS, unroll)
+    from dsv4_kernels import nvfp4_moe_ring as ring
+    if DECODE_RING and ring.ring_fits(experts.dim, 1) and ring.ring_fits(experts.inter, 1):
+        # the ring keeps a warp's loads in flight along a whole K, so no split is needed (H100 sweep, session 17:
+        # flash T = 1 / 2 / 4 43.7 / 73.2 / 139.7 us register kernels at their best splits -> 42.1 / 69.7 / 127.6)
+        return (mt, 1, 1, unroll)
     want = (4, 4) if t <= 2 else ((4, 2) if t <= 4 else (2, 2))
     return (mt, _split(experts.dim // KCHUNK, want[0]), _split(experts.inter // KCHUNK, want[1]), unroll)
+
+
+def _decode_kernels(E, D, I, mt, ks1, ks2, topk, clamp, id_t=cutlass.Int64, wt_t=Float32, unroll=4, pdl=False):
+    """The decode chain: (gate_up, SwiGLU or None, down, ring_up, ring_down). With the cp.async ring and an unsplit
+    gate_up, gate_up applies the SwiGLU itself (no SwiGLU kernel); ring kernels take a trailing `limit` arg."""
+    from dsv4_kernels import nvfp4_moe_ring as ring
+    ring_up = DECODE_RING and ring.ring_fits(D, ks1)
+    ring_down = DECODE_RING and ring.ring_fits(I, ks2)
+    swiglu = None
+    if ring_up and ks1 == 1:
+        f1 = ring.compile_decode_ring("gateup_h", E, 2 * I, D, mt, 1, topk, id_t, wt_t, clamp=clamp)
+    else:
+        f1 = ring.compile_decode_ring("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t) if ring_up else \
+            compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, unroll)
+        swiglu = compile_decode_swiglu(E, I, ks1, clamp, id_t, pdl)
+    f2 = ring.compile_decode_ring("down", E, D, I, mt, ks2, topk, id_t, wt_t, pdl) if ring_down else \
+        compile_decode("down", E, D, I, mt, ks2, topk, id_t, wt_t, unroll, pdl)
+    return f1, swiglu, f2, ring_up, ring_down
 
 
 def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
@@ -487,18 +515,22 @@ def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
     wt_t = Float32 if wts.dtype == torch.float32 else cutlass.BFloat16
     mt, ks1, ks2, unroll = decode_plan(experts, A, topk)
     pdl = DECODE_PDL
-    gu = torch.empty((ks1, A, 2, I), dtype=torch.float32, device=dev)
+    f1, swiglu, f2, ring_up, ring_down = _decode_kernels(E, D, I, mt, ks1, ks2, topk, swiglu_limit > 0, id_t, wt_t,
+                                                         unroll, pdl)
+    lim = float(swiglu_limit)
     h = torch.empty((A, I), dtype=torch.bfloat16, device=dev)
     yp = torch.empty((ks2, A, D), dtype=torch.float32, device=dev)
     out = torch.empty((T, D), dtype=torch.bfloat16, device=dev)
-    f1 = compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, unroll)
-    _call(f1, experts.w13_codes, experts.w13_scales, ids, x.view(torch.int32).view(T, D // 16, 8), wts,
-          experts.alphas, gu, A)
-    _call(compile_decode_swiglu(E, I, ks1, swiglu_limit > 0, id_t, pdl), gu, ids, experts.alphas, h, A * I,
-          float(swiglu_limit))
-    f2 = compile_decode("down", E, D, I, mt, ks2, topk, id_t, wt_t, unroll, pdl)
+    xi = x.view(torch.int32).view(T, D // 16, 8)
+    if swiglu is None:
+        _call(f1, experts.w13_codes, experts.w13_scales, ids, xi, wts, experts.alphas, h, A, lim)
+    else:
+        gu = torch.empty((ks1, A, 2, I), dtype=torch.float32, device=dev)
+        _call(f1, experts.w13_codes, experts.w13_scales, ids, xi, wts, experts.alphas, gu, A,
+              *([lim] if ring_up else []))
+        _call(swiglu, gu, ids, experts.alphas, h, A * I, lim)
     _call(f2, experts.w2_codes, experts.w2_scales, ids, h.view(torch.int32).view(A, I // 16, 8), wts,
-          experts.alphas, yp, A)
+          experts.alphas, yp, A, *([lim] if ring_down else []))
     f3 = compile_finalize(D, topk, ks2, pdl)
     _call(f3, yp, out, T * D)
     return out
@@ -623,9 +655,7 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
                 compile_finalize(D, topk, ks2, DECODE_PDL)
                 continue
             mt, ks1, ks2, unroll = decode_plan(experts, t * topk, topk)
-            compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, unroll=unroll)
-            compile_decode_swiglu(E, I, ks1, swiglu_limit > 0, pdl=DECODE_PDL)
-            compile_decode("down", E, D, I, mt, ks2, topk, unroll=unroll, pdl=DECODE_PDL)
+            _decode_kernels(E, D, I, mt, ks1, ks2, topk, swiglu_limit > 0, unroll=unroll, pdl=DECODE_PDL)
             compile_finalize(D, topk, ks2, DECODE_PDL)
             continue
         mt = _mt_for(t * topk, E)
@@ -639,12 +669,16 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
 
 _DEFAULT_MAX_ASSIGN = DECODE_MAX_ASSIGN
 _DEFAULT_FUSED_MAX = DECODE_FUSED_MAX_ASSIGN
+_DEFAULT_RING = DECODE_RING
 
 
 def _set_variant(v: str) -> None:
     """Bench variants: "auto" (module defaults), "sorted", "decode" (auto K splits), "GxD" (decode chain, forced
-    splits), "chain" (decode chain, auto splits), "fused" (decode in one launch)."""
-    global DECODE_KS, SORTED_ONLY, DECODE_MAX_ASSIGN, DECODE_FUSED_MAX_ASSIGN
+    splits), "chain" (decode chain, auto splits), "fused" (decode in one launch), "ring" / "noring" (decode chain with
+    or without the cp.async weight ring)."""
+    global DECODE_KS, SORTED_ONLY, DECODE_MAX_ASSIGN, DECODE_FUSED_MAX_ASSIGN, DECODE_RING
+    DECODE_RING = {"ring": True, "noring": False}.get(v, _DEFAULT_RING)
+    v = "decode" if v in ("ring", "noring") else v
     SORTED_ONLY = v == "sorted"
     DECODE_MAX_ASSIGN = _DEFAULT_MAX_ASSIGN if v in ("auto", "sorted") else DECODE_LIMIT
     DECODE_FUSED_MAX_ASSIGN = {"auto": _DEFAULT_FUSED_MAX, "decode": _DEFAULT_FUSED_MAX, "fused": DECODE_LIMIT}.get(v, 0)
@@ -707,7 +741,7 @@ def bench(models, batches, bw, reps, shapes, time_ms, variants=("auto",)) -> lis
                 elif T * k <= DECODE_FUSED_MAX_ASSIGN and DECODE_KS is None:
                     path = "fused ks%d" % decode_plan(ex, T * k, k)[2]
                 else:
-                    path = "decode ks%dx%d u%d" % decode_plan(ex, T * k, k)[1:]
+                    path = "decode ks%dx%d u%d" % decode_plan(ex, T * k, k)[1:] + (" ring" if DECODE_RING else "")
                 _set_variant("auto")
                 floor = moved / bw * 1e3
                 row = dict(model=model, T=T, touched_experts=touched, bytes_moved=moved, cute_us=t * 1e3,

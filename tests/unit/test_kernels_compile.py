@@ -157,3 +157,25 @@ def test_ring_gemv_compiles(n, k):
     splits, _ = G.gemv_plan(n, k)
     assert R.use_ring(n, k, 1, splits)
     assert R.compile_gemv_async(n, k, splits, R.RING_U, R.RING_STAGES) is not None
+
+
+@pytest.mark.parametrize("mode,n,k,mt,ks", [("gateup", 4096, 4096, 1, 4), ("down", 4096, 2048, 1, 4),
+                                           ("gateup", 6144, 7168, 2, 4), ("down", 7168, 3072, 1, 2)])
+def test_moe_ring_decode_compiles(mode, n, k, mt, ks):
+    from dsv4_kernels import nvfp4_moe_ring as MR
+    assert MR.ring_fits(k, ks)
+    assert MR.compile_decode_ring(mode, 16, n, k, mt, ks, 6, pdl=mode == "down") is not None
+    assert MR.compile_decode_ring(mode, 16, n, k, mt, ks, 6, cutlass.Int32, cutlass.BFloat16) is not None
+    if mode == "gateup":    # the SwiGLU epilogue of an unsplit gate_up, clamped and not
+        assert MR.compile_decode_ring("gateup_h", 16, n, k, mt, 1, 6, clamp=True) is not None
+        assert MR.compile_decode_ring("gateup_h", 16, n, k, mt, 1, 6, cutlass.Int32, cutlass.BFloat16,
+                                      clamp=False) is not None
+
+
+def test_moe_ring_rejects_splits_that_are_not_whole_stages():
+    from dsv4_kernels import nvfp4_moe_ring as MR
+    assert not MR.ring_fits(64 * 6, 1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        MR.compile_decode_ring("down", 16, 1024, 64 * 6, 1, 1, 6)
+    with pytest.raises(ValueError, match="whole K in one split"):
+        MR.compile_decode_ring("gateup_h", 16, 1024, 1024, 1, 2, 6)

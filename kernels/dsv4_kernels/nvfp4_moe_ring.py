@@ -1,0 +1,199 @@
+"""MoE decode GEMMs (gate_up / down of the decode chain) with the weight stream through a cp.async ring.
+
+Same work split, routing, epilogues and per-lane accumulation order as nvfp4_moe._Decode, so the outputs are
+bit-identical (tested); only the way weights reach the math changes: each lane copies its 16 B per chunk (and the
+first 4U lanes the stage's scales) with cp.async into a STAGES-deep shared-memory ring per warp, STAGES - 1 stages
+ahead of the math, instead of holding U chunks in registers (nvfp4_gemv_async has the measurements that motivated
+it). With PDL (down kernel) the first stages go out before griddepcontrol.wait, as _Decode's prefetch does.
+
+Because a warp keeps its loads in flight along a whole K, the decode plan drops the K splits with the ring
+(nvfp4_moe.decode_plan), and the unsplit gate_up applies the SwiGLU in its epilogue ("gateup_h": no SwiGLU kernel,
+no FP32 partials). H100 (docs/PERF.md session 17): flash T = 1 / 2 / 4 43.3 / 74.4 / 141.3 -> 38.5 / 67.8 / 125.2 us.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64
+
+from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _TVM_FFI, _decode_word, _fake, _mma_bf16, _options,
+                                     _scale_pair, _stream_arg)
+from dsv4_kernels.nvfp4_gemv_async import _cp_async16
+from dsv4_kernels.nvfp4_moe import _nth_set_bit, _swiglu
+
+_COMPILED: dict[tuple, Any] = {}
+# chunks per stage and stages of the ring (4 warps x STAGES x U x 576 B of shared memory per CTA); env
+# DSV4_MOE_RING_U / DSV4_MOE_RING_STAGES for sweeps
+RING_U = int(os.environ.get("DSV4_MOE_RING_U", "4"))
+RING_STAGES = int(os.environ.get("DSV4_MOE_RING_STAGES", "4"))
+
+
+class _DecodeRing:
+    def __init__(self, mode: str, n: int, k: int, mt: int, ks: int, topk: int, u: int, stages: int,
+                 pdl: bool = False, clamp: bool = True):
+        if mode == "gateup_h" and ks != 1:
+            raise ValueError("MoE ring decode: the SwiGLU epilogue (gateup_h) needs the whole K in one split")
+        self.mode, self.n, self.k, self.mt, self.ks, self.topk, self.clamp = mode, n, k, mt, ks, topk, clamp
+        self.nchunk = k // KCHUNK
+        self.cps = self.nchunk // ks
+        if self.cps % u or u > 8:
+            raise ValueError(f"MoE ring decode: a split of {self.cps} chunks is not a multiple of U={u} (<= 8)")
+        self.u, self.stages, self.nit = u, stages, self.cps // u
+        self.prefetch = pdl and mode == "down"
+
+    @cute.jit
+    def _issue(self, w0: Int64, s0: Int64, sw0: Int32, ss0: Int32, e: Int32, tile: Int32, warp: Int32,
+               lane: Int32, slot: Int32, cb: Int32):
+        U, S = self.u, self.stages
+        row0 = (Int64(e) * (self.n // ROWTILE) + Int64(tile)) * self.nchunk + Int64(cb)
+        for u in cutlass.range_constexpr(U):
+            _cp_async16(sw0 + (((warp * S + slot) * U + u) * 32 + lane) * 16,
+                        w0 + ((row0 + u) * 32 + Int64(lane)) * 16)
+        if lane < 4 * U:
+            _cp_async16(ss0 + (((warp * S + slot) * U + lane // 4) * 32 + (lane % 4) * 8) * 2,
+                        s0 + ((row0 + Int64(lane // 4)) * 32 + Int64((lane % 4) * 8)) * 2)
+
+    @cute.kernel
+    def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
+               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, limit: Float32, Storage: cutlass.Constexpr):
+        tidx, _, _ = cute.arch.thread_idx()
+        bx, slot_a, kz = cute.arch.block_idx()
+        lane = tidx % 32
+        warp = tidx // 32
+        g = lane // 4
+        t = lane % 4
+        tile = bx * WARPS + warp
+        MT, U, S = self.mt, self.u, self.stages
+        smem = cutlass.memory.SmemAllocator()
+        st = smem.allocate(Storage)
+        sw = st.sw.get_tensor(cute.make_layout((WARPS, S, U, 32, 4), stride=(S * U * 128, U * 128, 128, 4, 1)))
+        ss = st.ss.get_tensor(cute.make_layout((WARPS, S, U, 32), stride=(S * U * 32, U * 32, 32, 1)))
+        sw0 = sw.iterator.toint()
+        ss0 = ss.iterator.toint()
+        w0 = mW.iterator.toint()
+        s0 = mS.iterator.toint()
+        cute.arch.griddepcontrol_launch_dependents()
+        e = Int32(mIds[slot_a])
+        v0 = Int32(-1)
+        v1 = Int32(-1)
+        if lane < n_assign:
+            v0 = Int32(mIds[lane])
+        if lane + 32 < n_assign:
+            v1 = Int32(mIds[lane + 32])
+        dup = cute.arch.vote_ballot_sync(((v0 == e) & (lane < slot_a)) | ((v1 == e) & (lane + 32 < slot_a)))
+        m0 = cute.arch.vote_ballot_sync(v0 == e)
+        m1 = cute.arch.vote_ballot_sync(v1 == e)
+        cnt = Int32(cute.arch.popc(m0)) + Int32(cute.arch.popc(m1))
+        acc = cute.make_rmem_tensor((MT * 4,), Float32)
+        wreg = cute.make_rmem_tensor((4, U), Int32)
+        sreg = cute.make_rmem_tensor((U,), Int32)
+        xreg = cute.make_rmem_tensor((8,), Int32)
+        rows = cute.make_rmem_tensor((MT,), Int32)
+        al2 = mAl[e, 2]
+        if tile < self.n // ROWTILE and dup == 0:
+            nblk = (cnt + MT * 8 - 1) // (MT * 8)
+            c0 = kz * self.cps
+            for mb in cutlass.range(nblk):
+                for s in cutlass.range_constexpr(S - 1):
+                    if cutlass.const_expr(s < self.nit):
+                        self._issue(w0, s0, sw0, ss0, e, tile, warp, lane, Int32(s), c0 + s * U)
+                    cute.arch.cp_async_commit_group()
+                if cutlass.const_expr(self.prefetch):
+                    if mb == 0:
+                        cute.arch.griddepcontrol_wait()         # H is the SwiGLU kernel's output
+                p0 = mb * (MT * 8)
+                for j in cutlass.range_constexpr(MT):
+                    a = _nth_set_bit(m0, m1, cutlass.min(p0 + j * 8 + g, cnt - 1))
+                    if cutlass.const_expr(self.mode != "down"):
+                        rows[j] = a // self.topk
+                    else:
+                        rows[j] = a
+                for i in cutlass.range_constexpr(MT * 4):
+                    acc[i] = Float32(0.0)
+                for it in cutlass.range(self.nit):
+                    cute.arch.cp_async_wait_group(S - 2)
+                    cute.arch.sync_warp()
+                    slot = it % S
+                    for u in cutlass.range_constexpr(U):
+                        cute.autovec_copy(sw[warp, slot, u, lane, None], wreg[None, u])
+                        sreg[u] = Int32(ss[warp, slot, u, lane])
+                    nxt = it + S - 1                # its slot was read in iteration it - 1, before the sync above
+                    if nxt < self.nit:
+                        self._issue(w0, s0, sw0, ss0, e, tile, warp, lane, nxt % S, c0 + nxt * U)
+                    cute.arch.cp_async_commit_group()
+                    cb = c0 + it * U
+                    for u in cutlass.range_constexpr(U):
+                        sg, sg8 = _scale_pair(sreg[u])
+                        kx = (cb + u) * 4 + t
+                        wa = []
+                        for s in cutlass.range_constexpr(4):
+                            wa.append(_decode_word(wreg[s, u], sg, sg8))
+                        for j in cutlass.range_constexpr(MT):
+                            cute.autovec_copy(mX[rows[j], kx, None], xreg)
+                            for s in cutlass.range_constexpr(4):
+                                d = _mma_bf16(wa[s][0], wa[s][1], wa[s][2], wa[s][3], xreg[2 * s], xreg[2 * s + 1],
+                                              acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3])
+                                for q in cutlass.range_constexpr(4):
+                                    acc[j * 4 + q] = d[q]
+                cute.arch.cp_async_wait_group(0)
+                cute.arch.sync_warp()
+                for j in cutlass.range_constexpr(MT):
+                    for q in cutlass.range_constexpr(2):
+                        p = p0 + j * 8 + 2 * t + q
+                        if p < cnt:
+                            a = _nth_set_bit(m0, m1, p)
+                            if cutlass.const_expr(self.mode == "gateup_h"):
+                                # as _DecodeSwiglu over one split (0 + partial), so H is the chain's bit for bit
+                                h = _swiglu((Float32(0.0) + acc[j * 4 + q]) * mAl[e, 0],
+                                            (Float32(0.0) + acc[j * 4 + 2 + q]) * mAl[e, 1], limit, self.clamp)
+                                mOut[a, tile * 8 + g] = h.to(cutlass.BFloat16)
+                            elif cutlass.const_expr(self.mode == "gateup"):
+                                mOut[kz, a, 0, tile * 8 + g] = acc[j * 4 + q]
+                                mOut[kz, a, 1, tile * 8 + g] = acc[j * 4 + 2 + q]
+                            else:
+                                wt = Float32(mWt[a]) * al2
+                                mOut[kz, a, tile * ROWTILE + g] = acc[j * 4 + q] * wt
+                                mOut[kz, a, tile * ROWTILE + g + 8] = acc[j * 4 + 2 + q] * wt
+
+    @cute.jit
+    def launch(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
+               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, limit: Float32, stream):
+        @cute.struct
+        class Storage:
+            sw: cute.struct.Align[cute.struct.MemRange[Int32, WARPS * self.stages * self.u * 128], 128]
+            ss: cute.struct.Align[cute.struct.MemRange[cutlass.Int16, WARPS * self.stages * self.u * 32], 128]
+
+        grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
+        self.kernel(mW, mS, mIds, mX, mWt, mAl, mOut, n_assign, limit, Storage).launch(
+            grid=[grid_x, n_assign, self.ks], block=[WARPS * 32, 1, 1], smem=Storage.size_in_bytes(),
+            stream=stream, use_pdl=self.prefetch)
+
+
+def ring_fits(k: int, ks: int, u: int = RING_U) -> bool:
+    cps = k // KCHUNK // ks
+    return cps % u == 0
+
+
+def compile_decode_ring(mode: str, e: int, n: int, k: int, mt: int, ks: int, topk: int, id_dtype=cutlass.Int64,
+                        wt_dtype=Float32, pdl: bool = False, u: int = RING_U, stages: int = RING_STAGES,
+                        clamp: bool = True):
+    """mode "gateup": fp32 partials GU [ks, a, 2, n/2]; "gateup_h" (ks = 1): H = bf16 SwiGLU [a, n/2] (limit and
+    clamp as _DecodeSwiglu); "down": YP [ks, a, n]. Every mode takes the runtime args (..., n_assign, limit)."""
+    key = ("ring", mode, e, n, k, mt, ks, topk, id_dtype, wt_dtype, pdl, u, stages, clamp, _TVM_FFI)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        obj = _DecodeRing(mode, n, k, mt, ks, topk, u, stages, pdl, clamp)
+        a = cute.sym_int()
+        xin = _fake(Int32, (a if mode == "down" else cute.sym_int(), k // 16, 8))
+        out = {"gateup": _fake(Float32, (ks, a, 2, n // 2), 4), "gateup_h": _fake(cutlass.BFloat16, (a, n // 2), 2),
+               "down": _fake(Float32, (ks, a, n), 4)}[mode]
+        fn = cute.compile(obj.launch,
+                          _fake(Int32, (e, n // 16, k // 64, 32, 4)), _fake(cutlass.Int16, (e, n // 16, k // 64, 32), 2),
+                          _fake(id_dtype, (a,), 4), xin, _fake(wt_dtype, (a,), 2), _fake(Float32, (e, 3), 4), out,
+                          Int32(1), Float32(0.0), _stream_arg(), options=_options())
+        _COMPILED[key] = fn
+    return fn
