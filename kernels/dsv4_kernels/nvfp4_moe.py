@@ -197,6 +197,24 @@ def _nth_set_bit(m0: Int32, m1: Int32, n: Int32, *, loc=None, ip=None):
         "=r,r,r,r", loc=loc, ip=ip))
 
 
+@cute.jit
+def _slot_routing(mIds: cute.Tensor, n_assign: Int32, slot: Int32, lane: Int32):
+    """The routing a decode CTA needs, from at most 64 ids with two warp ballots: its slot's expert e, whether an
+    earlier slot has e (then the CTA has nothing to do), and the 64-bit mask (m0, m1) and count of e's assignments."""
+    e = Int32(mIds[slot])
+    v0 = Int32(-1)
+    v1 = Int32(-1)
+    if lane < n_assign:
+        v0 = Int32(mIds[lane])
+    if lane + 32 < n_assign:
+        v1 = Int32(mIds[lane + 32])
+    dup = cute.arch.vote_ballot_sync(((v0 == e) & (lane < slot)) | ((v1 == e) & (lane + 32 < slot)))
+    m0 = cute.arch.vote_ballot_sync(v0 == e)
+    m1 = cute.arch.vote_ballot_sync(v1 == e)
+    cnt = Int32(cute.arch.popc(m0)) + Int32(cute.arch.popc(m1))
+    return e, dup, m0, m1, cnt
+
+
 class _Decode:
     """Decode-time grouped GEMM (A = T * topk <= 64 assignments), no routing launches.
 
@@ -233,17 +251,7 @@ class _Decode:
         # the next kernel of the chain may be scheduled once every CTA of this grid has started (it waits in
         # griddepcontrol.wait for this grid's end before it reads what we write); a no-op without PDL
         cute.arch.griddepcontrol_launch_dependents()
-        e = Int32(mIds[slot])
-        v0 = Int32(-1)
-        v1 = Int32(-1)
-        if lane < n_assign:
-            v0 = Int32(mIds[lane])
-        if lane + 32 < n_assign:
-            v1 = Int32(mIds[lane + 32])
-        dup = cute.arch.vote_ballot_sync(((v0 == e) & (lane < slot)) | ((v1 == e) & (lane + 32 < slot)))
-        m0 = cute.arch.vote_ballot_sync(v0 == e)
-        m1 = cute.arch.vote_ballot_sync(v1 == e)
-        cnt = Int32(cute.arch.popc(m0)) + Int32(cute.arch.popc(m1))
+        e, dup, m0, m1, cnt = _slot_routing(mIds, n_assign, slot, lane)
         acc = cute.make_rmem_tensor((MT * 4,), Float32)
         wreg = cute.make_rmem_tensor((4, U), Int32)
         sreg = cute.make_rmem_tensor((U,), Int32)

@@ -37,7 +37,8 @@ from cutlass._mlir.dialects import llvm
 
 from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _decode_word, _fake, _mma_bf16, _options,
                                      _scale_pair, _stream_arg, _TVM_FFI)
-from dsv4_kernels.nvfp4_moe import DECODE_LIMIT, PackedExperts, _nth_set_bit, _swiglu, _unroll, compile_finalize
+from dsv4_kernels.nvfp4_moe import (DECODE_LIMIT, PackedExperts, _nth_set_bit, _slot_routing, _swiglu, _unroll,
+                                    compile_finalize)
 
 __all__ = ["moe_decode_fused", "compile_fused", "fused_plan"]
 
@@ -168,17 +169,7 @@ class _FusedDecode:
             bx = r // self.ks2
             kz = r - bx * self.ks2
         tile = bx * WARPS + warp
-        e = Int32(mIds[slot])
-        v0 = Int32(-1)
-        v1 = Int32(-1)
-        if lane < n_assign:
-            v0 = Int32(mIds[lane])
-        if lane + 32 < n_assign:
-            v1 = Int32(mIds[lane + 32])
-        dup = cute.arch.vote_ballot_sync(((v0 == e) & (lane < slot)) | ((v1 == e) & (lane + 32 < slot)))
-        m0 = cute.arch.vote_ballot_sync(v0 == e)
-        m1 = cute.arch.vote_ballot_sync(v1 == e)
-        cnt = Int32(cute.arch.popc(m0)) + Int32(cute.arch.popc(m1))
+        e, dup, m0, m1, cnt = _slot_routing(mIds, n_assign, slot, lane)
         nblk = (cnt + MT * 8 - 1) // (MT * 8)
         acc = cute.make_rmem_tensor((MT * 4,), Float32)
         rows = cute.make_rmem_tensor((MT,), Int32)

@@ -23,7 +23,7 @@ from cutlass import Float32, Int32, Int64
 from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _TVM_FFI, _decode_word, _fake, _mma_bf16, _options,
                                      _scale_pair, _stream_arg)
 from dsv4_kernels.nvfp4_gemv_async import _cp_async16
-from dsv4_kernels.nvfp4_moe import _nth_set_bit, _swiglu
+from dsv4_kernels.nvfp4_moe import _nth_set_bit, _slot_routing, _swiglu
 
 _COMPILED: dict[tuple, Any] = {}
 # chunks per stage and stages of the ring (4 warps x STAGES x U x 576 B of shared memory per CTA); env
@@ -77,17 +77,7 @@ class _DecodeRing:
         w0 = mW.iterator.toint()
         s0 = mS.iterator.toint()
         cute.arch.griddepcontrol_launch_dependents()
-        e = Int32(mIds[slot_a])
-        v0 = Int32(-1)
-        v1 = Int32(-1)
-        if lane < n_assign:
-            v0 = Int32(mIds[lane])
-        if lane + 32 < n_assign:
-            v1 = Int32(mIds[lane + 32])
-        dup = cute.arch.vote_ballot_sync(((v0 == e) & (lane < slot_a)) | ((v1 == e) & (lane + 32 < slot_a)))
-        m0 = cute.arch.vote_ballot_sync(v0 == e)
-        m1 = cute.arch.vote_ballot_sync(v1 == e)
-        cnt = Int32(cute.arch.popc(m0)) + Int32(cute.arch.popc(m1))
+        e, dup, m0, m1, cnt = _slot_routing(mIds, n_assign, slot_a, lane)
         acc = cute.make_rmem_tensor((MT * 4,), Float32)
         wreg = cute.make_rmem_tensor((4, U), Int32)
         sreg = cute.make_rmem_tensor((U,), Int32)
