@@ -6,9 +6,10 @@ lane copies its 16 B per chunk with cp.async (no registers held) into a STAGES-d
 ahead of the math; the CTA's x split is staged in shared memory once; the math reads shared memory. Same per-lane
 accumulation order as _Gemv, so with the same K splits the output is bit-identical (tested).
 
-H100, cold L2 (`scratch` probe of session 17, docs/PERF.md), µs register GEMV -> ring (u4 s4): Flash wq_b 12.0 -> 10.3,
-wo_b 14.3 -> 12.0, Pro wq_b 25.1 -> 22.9, Pro wo_b 36.9 -> 27.9, head 117.6 -> 106.8; Flash expert w1 (4.7 MB)
-6.3 -> 6.6, so the ring is used from 16 MB of weights up (`use_ring`).
+H100, cold L2 (a probe of session 17 with 10 weight copies per graph replay, docs/PERF.md), µs register GEMV ->
+ring (U = 4 chunks per stage, 4 stages): Flash wq_b 12.0 -> 10.3, wo_b 14.3 -> 12.0, Pro wq_b 25.1 -> 22.9, Pro wo_b
+36.9 -> 27.9, head 117.6 -> 106.8; Flash expert w1 (4.7 MB) 6.3 -> 6.6, so the ring is used from 16 MB of weights up
+(`use_ring`). `dsv4 bench gemm --cold-l2` on the final code: Pro wo_b 36.2 -> 27.7 us (3.19x cuBLAS BF16).
 """
 
 from __future__ import annotations
@@ -33,11 +34,16 @@ def _cp_async16(dst_smem: Int32, src: Int64, *, loc=None, ip=None):
 
 
 class _GemvAsync:
+    """y = x @ W^T for one token. Grid (16-row tile groups of WARPS, K splits); each warp streams its tile's split
+    through its own ring; partials P[split, 0, n] when split (summed by nvfp4_gemm's split reduce), else y."""
+
     def __init__(self, n: int, k: int, splits: int, u: int, stages: int):
         self.n, self.k, self.splits, self.u, self.stages = n, k, splits, u, stages
         self.nchunk = k // KCHUNK
         self.cps = self.nchunk // splits
-        assert self.cps % u == 0 and u <= 8
+        if self.cps % u or u > 8 or stages < 2:
+            raise ValueError(f"ring GEMV: a split of {self.cps} chunks needs whole stages of U <= 8 chunks (U={u}) "
+                             f"and >= 2 stages (got {stages})")
         self.nit = self.cps // u
 
     @cute.jit
