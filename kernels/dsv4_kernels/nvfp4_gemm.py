@@ -46,7 +46,6 @@ first call does it); nothing here synchronises with the host, so the forward can
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +56,7 @@ from dsv4_kernels.workspace import workspace
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Int32, Uint32, Float32
+from cutlass import Int32, Float32
 from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass._mlir.dialects import llvm
 
@@ -287,6 +286,21 @@ def _f32x2_to_bf16x2(a: Float32, b: Float32, *, loc=None, ip=None):
         "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", loc=loc, ip=ip))
 
 
+def decode_chunk(wreg, sreg, u: int) -> list:
+    """The 4 A fragments (16 K each) of chunk u of a warp's 16-row tile: codes wreg[:, u], scale pair sreg[u].
+    Shared by every NVFP4 decode kernel (traced inline)."""
+    sg, sg8 = _scale_pair(sreg[u])
+    return [_decode_word(wreg[s, u], sg, sg8) for s in range(4)]
+
+
+def mma_block(a: list, x, acc, j: int) -> None:
+    """acc[4j : 4j + 4] += the tile (fragments a) times one 8-token block of x over the chunk (x: its 8 words)."""
+    for s in range(4):
+        d = _mma_bf16(*a[s], x[2 * s], x[2 * s + 1], acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3])
+        for q in range(4):
+            acc[j * 4 + q] = d[q]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------------------
@@ -342,19 +356,12 @@ class _Gemv:
                         cute.autovec_copy(mW[tile, cb + u, lane, None], wreg[None, u])
                         sreg[u] = Int32(mS[tile, cb + u, lane])
                 for u in cutlass.range_constexpr(U):
-                    sg, sg8 = _scale_pair(sreg[u])
+                    a = decode_chunk(wreg, sreg, u)
                     kx = (cb + u) * 4 + t                          # group of 16 bf16 = 8 u32
-                    a = []
-                    for s in cutlass.range_constexpr(4):
-                        a.append(_decode_word(wreg[s, u], sg, sg8))
                     for j in cutlass.range_constexpr(MT):
                         row = cutlass.min(j * 8 + g, m_rows - 1)
                         cute.autovec_copy(mX[row, kx, None], xreg)
-                        for s in cutlass.range_constexpr(4):
-                            d = _mma_bf16(a[s][0], a[s][1], a[s][2], a[s][3], xreg[2 * s], xreg[2 * s + 1],
-                                          acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3])
-                            for q in cutlass.range_constexpr(4):
-                                acc[j * 4 + q] = d[q]
+                        mma_block(a, xreg, acc, j)
             # PDL: the split reduce (or the next kernel) may be scheduled once every CTA is past its loads; at
             # the start instead, back-to-back GEMVs would all be resident at once, prefetching (measured slower)
             cute.arch.griddepcontrol_launch_dependents()

@@ -18,11 +18,11 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64
 
-from cutlass.cutlass_dsl import T as _T, dsl_user_op
+from cutlass.cutlass_dsl import dsl_user_op
 from cutlass._mlir.dialects import llvm
 
-from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _decode_word, _fake, _mma_bf16, _options,
-                                     _scale_pair, _stream_arg)
+from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _fake, _options, _stream_arg, decode_chunk,
+                                     mma_block)
 
 _COMPILED: dict = {}
 
@@ -114,16 +114,9 @@ class _GemvAsync:
                 self._issue(w0, s0, sw0, ss0, tl, warp, lane, nxt % S, c0 + nxt * U)
             cute.arch.cp_async_commit_group()
             for u in cutlass.range_constexpr(U):
-                sg, sg8 = _scale_pair(sreg[u])
-                a = []
-                for s in cutlass.range_constexpr(4):
-                    a.append(_decode_word(wreg[s, u], sg, sg8))
+                a = decode_chunk(wreg, sreg, u)
                 cute.autovec_copy(sx[it * U + u, t, None], xreg)
-                for s in cutlass.range_constexpr(4):
-                    d = _mma_bf16(a[s][0], a[s][1], a[s][2], a[s][3], xreg[2 * s], xreg[2 * s + 1],
-                                  acc[0], acc[1], acc[2], acc[3])
-                    for q in cutlass.range_constexpr(4):
-                        acc[q] = d[q]
+                mma_block(a, xreg, acc, 0)
         cute.arch.cp_async_wait_group(0)
         if valid:
             n0 = tile * ROWTILE + g

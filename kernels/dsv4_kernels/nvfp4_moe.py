@@ -31,8 +31,8 @@ from cutlass import Float32, Int32
 from cutlass.cutlass_dsl import T as _T, dsl_user_op
 from cutlass._mlir.dialects import llvm
 
-from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _decode_word, _fake, _mma_bf16,
-                                     _options, _scale_pair, _stream_arg, _TVM_FFI, prepare_nvfp4_weight)
+from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _fake, _options, _stream_arg, _TVM_FFI,
+                                     decode_chunk, mma_block, prepare_nvfp4_weight)
 
 __all__ = ["PackedExperts", "prepare_nvfp4_experts", "nvfp4_moe", "bench"]
 
@@ -146,18 +146,11 @@ class _Grouped:
                         cute.autovec_copy(mW[e, tile, cb + u, lane, None], wreg[None, u])
                         sreg[u] = Int32(mS[e, tile, cb + u, lane])
                     for u in cutlass.range_constexpr(U):
-                        sg, sg8 = _scale_pair(sreg[u])
+                        a = decode_chunk(wreg, sreg, u)
                         kx = (cb + u) * 4 + t
-                        a = []
-                        for s in cutlass.range_constexpr(4):
-                            a.append(_decode_word(wreg[s, u], sg, sg8))
                         for j in cutlass.range_constexpr(MT):
                             cute.autovec_copy(mX[rows[j], kx, None], xreg)
-                            for s in cutlass.range_constexpr(4):
-                                d = _mma_bf16(a[s][0], a[s][1], a[s][2], a[s][3], xreg[2 * s], xreg[2 * s + 1],
-                                              acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3])
-                                for q in cutlass.range_constexpr(4):
-                                    acc[j * 4 + q] = d[q]
+                            mma_block(a, xreg, acc, j)
                 for j in cutlass.range_constexpr(MT):
                     for q in cutlass.range_constexpr(2):
                         p = p0 + j * 8 + 2 * t + q
@@ -288,18 +281,11 @@ class _Decode:
                             cute.autovec_copy(mW[e, tile, cb + u, lane, None], wreg[None, u])
                             sreg[u] = Int32(mS[e, tile, cb + u, lane])
                     for u in cutlass.range_constexpr(U):
-                        sg, sg8 = _scale_pair(sreg[u])
+                        wa = decode_chunk(wreg, sreg, u)
                         kx = (cb + u) * 4 + t
-                        wa = []
-                        for s in cutlass.range_constexpr(4):
-                            wa.append(_decode_word(wreg[s, u], sg, sg8))
                         for j in cutlass.range_constexpr(MT):
                             cute.autovec_copy(mX[rows[j], kx, None], xreg)
-                            for s in cutlass.range_constexpr(4):
-                                d = _mma_bf16(wa[s][0], wa[s][1], wa[s][2], wa[s][3], xreg[2 * s], xreg[2 * s + 1],
-                                              acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3])
-                                for q in cutlass.range_constexpr(4):
-                                    acc[j * 4 + q] = d[q]
+                            mma_block(wa, xreg, acc, j)
                 for j in cutlass.range_constexpr(MT):
                     for q in cutlass.range_constexpr(2):
                         p = p0 + j * 8 + 2 * t + q
@@ -704,9 +690,7 @@ def _read_peer_us(nbytes: int, time_ms, reps: int) -> float:
         for b in bufs:
             b.sum(dtype=torch.float32)
 
-    t = time_ms(read_all, reps) / copies
-    del bufs
-    return t * 1e3
+    return time_ms(read_all, reps) / copies * 1e3
 
 
 def bench(models, batches, bw, reps, shapes, time_ms, variants=("auto",)) -> list[dict]:

@@ -35,8 +35,8 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cutlass_dsl import T as _T, dsl_user_op
 from cutlass._mlir.dialects import llvm
 
-from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _decode_word, _fake, _mma_bf16, _options,
-                                     _scale_pair, _stream_arg, _TVM_FFI)
+from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _fake, _options, _stream_arg, _TVM_FFI,
+                                     decode_chunk, mma_block)
 from dsv4_kernels.nvfp4_moe import (DECODE_LIMIT, PackedExperts, _nth_set_bit, _slot_routing, _swiglu, _unroll,
                                     compile_finalize)
 
@@ -121,16 +121,9 @@ class _FusedDecode:
 
     def _mma_chunk(self, wreg, sreg, u, acc, xs):
         """One 64-K chunk: decode the 4 A fragments, one m16n8k16 per (row block j, 16-K step s)."""
-        sg, sg8 = _scale_pair(sreg[u])
-        wa = []
-        for s in range(4):
-            wa.append(_decode_word(wreg[s, u], sg, sg8))
+        wa = decode_chunk(wreg, sreg, u)
         for j in range(self.mt):
-            for s in range(4):
-                d = _mma_bf16(wa[s][0], wa[s][1], wa[s][2], wa[s][3], xs[j][2 * s], xs[j][2 * s + 1],
-                              acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3])
-                for q in range(4):
-                    acc[j * 4 + q] = d[q]
+            mma_block(wa, xs[j], acc, j)
 
     @cute.kernel
     def kernel(self, mW1: cute.Tensor, mS1: cute.Tensor, mW2: cute.Tensor, mS2: cute.Tensor, mIds: cute.Tensor,

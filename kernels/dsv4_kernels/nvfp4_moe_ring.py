@@ -20,8 +20,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64
 
-from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _TVM_FFI, _decode_word, _fake, _mma_bf16, _options,
-                                     _scale_pair, _stream_arg)
+from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _TVM_FFI, _fake, _options, _stream_arg, decode_chunk,
+                                     mma_block)
 from dsv4_kernels.nvfp4_gemv_async import _cp_async16
 from dsv4_kernels.nvfp4_moe import _nth_set_bit, _slot_routing, _swiglu
 
@@ -117,18 +117,11 @@ class _DecodeRing:
                     cute.arch.cp_async_commit_group()
                     cb = c0 + it * U
                     for u in cutlass.range_constexpr(U):
-                        sg, sg8 = _scale_pair(sreg[u])
+                        wa = decode_chunk(wreg, sreg, u)
                         kx = (cb + u) * 4 + t
-                        wa = []
-                        for s in cutlass.range_constexpr(4):
-                            wa.append(_decode_word(wreg[s, u], sg, sg8))
                         for j in cutlass.range_constexpr(MT):
                             cute.autovec_copy(mX[rows[j], kx, None], xreg)
-                            for s in cutlass.range_constexpr(4):
-                                d = _mma_bf16(wa[s][0], wa[s][1], wa[s][2], wa[s][3], xreg[2 * s], xreg[2 * s + 1],
-                                              acc[j * 4], acc[j * 4 + 1], acc[j * 4 + 2], acc[j * 4 + 3])
-                                for q in cutlass.range_constexpr(4):
-                                    acc[j * 4 + q] = d[q]
+                            mma_block(wa, xreg, acc, j)
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.sync_warp()
                 for j in cutlass.range_constexpr(MT):
