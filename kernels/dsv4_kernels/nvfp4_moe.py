@@ -675,7 +675,8 @@ def _set_variant(v: str) -> None:
     v = "decode" if v in ("ring", "noring") else v
     SORTED_ONLY = v == "sorted"
     DECODE_MAX_ASSIGN = _DEFAULT_MAX_ASSIGN if v in ("auto", "sorted") else DECODE_LIMIT
-    DECODE_FUSED_MAX_ASSIGN = {"auto": _DEFAULT_FUSED_MAX, "decode": _DEFAULT_FUSED_MAX, "fused": DECODE_LIMIT}.get(v, 0)
+    DECODE_FUSED_MAX_ASSIGN = {"auto": _DEFAULT_FUSED_MAX, "decode": _DEFAULT_FUSED_MAX,
+                               "fused": DECODE_LIMIT}.get(v, 0)
     DECODE_KS = None if v in ("auto", "sorted", "decode", "chain", "fused") else tuple(int(a) for a in v.split("x"))
 
 
