@@ -692,12 +692,12 @@ def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = No
         if GEMV_RING:
             from dsv4_kernels import nvfp4_gemv_async as ring
             if ring.use_ring(pw.n, pw.k, m, splits):
-                fn = ring.compile_gemv_async(pw.n, pw.k, splits, ring.RING_U, ring.RING_STAGES)
+                fn = ring.compile_gemv_async(pw.n, pw.k, splits, ring.RING_U, ring.RING_STAGES, ring.ring_mt(m))
                 xi = x2.view(torch.int32).view(m, pw.k // 16, 8)
-                part = gemm_workspace("part", splits * pw.n, torch.float32, x.device).view(splits, 1, pw.n)
-                _call(fn, pw.codes, pw.scales, xi, y, part, pw.alpha)
+                part = gemm_workspace("part", splits * m * pw.n, torch.float32, x.device).view(splits, m, pw.n)
+                _call(fn, pw.codes, pw.scales, xi, y, part, m, pw.alpha)
                 if splits > 1:
-                    _call(compile_split_reduce(pw.n, splits), part, y, pw.n, pw.alpha)
+                    _call(compile_split_reduce(pw.n, splits), part, y, m * pw.n, pw.alpha)
                 return y.view(*lead, pw.n)
         mt = -(-m // 8)
         fused = use_fused(splits, mt)
@@ -750,7 +750,7 @@ def warmup(pw: PackedNVFP4, ms: list[int] | tuple[int, ...] = (1, 8, 16, 32, 64)
             if GEMV_RING:
                 from dsv4_kernels import nvfp4_gemv_async as ring
                 if ring.use_ring(pw.n, pw.k, m, splits):
-                    ring.compile_gemv_async(pw.n, pw.k, splits, ring.RING_U, ring.RING_STAGES)
+                    ring.compile_gemv_async(pw.n, pw.k, splits, ring.RING_U, ring.RING_STAGES, ring.ring_mt(m))
                     if splits > 1:
                         compile_split_reduce(pw.n, splits)
     compile_dequant(pw.n, pw.k)

@@ -14,6 +14,8 @@ ring (U = 4 chunks per stage, 4 stages): Flash wq_b 12.0 -> 10.3, wo_b 14.3 -> 1
 
 from __future__ import annotations
 
+import os
+
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64
@@ -34,11 +36,15 @@ def _cp_async16(dst_smem: Int32, src: Int64, *, loc=None, ip=None):
 
 
 class _GemvAsync:
-    """y = x @ W^T for one token. Grid (16-row tile groups of WARPS, K splits); each warp streams its tile's split
-    through its own ring; partials P[split, 0, n] when split (summed by nvfp4_gemm's split reduce), else y."""
+    """y = x @ W^T. Grid (16-row tile groups of WARPS, K splits); each warp streams its tile's split through its own
+    ring; partials P[split, m, n] when split (summed by nvfp4_gemm's split reduce), else y.
 
-    def __init__(self, n: int, k: int, splits: int, u: int, stages: int):
-        self.n, self.k, self.splits, self.u, self.stages = n, k, splits, u, stages
+    mt = 0: one token, its x split staged in shared memory. mt >= 1: up to 8 * mt tokens (m_rows at run time), x
+    read per chunk from global memory (L1/L2-resident: every warp of the grid reads the same rows), as
+    nvfp4_gemm._Gemv does; same per-lane order as _Gemv, so bit-identical to it at equal splits."""
+
+    def __init__(self, n: int, k: int, splits: int, u: int, stages: int, mt: int = 0):
+        self.n, self.k, self.splits, self.u, self.stages, self.mt = n, k, splits, u, stages, mt
         self.nchunk = k // KCHUNK
         self.cps = self.nchunk // splits
         if self.cps % u or u > 8 or stages < 2:
@@ -63,7 +69,7 @@ class _GemvAsync:
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mP: cute.Tensor,
-               alpha: Float32, Storage: cutlass.Constexpr):
+               m_rows: Int32, alpha: Float32, Storage: cutlass.Constexpr):
         tidx, _, _ = cute.arch.thread_idx()
         bx, by, _ = cute.arch.block_idx()
         lane = tidx % 32
@@ -76,7 +82,7 @@ class _GemvAsync:
         st = smem.allocate(Storage)
         sw = st.sw.get_tensor(cute.make_layout((WARPS, S, U, 32, 4), stride=(S * U * 128, U * 128, 128, 4, 1)))
         ss = st.ss.get_tensor(cute.make_layout((WARPS, S, U, 32), stride=(S * U * 32, U * 32, 32, 1)))
-        sx = st.sx.get_tensor(cute.make_layout((self.cps, 4, 8), stride=(32, 8, 1)))
+        MT = self.mt
         sw0 = sw.iterator.toint()
         ss0 = ss.iterator.toint()
         w0 = mW.iterator.toint()
@@ -89,15 +95,17 @@ class _GemvAsync:
             if cutlass.const_expr(s < self.nit):
                 self._issue(w0, s0, sw0, ss0, tl, warp, lane, Int32(s), c0 + s * U)
             cute.arch.cp_async_commit_group()
-        for i in cutlass.range((self.cps * 32 + WARPS * 32 - 1) // (WARPS * 32)):
-            idx = i * (WARPS * 32) + tidx
-            if idx < self.cps * 32:
-                c = idx // 32
-                r = idx % 32
-                sx[c, r // 8, r % 8] = mX[0, (c0 + c) * 4 + r // 8, r % 8]
-        cute.arch.barrier()
-        acc = cute.make_rmem_tensor((4,), Float32)
-        for q in cutlass.range_constexpr(4):
+        if cutlass.const_expr(MT == 0):
+            sx = st.sx.get_tensor(cute.make_layout((self.cps, 4, 8), stride=(32, 8, 1)))
+            for i in cutlass.range((self.cps * 32 + WARPS * 32 - 1) // (WARPS * 32)):
+                idx = i * (WARPS * 32) + tidx
+                if idx < self.cps * 32:
+                    c = idx // 32
+                    r = idx % 32
+                    sx[c, r // 8, r % 8] = mX[0, (c0 + c) * 4 + r // 8, r % 8]
+            cute.arch.barrier()
+        acc = cute.make_rmem_tensor((max(MT, 1) * 4,), Float32)
+        for q in cutlass.range_constexpr(max(MT, 1) * 4):
             acc[q] = Float32(0.0)
         wreg = cute.make_rmem_tensor((4, U), Int32)
         sreg = cute.make_rmem_tensor((U,), Int32)
@@ -115,51 +123,78 @@ class _GemvAsync:
             cute.arch.cp_async_commit_group()
             for u in cutlass.range_constexpr(U):
                 a = decode_chunk(wreg, sreg, u)
-                cute.autovec_copy(sx[it * U + u, t, None], xreg)
-                mma_block(a, xreg, acc, 0)
+                if cutlass.const_expr(MT == 0):
+                    cute.autovec_copy(sx[it * U + u, t, None], xreg)
+                    mma_block(a, xreg, acc, 0)
+                else:
+                    kx = (c0 + it * U + u) * 4 + t
+                    for j in cutlass.range_constexpr(MT):
+                        cute.autovec_copy(mX[cutlass.min(j * 8 + g, m_rows - 1), kx, None], xreg)
+                        mma_block(a, xreg, acc, j)
         cute.arch.cp_async_wait_group(0)
-        if valid:
-            n0 = tile * ROWTILE + g
-            if t == 0:
-                for q in cutlass.range_constexpr(0, 4, 2):
-                    nn = n0 + 8 * (q // 2)
-                    if cutlass.const_expr(self.splits == 1):
-                        mY[0, nn] = (acc[q] * alpha).to(cutlass.BFloat16)
-                    else:
-                        mP[by, 0, nn] = acc[q]
+        if cutlass.const_expr(MT > 0):
+            if valid:
+                n0 = tile * ROWTILE + g
+                for j in cutlass.range_constexpr(MT):
+                    for q in cutlass.range_constexpr(4):
+                        m = j * 8 + 2 * t + (q % 2)
+                        if m < m_rows:
+                            if cutlass.const_expr(self.splits == 1):
+                                mY[m, n0 + 8 * (q // 2)] = (acc[j * 4 + q] * alpha).to(cutlass.BFloat16)
+                            else:
+                                mP[by, m, n0 + 8 * (q // 2)] = acc[j * 4 + q]
+        else:
+            if valid:
+                n0 = tile * ROWTILE + g
+                if t == 0:
+                    for q in cutlass.range_constexpr(0, 4, 2):
+                        nn = n0 + 8 * (q // 2)
+                        if cutlass.const_expr(self.splits == 1):
+                            mY[0, nn] = (acc[q] * alpha).to(cutlass.BFloat16)
+                        else:
+                            mP[by, 0, nn] = acc[q]
 
     @cute.jit
     def launch(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mP: cute.Tensor,
-               alpha: Float32, stream):
+               m_rows: Int32, alpha: Float32, stream):
         @cute.struct
         class Storage:
             sw: cute.struct.Align[cute.struct.MemRange[Int32, WARPS * self.stages * self.u * 128], 128]
             ss: cute.struct.Align[cute.struct.MemRange[cutlass.Int16, WARPS * self.stages * self.u * 32], 128]
-            sx: cute.struct.Align[cute.struct.MemRange[Int32, self.cps * 32], 128]
+            sx: cute.struct.Align[cute.struct.MemRange[Int32, self.cps * 32 if self.mt == 0 else 4], 128]
 
         grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
-        self.kernel(mW, mS, mX, mY, mP, alpha, Storage).launch(grid=[grid_x, self.splits, 1],
+        self.kernel(mW, mS, mX, mY, mP, m_rows, alpha, Storage).launch(grid=[grid_x, self.splits, 1],
                                                                block=[WARPS * 32, 1, 1],
                                                                smem=Storage.size_in_bytes(), stream=stream)
 
 
-def compile_gemv_async(n: int, k: int, splits: int, u: int = 4, stages: int = 4):
-    key = (n, k, splits, u, stages)
+def compile_gemv_async(n: int, k: int, splits: int, u: int = 4, stages: int = 4, mt: int = 0):
+    """mt = 0: the one-token kernel (x [1, K/16, 8] int32 views); mt >= 1: up to 8 * mt tokens (m_rows)."""
+    key = (n, k, splits, u, stages, mt)
     fn = _COMPILED.get(key)
     if fn is None:
-        fn = cute.compile(_GemvAsync(n, k, splits, u, stages).launch,
+        m = 1 if mt == 0 else cute.sym_int()
+        fn = cute.compile(_GemvAsync(n, k, splits, u, stages, mt).launch,
                           _fake(Int32, (n // 16, k // 64, 32, 4)), _fake(cutlass.Int16, (n // 16, k // 64, 32), 2),
-                          _fake(Int32, (1, k // 16, 8)), _fake(cutlass.BFloat16, (1, n), 2),
-                          _fake(Float32, (splits, 1, n), 4), Float32(1.0), _stream_arg(), options=_options())
+                          _fake(Int32, (m, k // 16, 8)), _fake(cutlass.BFloat16, (m, n), 2),
+                          _fake(Float32, (splits, m, n), 4), Int32(1), Float32(1.0), _stream_arg(),
+                          options=_options())
         _COMPILED[key] = fn
     return fn
 
 
 RING_MIN_BYTES = 16 << 20        # below this the register GEMV (with PDL where it applies) measured faster
 RING_U, RING_STAGES = 4, 4
+RING_MAX_M = int(os.environ.get("DSV4_GEMV_RING_MAX_M", "16"))   # 1 = the one-token kernel only (A/B runs)
+
+
+def ring_mt(m: int) -> int:
+    """The ring kernel variant for m tokens: 0 = one token with x in shared memory, else 8-token tiles."""
+    return 0 if m == 1 else -(-m // 8)
 
 
 def use_ring(n: int, k: int, m: int, splits: int) -> bool:
-    """The ring kernel takes one token and splits of whole stages; it pays off on large weights."""
+    """The ring kernel takes up to RING_MAX_M tokens and splits of whole stages; it pays off on large weights."""
     cps = k // KCHUNK // splits
-    return m == 1 and cps % RING_U == 0 and n % ROWTILE == 0 and n * k // 2 >= RING_MIN_BYTES
+    return m <= RING_MAX_M and cps % RING_U == 0 and n % ROWTILE == 0 and n * k // 2 >= RING_MIN_BYTES

@@ -1,4 +1,4 @@
-"""The cp.async-ring NVFP4 GEMV (one token, large weights) is bit-identical to the register GEMV with the same K
+"""The cp.async-ring NVFP4 GEMV (up to 16 tokens, large weights) is bit-identical to the register GEMV with the same K
 splits, and close to the dequantised reference."""
 
 from __future__ import annotations
@@ -30,15 +30,16 @@ def linear(x, pw, ring: bool):
         G.GEMV_RING = old
 
 
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16])
 @pytest.mark.parametrize("n,k", [(32768, 1024), (4096, 8192), (65536, 1536), (7168, 16384), (16384, 2048),
                                  (129280, 4096)])
-def test_ring_gemv_equals_the_register_gemv(n, k):
-    gen = torch.Generator(device=DEV).manual_seed(n + k)
+def test_ring_gemv_equals_the_register_gemv(n, k, m):
+    gen = torch.Generator(device=DEV).manual_seed(n + k + m)
     pw = G.prepare_nvfp4_weight(quantize_nvfp4(torch.randn(n, k, device=DEV, generator=gen)), DEV)
     splits, _ = G.gemv_plan(n, k)
-    assert R.use_ring(n, k, 1, splits), "these shapes must take the ring path"
+    assert R.use_ring(n, k, m, splits), "these shapes must take the ring path"
     for trial in range(2):
-        x = (torch.randn(1, k, device=DEV, generator=gen) * (1 + trial)).to(torch.bfloat16)
+        x = (torch.randn(m, k, device=DEV, generator=gen) * (1 + trial)).to(torch.bfloat16)
         a, b = linear(x, pw, True), linear(x, pw, False)
         assert torch.isfinite(a.float()).all(), "NaN/Inf (or an unwritten output) from the ring GEMV"
         assert torch.equal(a, b), f"ring != register GEMV at {(a != b).nonzero()[:3].tolist()}"
@@ -47,11 +48,12 @@ def test_ring_gemv_equals_the_register_gemv(n, k):
         assert err < 1e-2, f"relative error {err:.3e} against the dequantised weight"
 
 
-def test_ring_gemv_in_a_cuda_graph():
+@pytest.mark.parametrize("m", [1, 11])
+def test_ring_gemv_in_a_cuda_graph(m):
     n, k = 32768, 1024
     pw = G.prepare_nvfp4_weight(quantize_nvfp4(torch.randn(n, k, device=DEV)), DEV)
-    x = torch.randn(1, k, device=DEV).to(torch.bfloat16)
-    G.warmup(pw, [1])
+    x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+    G.warmup(pw, [m])
     want = linear(x, pw, False)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -63,6 +65,6 @@ def test_ring_gemv_in_a_cuda_graph():
         assert torch.equal(y, want)
 
 
-def test_small_weights_and_several_tokens_keep_the_register_gemv():
+def test_small_weights_and_many_tokens_keep_the_register_gemv():
     assert not R.use_ring(2048, 4096, 1, 4)          # 4 MB: the register GEMV measured faster
-    assert not R.use_ring(32768, 1024, 2, 1)         # the ring kernel takes one token
+    assert not R.use_ring(32768, 1024, R.RING_MAX_M + 1, 1)

@@ -214,7 +214,7 @@ class DeepseekV4Model:
         """FP32 logits [len(rows), vocab] of the residual streams' `rows`."""
         cfg, ops = self.cfg, self.ops
         x = ops.hc_head(h[rows], *self.hc_head, cfg.norm_eps, cfg.hc_eps)
-        return ops.linear(ops.rms_norm(x, self.norm, cfg.norm_eps), self.head).float()
+        return ops.lm_head(ops.rms_norm(x, self.norm, cfg.norm_eps), self.head)
 
     # --- whole model -------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -101,6 +101,10 @@ class Ops(ABC):
     @abstractmethod
     def linear(self, x: Tensor, w: Any) -> Tensor: ...
 
+    def lm_head(self, x: Tensor, w: Any) -> Tensor:
+        """FP32 logits x @ head^T (DeepSeek computes the LM head in FP32)."""
+        return self.linear(x, w).float()
+
     @abstractmethod
     def grouped_linear(self, x: Tensor, w: Any) -> Tensor:
         """x [T, groups * K] -> [T, groups * R]: group g's rows of the weight times x's g-th K-slice (V4's wo_a)."""

@@ -107,6 +107,11 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
             return y if self.dtype == torch.bfloat16 else y.to(self.dtype)
         return super().linear(x, w)
 
+    def lm_head(self, x: Tensor, w: Any) -> Tensor:
+        if isinstance(w, (PackedNVFP4, PackedFP8)):     # a quantised head: the kernels write BF16
+            return self.linear(x, w).float()
+        return super().lm_head(x, w)
+
     def grouped_linear(self, x: Tensor, w: Any) -> Tensor:
         if isinstance(w, PackedFP8):
             y = fp8_linear(x.to(torch.bfloat16), w)

@@ -97,6 +97,16 @@ class TorchOps(Ops):
     def linear(self, x: Tensor, w: Tensor) -> Tensor:
         return F.linear(x.to(w.dtype), w)
 
+    def lm_head(self, x: Tensor, w: Tensor) -> Tensor:
+        """FP32 logits, as DeepSeek's inference code computes them (`F.linear(x.float(), head.float())`): a BF16
+        product is exact in FP32, so a BF16 GEMM accumulating and writing FP32 is that computation without an FP32
+        copy of the head. BF16 logits would tie exactly at the top on ~5 % of steps of a random-weight model (one
+        BF16 step is 0.0625 at |logit| 8-16), which turns greedy decoding into a coin toss between backends."""
+        x = x.to(w.dtype)
+        if x.is_cuda and w.dtype in (torch.bfloat16, torch.float16):
+            return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+        return F.linear(x.float(), w.float())
+
     def grouped_linear(self, x: Tensor, w: Tensor) -> Tensor:
         G, R, K = w.shape
         return torch.einsum("tgi,gri->tgr", x.reshape(-1, G, K).to(w.dtype), w).reshape(*x.shape[:-1], G * R)
