@@ -692,12 +692,13 @@ def nvfp4_linear(x: torch.Tensor, pw: PackedNVFP4, out: torch.Tensor | None = No
         if GEMV_RING:
             from dsv4_kernels import nvfp4_gemv_async as ring
             if ring.use_ring(pw.n, pw.k, m, splits):
-                fn = ring.compile_gemv_async(pw.n, pw.k, splits, ring.RING_U, ring.RING_STAGES, ring.ring_mt(m))
+                fn = ring.compile_gemv_async(pw.n, pw.k, splits, ring.RING_U, ring.RING_STAGES, ring.ring_mt(m),
+                                             ring.RING_PDL)
                 xi = x2.view(torch.int32).view(m, pw.k // 16, 8)
                 part = gemm_workspace("part", splits * m * pw.n, torch.float32, x.device).view(splits, m, pw.n)
                 _call(fn, pw.codes, pw.scales, xi, y, part, m, pw.alpha)
                 if splits > 1:
-                    _call(compile_split_reduce(pw.n, splits), part, y, m * pw.n, pw.alpha)
+                    _call(compile_split_reduce(pw.n, splits, ring.RING_PDL), part, y, m * pw.n, pw.alpha)
                 return y.view(*lead, pw.n)
         mt = -(-m // 8)
         fused = use_fused(splits, mt)
@@ -750,7 +751,8 @@ def warmup(pw: PackedNVFP4, ms: list[int] | tuple[int, ...] = (1, 8, 16, 32, 64)
             if GEMV_RING:
                 from dsv4_kernels import nvfp4_gemv_async as ring
                 if ring.use_ring(pw.n, pw.k, m, splits):
-                    ring.compile_gemv_async(pw.n, pw.k, splits, ring.RING_U, ring.RING_STAGES, ring.ring_mt(m))
+                    ring.compile_gemv_async(pw.n, pw.k, splits, ring.RING_U, ring.RING_STAGES, ring.ring_mt(m),
+                                            ring.RING_PDL)
                     if splits > 1:
-                        compile_split_reduce(pw.n, splits)
+                        compile_split_reduce(pw.n, splits, ring.RING_PDL)
     compile_dequant(pw.n, pw.k)

@@ -43,8 +43,8 @@ class _GemvAsync:
     read per chunk from global memory (L1/L2-resident: every warp of the grid reads the same rows), as
     nvfp4_gemm._Gemv does; same per-lane order as _Gemv, so bit-identical to it at equal splits."""
 
-    def __init__(self, n: int, k: int, splits: int, u: int, stages: int, mt: int = 0):
-        self.n, self.k, self.splits, self.u, self.stages, self.mt = n, k, splits, u, stages, mt
+    def __init__(self, n: int, k: int, splits: int, u: int, stages: int, mt: int = 0, pdl: bool = False):
+        self.n, self.k, self.splits, self.u, self.stages, self.mt, self.pdl = n, k, splits, u, stages, mt, pdl
         self.nchunk = k // KCHUNK
         self.cps = self.nchunk // splits
         if self.cps % u or u > 8 or stages < 2:
@@ -95,6 +95,9 @@ class _GemvAsync:
             if cutlass.const_expr(s < self.nit):
                 self._issue(w0, s0, sw0, ss0, tl, warp, lane, Int32(s), c0 + s * U)
             cute.arch.cp_async_commit_group()
+        # PDL: launched while the kernel that writes x still runs; the weights depend on nothing it writes, so the
+        # first stages went out above, and x is read only after the wait (a no-op without PDL)
+        cute.arch.griddepcontrol_wait()
         if cutlass.const_expr(MT == 0):
             sx = st.sx.get_tensor(cute.make_layout((self.cps, 4, 8), stride=(32, 8, 1)))
             for i in cutlass.range((self.cps * 32 + WARPS * 32 - 1) // (WARPS * 32)):
@@ -132,6 +135,8 @@ class _GemvAsync:
                         cute.autovec_copy(mX[cutlass.min(j * 8 + g, m_rows - 1), kx, None], xreg)
                         mma_block(a, xreg, acc, j)
         cute.arch.cp_async_wait_group(0)
+        # the next kernel may be scheduled once every CTA is past its stream (as nvfp4_gemm._Gemv)
+        cute.arch.griddepcontrol_launch_dependents()
         if cutlass.const_expr(MT > 0):
             if valid:
                 n0 = tile * ROWTILE + g
@@ -166,16 +171,18 @@ class _GemvAsync:
         grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
         self.kernel(mW, mS, mX, mY, mP, m_rows, alpha, Storage).launch(grid=[grid_x, self.splits, 1],
                                                                block=[WARPS * 32, 1, 1],
-                                                               smem=Storage.size_in_bytes(), stream=stream)
+                                                               smem=Storage.size_in_bytes(), stream=stream,
+                                                               use_pdl=self.pdl)
 
 
-def compile_gemv_async(n: int, k: int, splits: int, u: int = 4, stages: int = 4, mt: int = 0):
-    """mt = 0: the one-token kernel (x [1, K/16, 8] int32 views); mt >= 1: up to 8 * mt tokens (m_rows)."""
-    key = (n, k, splits, u, stages, mt)
+def compile_gemv_async(n: int, k: int, splits: int, u: int = 4, stages: int = 4, mt: int = 0, pdl: bool = False):
+    """mt = 0: the one-token kernel (x [1, K/16, 8] int32 views); mt >= 1: up to 8 * mt tokens (m_rows). pdl:
+    programmatic dependent launch, the first weight stages issued before waiting on the previous kernel."""
+    key = (n, k, splits, u, stages, mt, pdl)
     fn = _COMPILED.get(key)
     if fn is None:
         m = 1 if mt == 0 else cute.sym_int()
-        fn = cute.compile(_GemvAsync(n, k, splits, u, stages, mt).launch,
+        fn = cute.compile(_GemvAsync(n, k, splits, u, stages, mt, pdl).launch,
                           _fake(Int32, (n // 16, k // 64, 32, 4)), _fake(cutlass.Int16, (n // 16, k // 64, 32), 2),
                           _fake(Int32, (m, k // 16, 8)), _fake(cutlass.BFloat16, (m, n), 2),
                           _fake(Float32, (splits, m, n), 4), Int32(1), Float32(1.0), _stream_arg(),
@@ -186,7 +193,14 @@ def compile_gemv_async(n: int, k: int, splits: int, u: int = 4, stages: int = 4,
 
 RING_MIN_BYTES = 16 << 20        # below this the register GEMV (with PDL where it applies) measured faster
 RING_U, RING_STAGES = 4, 4
-RING_MAX_M = int(os.environ.get("DSV4_GEMV_RING_MAX_M", "16"))   # 1 = the one-token kernel only (A/B runs)
+# Several tokens (x from global memory) only pay off on long K streams per warp in a grid of about one wave: H100
+# session 18, Pro wo_b (64 chunks per split, 448 CTAs) M = 2 / 4 / 8 36.1 / 36.5 / 37.5 -> 29.7 / 32.2 / 34.5 us,
+# while wq_b (16-24 chunks) and the head (64 chunks but 2 020 CTAs: the register kernel keeps more warps resident)
+# lost 5-15 %, and M = 16 lost everywhere. Env DSV4_GEMV_RING_MAX_M (1 = the one-token kernel only).
+RING_MAX_M = int(os.environ.get("DSV4_GEMV_RING_MAX_M", "8"))
+RING_MULTI_MIN_CHUNKS = 32
+RING_MULTI_MAX_CTAS = 4 * 132
+RING_PDL = os.environ.get("DSV4_GEMV_RING_PDL", "1") != "0"
 
 
 def ring_mt(m: int) -> int:
@@ -197,4 +211,7 @@ def ring_mt(m: int) -> int:
 def use_ring(n: int, k: int, m: int, splits: int) -> bool:
     """The ring kernel takes up to RING_MAX_M tokens and splits of whole stages; it pays off on large weights."""
     cps = k // KCHUNK // splits
-    return m <= RING_MAX_M and cps % RING_U == 0 and n % ROWTILE == 0 and n * k // 2 >= RING_MIN_BYTES
+    ctas = -(-n // (ROWTILE * WARPS)) * splits
+    if m > 1 and (m > RING_MAX_M or cps < RING_MULTI_MIN_CHUNKS or ctas > RING_MULTI_MAX_CTAS):
+        return False
+    return cps % RING_U == 0 and n % ROWTILE == 0 and n * k // 2 >= RING_MIN_BYTES

@@ -377,9 +377,6 @@ DECODE_MAX_ASSIGN = int(os.environ.get("DSV4_MOE_DECODE_MAX_ASSIGN", str(DECODE_
 # the next one be scheduled once all its CTAs have started, and the next waits in griddepcontrol.wait before it
 # reads its input; the down kernel issues its first weight loads before that wait. Env DSV4_MOE_PDL=0 turns it off.
 DECODE_PDL = os.environ.get("DSV4_MOE_PDL", "1") != "0"
-# The ring down kernel sums each token's top-k rows itself (its last warp per 16-row tile, the finalize's order:
-# the same bits) instead of a finalize launch. Env DSV4_MOE_DOWN_FINALIZE=0 keeps the finalize kernel.
-DECODE_DOWN_FINALIZE = os.environ.get("DSV4_MOE_DOWN_FINALIZE", "1") != "0"
 
 # The decode chain's gate_up and down kernels stream their weights through a cp.async shared-memory ring
 # (dsv4_kernels.nvfp4_moe_ring, bit-identical) where the K split allows. Env DSV4_MOE_RING=0 turns it off.
@@ -475,9 +472,8 @@ def decode_plan(experts: "PackedExperts", num_assign: int, topk: int) -> tuple[i
 
 
 def _decode_kernels(E, D, I, mt, ks1, ks2, topk, clamp, id_t=cutlass.Int64, wt_t=Float32, unroll=4, pdl=False):
-    """The decode chain: (gate_up, SwiGLU or None, down, ring_up, ring_down, down_finalizes). With the cp.async ring
-    and an unsplit gate_up, gate_up applies the SwiGLU itself (no SwiGLU kernel); ring kernels take trailing
-    (limit, y, counters) args, and a finalizing ring down writes the MoE output itself (no finalize kernel)."""
+    """The decode chain: (gate_up, SwiGLU or None, down, ring_up, ring_down). With the cp.async ring and an unsplit
+    gate_up, gate_up applies the SwiGLU itself (no SwiGLU kernel); ring kernels take a trailing `limit` arg."""
     from dsv4_kernels import nvfp4_moe_ring as ring
     ring_up = DECODE_RING and ring.ring_fits(D, ks1)
     ring_down = DECODE_RING and ring.ring_fits(I, ks2)
@@ -488,12 +484,9 @@ def _decode_kernels(E, D, I, mt, ks1, ks2, topk, clamp, id_t=cutlass.Int64, wt_t
         f1 = ring.compile_decode_ring("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t) if ring_up else \
             compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, unroll)
         swiglu = compile_decode_swiglu(E, I, ks1, clamp, id_t, pdl)
-    fin = ring_down and DECODE_DOWN_FINALIZE
-    f2 = ring.compile_decode_ring("down", E, D, I, mt, ks2, topk, id_t, wt_t, pdl, finalize=fin) if ring_down else \
+    f2 = ring.compile_decode_ring("down", E, D, I, mt, ks2, topk, id_t, wt_t, pdl) if ring_down else \
         compile_decode("down", E, D, I, mt, ks2, topk, id_t, wt_t, unroll, pdl)
-    if not fin:
-        compile_finalize(D, topk, ks2, pdl)
-    return f1, swiglu, f2, ring_up, ring_down, fin
+    return f1, swiglu, f2, ring_up, ring_down
 
 
 def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
@@ -516,29 +509,24 @@ def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
     wt_t = Float32 if wts.dtype == torch.float32 else cutlass.BFloat16
     mt, ks1, ks2, unroll = decode_plan(experts, A, topk)
     pdl = DECODE_PDL
-    f1, swiglu, f2, ring_up, ring_down, fin = _decode_kernels(E, D, I, mt, ks1, ks2, topk, swiglu_limit > 0, id_t,
-                                                              wt_t, unroll, pdl)
-    from dsv4_kernels import nvfp4_moe_ring as ring
-    unused = ring.unused_outputs(experts.cache, dev) if ring_up or ring_down else ()
+    f1, swiglu, f2, ring_up, ring_down = _decode_kernels(E, D, I, mt, ks1, ks2, topk, swiglu_limit > 0, id_t, wt_t,
+                                                         unroll, pdl)
     lim = float(swiglu_limit)
     h = torch.empty((A, I), dtype=torch.bfloat16, device=dev)
     yp = torch.empty((ks2, A, D), dtype=torch.float32, device=dev)
     out = torch.empty((T, D), dtype=torch.bfloat16, device=dev)
     xi = x.view(torch.int32).view(T, D // 16, 8)
     if swiglu is None:
-        _call(f1, experts.w13_codes, experts.w13_scales, ids, xi, wts, experts.alphas, h, A, lim, *unused)
+        _call(f1, experts.w13_codes, experts.w13_scales, ids, xi, wts, experts.alphas, h, A, lim)
     else:
         gu = torch.empty((ks1, A, 2, I), dtype=torch.float32, device=dev)
         _call(f1, experts.w13_codes, experts.w13_scales, ids, xi, wts, experts.alphas, gu, A,
-              *([lim, *unused] if ring_up else []))
+              *([lim] if ring_up else []))
         _call(swiglu, gu, ids, experts.alphas, h, A * I, lim)
-    if fin:
-        _call(f2, experts.w2_codes, experts.w2_scales, ids, h.view(torch.int32).view(A, I // 16, 8), wts,
-              experts.alphas, yp, A, lim, out, ring.finalize_counters(experts.cache, D, dev))
-        return out
     _call(f2, experts.w2_codes, experts.w2_scales, ids, h.view(torch.int32).view(A, I // 16, 8), wts,
-          experts.alphas, yp, A, *([lim, *unused] if ring_down else []))
-    _call(compile_finalize(D, topk, ks2, pdl), yp, out, T * D)
+          experts.alphas, yp, A, *([lim] if ring_down else []))
+    f3 = compile_finalize(D, topk, ks2, pdl)
+    _call(f3, yp, out, T * D)
     return out
 
 
@@ -662,6 +650,7 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
                 continue
             mt, ks1, ks2, unroll = decode_plan(experts, t * topk, topk)
             _decode_kernels(E, D, I, mt, ks1, ks2, topk, swiglu_limit > 0, unroll=unroll, pdl=DECODE_PDL)
+            compile_finalize(D, topk, ks2, DECODE_PDL)
             continue
         mt = _mt_for(t * topk, E)
         compile_grouped("gateup", E, 2 * I, D, mt, swiglu_limit > 0, I)
@@ -675,17 +664,15 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
 _DEFAULT_MAX_ASSIGN = DECODE_MAX_ASSIGN
 _DEFAULT_FUSED_MAX = DECODE_FUSED_MAX_ASSIGN
 _DEFAULT_RING = DECODE_RING
-_DEFAULT_DOWN_FINALIZE = DECODE_DOWN_FINALIZE
 
 
 def _set_variant(v: str) -> None:
     """Bench variants: "auto" (module defaults), "sorted", "decode" (auto K splits), "GxD" (decode chain, forced
     splits), "chain" (decode chain, auto splits), "fused" (decode in one launch), "ring" / "noring" (decode chain with
-    or without the cp.async weight ring), "nofin" (ring chain with the finalize kernel, not the finalizing down)."""
-    global DECODE_KS, SORTED_ONLY, DECODE_MAX_ASSIGN, DECODE_FUSED_MAX_ASSIGN, DECODE_RING, DECODE_DOWN_FINALIZE
-    DECODE_RING = {"ring": True, "noring": False, "nofin": True}.get(v, _DEFAULT_RING)
-    DECODE_DOWN_FINALIZE = _DEFAULT_DOWN_FINALIZE if v != "nofin" else False
-    v = "decode" if v in ("ring", "noring", "nofin") else v
+    or without the cp.async weight ring)."""
+    global DECODE_KS, SORTED_ONLY, DECODE_MAX_ASSIGN, DECODE_FUSED_MAX_ASSIGN, DECODE_RING
+    DECODE_RING = {"ring": True, "noring": False}.get(v, _DEFAULT_RING)
+    v = "decode" if v in ("ring", "noring") else v
     SORTED_ONLY = v == "sorted"
     DECODE_MAX_ASSIGN = _DEFAULT_MAX_ASSIGN if v in ("auto", "sorted") else DECODE_LIMIT
     DECODE_FUSED_MAX_ASSIGN = {"auto": _DEFAULT_FUSED_MAX, "decode": _DEFAULT_FUSED_MAX,

@@ -18,7 +18,6 @@ from typing import Any
 
 import cutlass
 import cutlass.cute as cute
-import torch
 from cutlass import Float32, Int32, Int64
 
 from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _TVM_FFI, _fake, _options, _stream_arg, decode_chunk,
@@ -35,13 +34,10 @@ RING_STAGES = int(os.environ.get("DSV4_MOE_RING_STAGES", "4"))
 
 class _DecodeRing:
     def __init__(self, mode: str, n: int, k: int, mt: int, ks: int, topk: int, u: int, stages: int,
-                 pdl: bool = False, clamp: bool = True, finalize: bool = False):
+                 pdl: bool = False, clamp: bool = True):
         if mode == "gateup_h" and ks != 1:
             raise ValueError("MoE ring decode: the SwiGLU epilogue (gateup_h) needs the whole K in one split")
-        if finalize and mode != "down":
-            raise ValueError("MoE ring decode: only the down kernel can finalize (sum the top-k rows of each token)")
         self.mode, self.n, self.k, self.mt, self.ks, self.topk, self.clamp = mode, n, k, mt, ks, topk, clamp
-        self.finalize = finalize
         self.nchunk = k // KCHUNK
         self.cps = self.nchunk // ks
         if self.cps % u or u > 8:
@@ -63,8 +59,7 @@ class _DecodeRing:
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
-               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, limit: Float32, mY: cute.Tensor,
-               mC: cute.Tensor, Storage: cutlass.Constexpr):
+               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, limit: Float32, Storage: cutlass.Constexpr):
         tidx, _, _ = cute.arch.thread_idx()
         bx, slot_a, kz = cute.arch.block_idx()
         lane = tidx % 32
@@ -146,47 +141,17 @@ class _DecodeRing:
                                 wt = Float32(mWt[a]) * al2
                                 mOut[kz, a, tile * ROWTILE + g] = acc[j * 4 + q] * wt
                                 mOut[kz, a, tile * ROWTILE + g + 8] = acc[j * 4 + 2 + q] * wt
-        if cutlass.const_expr(self.finalize):
-            if tile < self.n // ROWTILE:
-                self._finalize_tile(mOut, mY, mC, n_assign, tile, lane)
-
-    @cute.jit
-    def _finalize_tile(self, mYP: cute.Tensor, mY: cute.Tensor, mC: cute.Tensor, n_assign: Int32, tile: Int32,
-                       lane: Int32):
-        """nvfp4_moe._Finalize for this warp's 16 rows, done by the last of the n_assign * ks warps that own the
-        tile (every CTA of a tile arrives, duplicate slots included); same summation order, so the same bits. The
-        last warp resets the tile's counter for the next call (and the next CUDA-graph replay)."""
-        cute.arch.fence_acq_rel_gpu()
-        cute.arch.sync_warp()
-        old = Int32(0)
-        if lane == 0:
-            old = cute.arch.atomic_add(mC.iterator + tile, Int32(1), sem="acq_rel", scope="gpu")
-        old = cute.arch.shuffle_sync(old, 0)
-        if old == n_assign * self.ks - 1:
-            cute.arch.fence_acq_rel_gpu()
-            nn = tile * ROWTILE + lane % 16
-            for r in cutlass.range((n_assign // self.topk + 1 - lane // 16) // 2):
-                tok = 2 * r + lane // 16
-                tot = Float32(0.0)
-                for kk in cutlass.range_constexpr(self.topk):
-                    for sp in cutlass.range_constexpr(self.ks):
-                        off = (sp * n_assign + tok * self.topk + kk) * self.n + nn
-                        tot = tot + cute.arch.load(mYP.iterator + off, Float32, cop="cg")
-                mY[tok, nn] = tot.to(cutlass.BFloat16)
-            if lane == 0:
-                mC[tile] = Int32(0)
 
     @cute.jit
     def launch(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
-               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, limit: Float32, mY: cute.Tensor,
-               mC: cute.Tensor, stream):
+               mAl: cute.Tensor, mOut: cute.Tensor, n_assign: Int32, limit: Float32, stream):
         @cute.struct
         class Storage:
             sw: cute.struct.Align[cute.struct.MemRange[Int32, WARPS * self.stages * self.u * 128], 128]
             ss: cute.struct.Align[cute.struct.MemRange[cutlass.Int16, WARPS * self.stages * self.u * 32], 128]
 
         grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
-        self.kernel(mW, mS, mIds, mX, mWt, mAl, mOut, n_assign, limit, mY, mC, Storage).launch(
+        self.kernel(mW, mS, mIds, mX, mWt, mAl, mOut, n_assign, limit, Storage).launch(
             grid=[grid_x, n_assign, self.ks], block=[WARPS * 32, 1, 1], smem=Storage.size_in_bytes(),
             stream=stream, use_pdl=self.prefetch)
 
@@ -198,15 +163,13 @@ def ring_fits(k: int, ks: int, u: int = RING_U) -> bool:
 
 def compile_decode_ring(mode: str, e: int, n: int, k: int, mt: int, ks: int, topk: int, id_dtype=cutlass.Int64,
                         wt_dtype=Float32, pdl: bool = False, u: int = RING_U, stages: int = RING_STAGES,
-                        clamp: bool = True, finalize: bool = False):
+                        clamp: bool = True):
     """mode "gateup": fp32 partials GU [ks, a, 2, n/2]; "gateup_h" (ks = 1): H = bf16 SwiGLU [a, n/2] (limit and
-    clamp as _DecodeSwiglu); "down": YP [ks, a, n]. Every mode takes the runtime args (..., n_assign, limit, y,
-    counters): with `finalize` (down only) y = bf16 [a / topk, n] is the MoE output and counters int32 [n / 16]
-    zeros (kept zero by the kernel); otherwise both are unused (`unused_outputs`)."""
-    key = ("ring", mode, e, n, k, mt, ks, topk, id_dtype, wt_dtype, pdl, u, stages, clamp, finalize, _TVM_FFI)
+    clamp as _DecodeSwiglu); "down": YP [ks, a, n]. Every mode takes the runtime args (..., n_assign, limit)."""
+    key = ("ring", mode, e, n, k, mt, ks, topk, id_dtype, wt_dtype, pdl, u, stages, clamp, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _DecodeRing(mode, n, k, mt, ks, topk, u, stages, pdl, clamp, finalize)
+        obj = _DecodeRing(mode, n, k, mt, ks, topk, u, stages, pdl, clamp)
         a = cute.sym_int()
         xin = _fake(Int32, (a if mode == "down" else cute.sym_int(), k // 16, 8))
         out = {"gateup": _fake(Float32, (ks, a, 2, n // 2), 4), "gateup_h": _fake(cutlass.BFloat16, (a, n // 2), 2),
@@ -214,26 +177,6 @@ def compile_decode_ring(mode: str, e: int, n: int, k: int, mt: int, ks: int, top
         fn = cute.compile(obj.launch,
                           _fake(Int32, (e, n // 16, k // 64, 32, 4)), _fake(cutlass.Int16, (e, n // 16, k // 64, 32), 2),
                           _fake(id_dtype, (a,), 4), xin, _fake(wt_dtype, (a,), 2), _fake(Float32, (e, 3), 4), out,
-                          Int32(1), Float32(0.0), _fake(cutlass.BFloat16, (cute.sym_int(), n), 2),
-                          _fake(Int32, (cute.sym_int(),)), _stream_arg(), options=_options())
+                          Int32(1), Float32(0.0), _stream_arg(), options=_options())
         _COMPILED[key] = fn
     return fn
-
-
-def unused_outputs(cache: dict, device) -> tuple[Any, Any]:
-    """The (y, counters) arguments of a ring kernel that does not finalize (one small pair per weight set)."""
-    pair = cache.get("ring_unused")
-    if pair is None:
-        pair = (torch.zeros((1, 16), dtype=torch.bfloat16, device=device), torch.zeros(1, dtype=torch.int32,
-                                                                                       device=device))
-        cache["ring_unused"] = pair
-    return pair
-
-
-def finalize_counters(cache: dict, n: int, device) -> Any:
-    """Per-16-row-tile arrival counters of the finalizing down kernel (zeros; the kernel leaves them zero)."""
-    c = cache.get(("ring_fin_ctr", n))
-    if c is None:
-        c = torch.zeros(n // ROWTILE, dtype=torch.int32, device=device)
-        cache[("ring_fin_ctr", n)] = c
-    return c

@@ -86,25 +86,3 @@ def test_ring_decode_in_a_cuda_graph_with_changing_routing():
             assert torch.equal(out, expect)
     finally:
         MO.DECODE_RING, MO.DECODE_MAX_ASSIGN, MO.DECODE_FUSED_MAX_ASSIGN = old
-
-
-@pytest.mark.parametrize("T,topk", [(1, 6), (7, 6), (10, 6), (64, 1)])
-def test_down_kernel_finalize_equals_the_finalize_kernel_and_leaves_counters_zero(T, topk):
-    E, D, I = 16, 1024, 512
-    gen = torch.Generator(device=DEV).manual_seed(T * 31 + topk)
-    ex = MO.prepare_nvfp4_experts(*make_experts(E, D, I, gen), DEV)
-    x = torch.randn(T, D, device=DEV, generator=gen).to(torch.bfloat16)
-    ids = torch.stack([torch.randperm(E, device=DEV, generator=gen)[:topk] for _ in range(T)])
-    w = torch.rand(T, topk, device=DEV, generator=gen) + 0.1
-    old = MO.DECODE_DOWN_FINALIZE
-    try:
-        MO.DECODE_DOWN_FINALIZE = False
-        want = run(ex, x, ids, w, 10.0, True, True)
-        MO.DECODE_DOWN_FINALIZE = True
-        for _ in range(3):              # the counters must come back to zero for the next call
-            got = run(ex, x, ids, w, 10.0, True, True)
-            assert torch.equal(got, want), f"finalizing down != finalize kernel at {(got != want).nonzero()[:3]}"
-    finally:
-        MO.DECODE_DOWN_FINALIZE = old
-    ctr = [v for k, v in ex.cache.items() if isinstance(k, tuple) and k[0] == "ring_fin_ctr"]
-    assert ctr and all(int(c.abs().sum()) == 0 for c in ctr)
