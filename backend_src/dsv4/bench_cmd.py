@@ -16,7 +16,6 @@ import itertools
 import json
 import statistics
 import sys
-import time
 from typing import Any, Callable
 
 import torch
@@ -149,16 +148,12 @@ def bench_gemm(models, ms, bw, args) -> list[dict]:
     return rows
 
 
-def _settle(fn: Callable[[], Any], seconds: float = 0.3) -> None:
-    """Run fn for a while before the first timed row of a shape. Right after the shape's weights were quantised
-    (seconds of GPU work), the first row measured up to 15 % slow on the H100 (session 18: the head at M = 1
-    128.7 us first, 109.1 us when measured again), whatever the kernel."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
+def _settle(fn: Callable[[], Any], inner: int) -> None:
+    """One untimed pass of exactly what a timed row does (graph capture, replays) before a shape's first row. The
+    first row measured after the shape's weights were made came out up to 15 % slow on the H100, whatever the
+    kernel and the M (session 18: the head 128.7 us first, 109.1 us measured again; 0.3 s of eager calls before it
+    did not remove it), and the rows after it did not."""
+    time_ms(fn, 3, inner=inner)
 
 
 def _copies(w: Any, nbytes: int, cold: bool, clone: Callable[[Any], Any]) -> list[Any]:
@@ -218,8 +213,10 @@ def _bench_gemm_nvfp4(models, ms, bw, args) -> list[dict]:
             variants = [int(v) for v in args.fused_max.split(",")] if args.fused_max else [G.FUSED_MAX]
             default_fm = G.FUSED_MAX
             x1 = torch.zeros(1, k, device="cuda", dtype=torch.bfloat16)
-            G.warmup(pw, [1])
-            _settle(lambda: (G.nvfp4_linear(x1, pw), torch.matmul(x1, wbf.t())))
+            for p in pws:
+                G.warmup(p, [1])
+            _settle(_rotating(lambda p: G.nvfp4_linear(x1, p), pws), max(10, len(pws)))
+            _settle(_rotating(lambda wb: torch.matmul(x1, wb.t()), wbfs), max(10, len(wbfs)))
             for m, fm in [(m, fm) for m in ms for fm in variants]:
                 G.FUSED_MAX = fm
                 for p in pws:
