@@ -56,7 +56,7 @@ class SparseDecodeAttention:
 
     def __init__(self, head_dim: int, heads_per_cta: int, mode: int, window: int, block_size: int, ratio: int,
                  topk: int, split: bool, block_n: int = 64, stages: int = 2, part_bf16: bool = True,
-                 topk_i64: bool = False):
+                 topk_i64: bool = False, row_table: bool = True, table_tiles: int = 16):
         assert head_dim % 64 == 0 and heads_per_cta in (16, 32, 64)
         self.d = head_dim
         self.M = heads_per_cta
@@ -76,10 +76,15 @@ class SparseDecodeAttention:
         self.split = split
         self.part_bf16 = part_bf16      # split partials: O / l in bf16 (else fp32)
         self.topk_i64 = topk_i64        # CSA top-k given as int64 (TorchOps' dtype) instead of int32
+        # Row table: the physical row of every virtual row of the next `table_tiles` tiles is looked up once (all
+        # threads at once, one dependent top-k -> block-table round trip) into shared memory, instead of per tile
+        # right before its cp.async, which put that round trip between every two tiles.
+        self.row_table = row_table
+        self.TT = table_tiles if row_table else 0
 
     def smem_bytes(self) -> int:
         return 2 * (self.M * self.d + self.stages * self.BN * self.d + self.M * self.BN) + 4 * (
-            self.stages * self.BN + self.wn * self.M) + 4 * 1024
+            self.stages * self.BN + self.wn * self.M + self.TT * self.BN) + 4 * 1024
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mSwa: cute.Tensor, mComp: cute.Tensor, mPos: cute.Tensor,
@@ -100,6 +105,7 @@ class SparseDecodeAttention:
             sP: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sP_layout)], 1024]
             sBias: cute.struct.Align[cute.struct.MemRange[Float32, self.BN * self.stages], 16]
             sRed: cute.struct.Align[cute.struct.MemRange[Float32, self.wn * self.M], 16]
+            sRowT: cute.struct.Align[cute.struct.MemRange[Int32, max(self.TT * self.BN, 4)], 16]
 
         g2s = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dt,
                                   num_bits_per_copy=128)
@@ -112,6 +118,33 @@ class SparseDecodeAttention:
         self.kernel(mQ, mSwa, mComp, mPos, mSeq, mSwaBT, mCompBT, mTopk, mSink, mOut, mOpart, mML, scale_log2,
                     tiles_per_split, sQ_layout, sK_layout, sP_layout, tiled_g2s, tiled_mma, Storage).launch(
             grid=grid, block=[self.threads, 1, 1], smem=Storage.size_in_bytes(), stream=stream)
+
+    @cute.jit
+    def _row_code(self, n: Int32, n_win: Int32, n_total: Int32, lo: Int32, b: Int32, t: Int32,
+                  mSwaBT: cute.Tensor, mCompBT: cute.Tensor, mTopk: cute.Tensor):
+        """Physical row of virtual row n in its pool (window rows: n < n_win), or -1 (masked)."""
+        code = Int32(-1)
+        if n < n_win:
+            pos = lo + n
+            code = mSwaBT[b, pos // self.bs] * self.bs + pos % self.bs
+        if cutlass.const_expr(self.mode != MODE_WINDOW):
+            if n >= n_win and n < n_total:
+                ent = n - n_win
+                if cutlass.const_expr(self.mode == MODE_CSA):
+                    ent = Int32(mTopk[t, n - n_win])
+                if ent >= 0:
+                    code = mCompBT[b, ent // self.per_block] * self.per_block + ent % self.per_block
+        return code
+
+    @cute.jit
+    def _fill_table(self, t0: Int32, sRowT: cute.Tensor, tidx: Int32, n_win: Int32, n_total: Int32, lo: Int32,
+                    b: Int32, t: Int32, mSwaBT: cute.Tensor, mCompBT: cute.Tensor, mTopk: cute.Tensor):
+        """sRowT[i] = row code of virtual row t0 * BN + i, i < TT * BN (the caller syncs the CTA after)."""
+        n_rows = self.TT * self.BN
+        for j in cutlass.range_constexpr((n_rows + self.threads - 1) // self.threads):
+            i = j * self.threads + tidx
+            if i < n_rows:
+                sRowT[i] = self._row_code(t0 * self.BN + i, n_win, n_total, lo, b, t, mSwaBT, mCompBT, mTopk)
 
     @cute.jit
     def _row_addr(self, n: Int32, n_win: Int32, n_total: Int32, lo: Int32, b: Int32, t: Int32, safe: Int64,
@@ -175,6 +208,7 @@ class SparseDecodeAttention:
         sP = st.sP.get_tensor(sP_layout)
         sBias = st.sBias.get_tensor(cute.make_layout((self.BN, self.stages)))
         sRed = st.sRed.get_tensor(cute.make_layout((self.wn, self.M)))
+        sRowT = st.sRowT.get_tensor(cute.make_layout((max(self.TT * self.BN, 4),)))
         sVt = cute.composition(sK, cute.make_layout((self.d, self.BN, self.stages),
                                                     stride=(self.BN, 1, self.BN * self.d)))
 
@@ -230,17 +264,27 @@ class SparseDecodeAttention:
         row_sum.fill(0.0)
 
         # ---- prologue: first tile ----
+        if cutlass.const_expr(self.row_table):
+            self._fill_table(tile_lo, sRowT, tidx, n_win, n_total, lo, b, t, mSwaBT, mCompBT, mTopk)
+            cute.arch.barrier()
         if tile_lo < tile_hi:
             self._load_tile(tile_lo, 0, tKsK, tKcK, sBias, n_rows_thr, n_chunks_thr, tiled_g2s, tidx, n_win,
-                            n_total, lo, b, t, safe, swa_base, comp_base, mSwaBT, mCompBT, mTopk)
+                            n_total, lo, b, t, safe, swa_base, comp_base, mSwaBT, mCompBT, mTopk, sRowT, tile_lo)
         cute.arch.cp_async_commit_group()
 
         for tile in cutlass.range(tile_lo, tile_hi, unroll=1):
             stage = (tile - tile_lo) % self.stages
             if tile + 1 < tile_hi:
+                tbase = tile_lo
+                if cutlass.const_expr(self.row_table):
+                    tbase = tile_lo + ((tile + 1 - tile_lo) // self.TT) * self.TT
+                    if tbase == tile + 1:
+                        # every earlier entry was consumed when its tile was issued, before the last barrier
+                        self._fill_table(tbase, sRowT, tidx, n_win, n_total, lo, b, t, mSwaBT, mCompBT, mTopk)
+                        cute.arch.barrier()
                 self._load_tile(tile + 1, (tile + 1 - tile_lo) % self.stages, tKsK, tKcK, sBias, n_rows_thr,
                                 n_chunks_thr, tiled_g2s, tidx, n_win, n_total, lo, b, t, safe, swa_base,
-                                comp_base, mSwaBT, mCompBT, mTopk)
+                                comp_base, mSwaBT, mCompBT, mTopk, sRowT, tbase)
             cute.arch.cp_async_commit_group()
             cute.arch.cp_async_wait_group(1)
             cute.arch.barrier()
@@ -345,11 +389,22 @@ class SparseDecodeAttention:
                    n_rows_thr: cutlass.Constexpr, n_chunks_thr: cutlass.Constexpr, tiled_g2s: cute.TiledCopy,
                    tidx: Int32, n_win: Int32, n_total: Int32, lo: Int32, b: Int32, t: Int32, safe: Int64,
                    swa_base: Int64, comp_base: Int64, mSwaBT: cute.Tensor, mCompBT: cute.Tensor,
-                   mTopk: cute.Tensor):
+                   mTopk: cute.Tensor, sRowT: cute.Tensor, tbase: Int32):
         for m in cutlass.range_constexpr(n_rows_thr):
             row = tKcK[0, m, 0][0]
-            addr, valid = self._row_addr(tile * self.BN + row, n_win, n_total, lo, b, t, safe, swa_base, comp_base,
-                                         mSwaBT, mCompBT, mTopk)
+            addr = safe
+            valid = Int32(0)
+            if cutlass.const_expr(self.row_table):
+                code = sRowT[(tile - tbase) * self.BN + row]
+                if code >= 0:
+                    valid = Int32(1)
+                    base = comp_base
+                    if tile * self.BN + row < n_win:
+                        base = swa_base
+                    addr = base + Int64(code) * (self.d * 2)
+            else:
+                addr, valid = self._row_addr(tile * self.BN + row, n_win, n_total, lo, b, t, safe, swa_base,
+                                             comp_base, mSwaBT, mCompBT, mTopk)
             if tidx % 8 == 0:
                 sBias[row, stage] = 0.0 if valid == 1 else -Float32.inf
             src_row = cute.make_tensor(cute.make_ptr(cutlass.BFloat16, addr, cute.AddressSpace.gmem,

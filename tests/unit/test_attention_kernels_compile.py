@@ -28,16 +28,17 @@ def _fake(dtype, rank, rows=True):
                                     assumed_align=16 if rows else dtype.width // 8)
 
 
-@pytest.mark.parametrize("d,M,mode,split,part_bf16,i64", [
-    (512, 16, MODE_CSA, True, True, True), (512, 16, MODE_HCA, False, True, False),
-    (512, 16, MODE_WINDOW, True, False, False), (512, 32, MODE_HCA, True, True, False),
-    (512, 64, MODE_CSA, True, False, False), (512, 64, MODE_HCA, False, True, False),
-    (512, 64, MODE_WINDOW, False, True, False), (64, 16, MODE_CSA, False, True, True),
-    (64, 16, MODE_HCA, True, True, False),
+@pytest.mark.parametrize("d,M,mode,split,part_bf16,i64,table", [
+    (512, 16, MODE_CSA, True, True, True, True), (512, 16, MODE_HCA, False, True, False, True),
+    (512, 16, MODE_WINDOW, True, False, False, True), (512, 32, MODE_HCA, True, True, False, True),
+    (512, 64, MODE_CSA, True, False, False, True), (512, 64, MODE_HCA, False, True, False, True),
+    (512, 64, MODE_WINDOW, False, True, False, True), (64, 16, MODE_CSA, False, True, True, True),
+    (64, 16, MODE_HCA, True, True, False, True), (512, 64, MODE_CSA, True, False, True, False),
+    (512, 32, MODE_HCA, False, True, False, False),
 ])
-def test_sparse_attention_compiles(d, M, mode, split, part_bf16, i64):
+def test_sparse_attention_compiles(d, M, mode, split, part_bf16, i64, table):
     k = SparseDecodeAttention(d, M, mode, 128, 128, 4 if mode == MODE_CSA else 128, 64, split, part_bf16=part_bf16,
-                              topk_i64=i64)
+                              topk_i64=i64, row_table=table)
     assert k.smem_bytes() <= 227 * 1024
     cute.compile(k, _fake(BF, 3), _fake(BF, 2), _fake(BF, 2), _fake(I32, 1, False), _fake(I32, 1, False),
                  _fake(I32, 2, False), _fake(I32, 2, False), _fake(I64 if i64 else I32, 2, False),

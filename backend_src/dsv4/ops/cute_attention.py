@@ -235,6 +235,8 @@ def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) 
 
 # split partials in bf16 halve their bytes but measured slower on H100 (half-sector stores): fp32 by default
 PART_BF16 = os.environ.get("DSV4_ATTN_PART_BF16", "0") == "1"
+# physical rows looked up once per 16 tiles into shared memory (SparseDecodeAttention.row_table); 0 = per tile
+ROW_TABLE = os.environ.get("DSV4_ATTN_ROW_TABLE", "1") != "0"
 
 
 def sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
@@ -342,10 +344,11 @@ def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, pla
     ex = [bf, bf[0], bf[0], plan.pos, plan.seq, plan.comp_bt, plan.comp_bt, tk_ex,
           torch.empty(1, dtype=torch.float32, device=dev), bf, torch.empty((1, 1, 1, 8), dtype=pdt, device=dev),
           torch.empty((1, 1, 1, 2), dtype=torch.float32, device=dev), 1.0, 1, 1]
-    key = ("attn", d, M, mode, window, block_size, ratio, topk, split, part_bf16, i64, block_n, stages)
+    key = ("attn", d, M, mode, window, block_size, ratio, topk, split, part_bf16, i64, block_n, stages, ROW_TABLE)
     r = ratio if ratio else 1
     fn = Launcher(key, lambda: SparseDecodeAttention(d, M, mode, window, block_size, r, topk, split, block_n=block_n,
-                                                     stages=stages, part_bf16=part_bf16, topk_i64=i64),
+                                                     stages=stages, part_bf16=part_bf16, topk_i64=i64,
+                                                     row_table=ROW_TABLE),
                   _ATTN_SPEC, ex)
     cfn = None
     if split:
