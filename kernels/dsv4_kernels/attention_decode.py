@@ -137,11 +137,12 @@ class SparseDecodeAttention:
         return code
 
     @cute.jit
-    def _fill_table(self, t0: Int32, sRowT: cute.Tensor, tidx: Int32, n_win: Int32, n_total: Int32, lo: Int32,
-                    b: Int32, t: Int32, mSwaBT: cute.Tensor, mCompBT: cute.Tensor, mTopk: cute.Tensor):
-        """sRowT[i] = row code of virtual row t0 * BN + i, i < TT * BN (the caller syncs the CTA after)."""
-        n_rows = self.TT * self.BN
-        for j in cutlass.range_constexpr((n_rows + self.threads - 1) // self.threads):
+    def _fill_table(self, t0: Int32, t_end: Int32, sRowT: cute.Tensor, tidx: Int32, n_win: Int32, n_total: Int32,
+                    lo: Int32, b: Int32, t: Int32, mSwaBT: cute.Tensor, mCompBT: cute.Tensor, mTopk: cute.Tensor):
+        """sRowT[i] = row code of virtual row t0 * BN + i for the tiles t0 .. min(t0 + TT, t_end) - 1 (the caller
+        syncs the CTA after)."""
+        n_rows = cutlass.min(t_end - t0, self.TT) * self.BN
+        for j in cutlass.range_constexpr((self.TT * self.BN + self.threads - 1) // self.threads):
             i = j * self.threads + tidx
             if i < n_rows:
                 sRowT[i] = self._row_code(t0 * self.BN + i, n_win, n_total, lo, b, t, mSwaBT, mCompBT, mTopk)
@@ -265,7 +266,7 @@ class SparseDecodeAttention:
 
         # ---- prologue: first tile ----
         if cutlass.const_expr(self.row_table):
-            self._fill_table(tile_lo, sRowT, tidx, n_win, n_total, lo, b, t, mSwaBT, mCompBT, mTopk)
+            self._fill_table(tile_lo, tile_hi, sRowT, tidx, n_win, n_total, lo, b, t, mSwaBT, mCompBT, mTopk)
             cute.arch.barrier()
         if tile_lo < tile_hi:
             self._load_tile(tile_lo, 0, tKsK, tKcK, sBias, n_rows_thr, n_chunks_thr, tiled_g2s, tidx, n_win,
@@ -280,7 +281,8 @@ class SparseDecodeAttention:
                     tbase = tile_lo + ((tile + 1 - tile_lo) // self.TT) * self.TT
                     if tbase == tile + 1:
                         # every earlier entry was consumed when its tile was issued, before the last barrier
-                        self._fill_table(tbase, sRowT, tidx, n_win, n_total, lo, b, t, mSwaBT, mCompBT, mTopk)
+                        self._fill_table(tbase, tile_hi, sRowT, tidx, n_win, n_total, lo, b, t, mSwaBT, mCompBT,
+                                         mTopk)
                         cute.arch.barrier()
                 self._load_tile(tile + 1, (tile + 1 - tile_lo) % self.stages, tKsK, tKcK, sBias, n_rows_thr,
                                 n_chunks_thr, tiled_g2s, tidx, n_win, n_total, lo, b, t, safe, swa_base,
