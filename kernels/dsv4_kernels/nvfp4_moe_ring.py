@@ -30,6 +30,9 @@ _COMPILED: dict[tuple, Any] = {}
 # DSV4_MOE_RING_U / DSV4_MOE_RING_STAGES for sweeps
 RING_U = int(os.environ.get("DSV4_MOE_RING_U", "4"))
 RING_STAGES = int(os.environ.get("DSV4_MOE_RING_STAGES", "4"))
+# the down kernel's ring depth: with PDL its first STAGES - 1 stages are loaded while gate_up still runs, so a
+# deeper ring moves more of its stream before the H dependency (env DSV4_MOE_RING_DOWN_STAGES)
+RING_DOWN_STAGES = int(os.environ.get("DSV4_MOE_RING_DOWN_STAGES", str(RING_STAGES)))
 
 
 class _DecodeRing:
@@ -162,10 +165,12 @@ def ring_fits(k: int, ks: int, u: int = RING_U) -> bool:
 
 
 def compile_decode_ring(mode: str, e: int, n: int, k: int, mt: int, ks: int, topk: int, id_dtype=cutlass.Int64,
-                        wt_dtype=Float32, pdl: bool = False, u: int = RING_U, stages: int = RING_STAGES,
+                        wt_dtype=Float32, pdl: bool = False, u: int = RING_U, stages: int | None = None,
                         clamp: bool = True):
     """mode "gateup": fp32 partials GU [ks, a, 2, n/2]; "gateup_h" (ks = 1): H = bf16 SwiGLU [a, n/2] (limit and
     clamp as _DecodeSwiglu); "down": YP [ks, a, n]. Every mode takes the runtime args (..., n_assign, limit)."""
+    if stages is None:
+        stages = RING_DOWN_STAGES if mode == "down" else RING_STAGES
     key = ("ring", mode, e, n, k, mt, ks, topk, id_dtype, wt_dtype, pdl, u, stages, clamp, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
