@@ -147,30 +147,6 @@ class SparseDecodeAttention:
             if i < n_rows:
                 sRowT[i] = self._row_code(t0 * self.BN + i, n_win, n_total, lo, b, t, mSwaBT, mCompBT, mTopk)
 
-    @cute.jit
-    def _row_addr(self, n: Int32, n_win: Int32, n_total: Int32, lo: Int32, b: Int32, t: Int32, safe: Int64,
-                  swa_base: Int64, comp_base: Int64, mSwaBT: cute.Tensor, mCompBT: cute.Tensor,
-                  mTopk: cute.Tensor):
-        """Byte address of virtual row n, and 1 if it takes part in the softmax."""
-        row_bytes = self.d * 2
-        addr = safe
-        valid = Int32(0)
-        if n < n_win:
-            pos = lo + n
-            blk = mSwaBT[b, pos // self.bs]
-            addr = swa_base + Int64(blk * self.bs + pos % self.bs) * row_bytes
-            valid = Int32(1)
-        if cutlass.const_expr(self.mode != MODE_WINDOW):
-            if n >= n_win and n < n_total:
-                ent = n - n_win
-                if cutlass.const_expr(self.mode == MODE_CSA):
-                    ent = Int32(mTopk[t, n - n_win])
-                if ent >= 0:
-                    cblk = mCompBT[b, ent // self.per_block]
-                    addr = comp_base + Int64(cblk * self.per_block + ent % self.per_block) * row_bytes
-                    valid = Int32(1)
-        return addr, valid
-
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mSwa: cute.Tensor, mComp: cute.Tensor, mPos: cute.Tensor,
                mSeq: cute.Tensor, mSwaBT: cute.Tensor, mCompBT: cute.Tensor, mTopk: cute.Tensor,
@@ -394,19 +370,20 @@ class SparseDecodeAttention:
                    mTopk: cute.Tensor, sRowT: cute.Tensor, tbase: Int32):
         for m in cutlass.range_constexpr(n_rows_thr):
             row = tKcK[0, m, 0][0]
-            addr = safe
-            valid = Int32(0)
+            n = tile * self.BN + row
             if cutlass.const_expr(self.row_table):
                 code = sRowT[(tile - tbase) * self.BN + row]
-                if code >= 0:
-                    valid = Int32(1)
-                    base = comp_base
-                    if tile * self.BN + row < n_win:
-                        base = swa_base
-                    addr = base + Int64(code) * (self.d * 2)
             else:
-                addr, valid = self._row_addr(tile * self.BN + row, n_win, n_total, lo, b, t, safe, swa_base,
-                                             comp_base, mSwaBT, mCompBT, mTopk)
+                code = self._row_code(n, n_win, n_total, lo, b, t, mSwaBT, mCompBT, mTopk)
+            # masked rows read a safe row (the token's own window row) and get -inf
+            addr = safe
+            valid = Int32(0)
+            if code >= 0:
+                valid = Int32(1)
+                base = comp_base
+                if n < n_win:
+                    base = swa_base
+                addr = base + Int64(code) * (self.d * 2)
             if tidx % 8 == 0:
                 sBias[row, stage] = 0.0 if valid == 1 else -Float32.inf
             src_row = cute.make_tensor(cute.make_ptr(cutlass.BFloat16, addr, cute.AddressSpace.gmem,

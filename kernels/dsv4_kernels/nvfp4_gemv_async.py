@@ -1,4 +1,5 @@
-"""NVFP4 decode GEMV for one token whose weight stream goes through cp.async into a shared-memory ring.
+"""NVFP4 decode GEMV (one token, or up to 8 on long K streams) whose weight stream goes through cp.async into a
+shared-memory ring.
 
 nvfp4_gemm._Gemv loads each lane's weight words into registers, then decodes them: a warp's loads return in order,
 so a warp holds only the loads it issued before its math (ncu: ~70 % of warp time on the long scoreboard). Here each
@@ -137,27 +138,17 @@ class _GemvAsync:
         cute.arch.cp_async_wait_group(0)
         # the next kernel may be scheduled once every CTA is past its stream (as nvfp4_gemm._Gemv)
         cute.arch.griddepcontrol_launch_dependents()
-        if cutlass.const_expr(MT > 0):
-            if valid:
-                n0 = tile * ROWTILE + g
-                for j in cutlass.range_constexpr(MT):
-                    for q in cutlass.range_constexpr(4):
-                        m = j * 8 + 2 * t + (q % 2)
-                        if m < m_rows:
-                            if cutlass.const_expr(self.splits == 1):
-                                mY[m, n0 + 8 * (q // 2)] = (acc[j * 4 + q] * alpha).to(cutlass.BFloat16)
-                            else:
-                                mP[by, m, n0 + 8 * (q // 2)] = acc[j * 4 + q]
-        else:
-            if valid:
-                n0 = tile * ROWTILE + g
-                if t == 0:
-                    for q in cutlass.range_constexpr(0, 4, 2):
-                        nn = n0 + 8 * (q // 2)
+        if valid:
+            # lane (g, t) holds rows g, g + 8 of tokens j * 8 + 2t, + 1; one token (mt = 0, m_rows = 1): lanes t = 0
+            n0 = tile * ROWTILE + g
+            for j in cutlass.range_constexpr(max(MT, 1)):
+                for q in cutlass.range_constexpr(4):
+                    m = j * 8 + 2 * t + (q % 2)
+                    if m < m_rows:
                         if cutlass.const_expr(self.splits == 1):
-                            mY[0, nn] = (acc[q] * alpha).to(cutlass.BFloat16)
+                            mY[m, n0 + 8 * (q // 2)] = (acc[j * 4 + q] * alpha).to(cutlass.BFloat16)
                         else:
-                            mP[by, 0, nn] = acc[q]
+                            mP[by, m, n0 + 8 * (q // 2)] = acc[j * 4 + q]
 
     @cute.jit
     def launch(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mP: cute.Tensor,
