@@ -36,6 +36,28 @@ def _cp_async16(dst_smem: Int32, src: Int64, *, loc=None, ip=None):
                     "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", has_side_effects=True, loc=loc, ip=ip)
 
 
+def ring_smem(st, stages: int, u: int) -> tuple:
+    """A ring's shared memory (Storage fields sw, ss: WARPS x stages x u chunks of 32 lanes' 16 B codes and 2 B
+    scales) -> (sw, ss, their addresses)."""
+    sw = st.sw.get_tensor(cute.make_layout((WARPS, stages, u, 32, 4),
+                                           stride=(stages * u * 128, u * 128, 128, 4, 1)))
+    ss = st.ss.get_tensor(cute.make_layout((WARPS, stages, u, 32), stride=(stages * u * 32, u * 32, 32, 1)))
+    return sw, ss, sw.iterator.toint(), ss.iterator.toint()
+
+
+@cute.jit
+def issue_stage(w0: Int64, s0: Int64, sw0: Int32, ss0: Int32, chunk0, warp: Int32, lane: Int32, slot: Int32,
+                U: cutlass.Constexpr, S: cutlass.Constexpr):
+    """cp.async of one ring stage: U chunks (global chunk index chunk0 on) of this lane's 16 B of weights into the
+    warp's slot, and the stage's scales (16 B per lane of the first 4U lanes). Shared by every ring kernel."""
+    for u in cutlass.range_constexpr(U):
+        _cp_async16(sw0 + (((warp * S + slot) * U + u) * 32 + lane) * 16,
+                    w0 + (Int64(chunk0 + u) * 32 + Int64(lane)) * 16)
+    if lane < 4 * U:
+        _cp_async16(ss0 + (((warp * S + slot) * U + lane // 4) * 32 + (lane % 4) * 8) * 2,
+                    s0 + (Int64(chunk0 + lane // 4) * 32 + Int64((lane % 4) * 8)) * 2)
+
+
 class _GemvAsync:
     """y = x @ W^T. Grid (16-row tile groups of WARPS, K splits); each warp streams its tile's split through its own
     ring; partials P[split, m, n] when split (summed by nvfp4_gemm's split reduce), else y.
@@ -56,17 +78,7 @@ class _GemvAsync:
     @cute.jit
     def _issue(self, w0: Int64, s0: Int64, sw0: Int32, ss0: Int32, tl: Int32, warp: Int32, lane: Int32,
                slot: Int32, cb: Int32):
-        """cp.async of one stage: U chunks of this lane's 16 B of weights, and the stage's scales (16 B per lane
-        of the first 4U lanes)."""
-        U, S = self.u, self.stages
-        for u in cutlass.range_constexpr(U):
-            src = w0 + (Int64(tl * self.nchunk + cb + u) * 32 + Int64(lane)) * 16
-            dst = sw0 + (((warp * S + slot) * U + u) * 32 + lane) * 16
-            _cp_async16(dst, src)
-        if lane < 4 * U:
-            src = s0 + (Int64(tl * self.nchunk + cb + lane // 4) * 32 + Int64((lane % 4) * 8)) * 2
-            dst = ss0 + (((warp * S + slot) * U + lane // 4) * 32 + (lane % 4) * 8) * 2
-            _cp_async16(dst, src)
+        issue_stage(w0, s0, sw0, ss0, tl * self.nchunk + cb, warp, lane, slot, self.u, self.stages)
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mP: cute.Tensor,
@@ -81,11 +93,8 @@ class _GemvAsync:
         U, S = self.u, self.stages
         smem = cutlass.memory.SmemAllocator()
         st = smem.allocate(Storage)
-        sw = st.sw.get_tensor(cute.make_layout((WARPS, S, U, 32, 4), stride=(S * U * 128, U * 128, 128, 4, 1)))
-        ss = st.ss.get_tensor(cute.make_layout((WARPS, S, U, 32), stride=(S * U * 32, U * 32, 32, 1)))
+        sw, ss, sw0, ss0 = ring_smem(st, S, U)
         MT = self.mt
-        sw0 = sw.iterator.toint()
-        ss0 = ss.iterator.toint()
         w0 = mW.iterator.toint()
         s0 = mS.iterator.toint()
         c0 = by * self.cps

@@ -208,6 +208,40 @@ def _slot_routing(mIds: cute.Tensor, n_assign: Int32, slot: Int32, lane: Int32):
     return e, dup, m0, m1, cnt
 
 
+def slot_rows(rows, m0, m1, cnt, p0, g, mt: int, per_token: int) -> None:
+    """rows[j]: the x row lane row g of 8-assignment block j (from the p0-th of the slot's assignments on) reads:
+    the token (a // per_token, gate_up) or the assignment (per_token = 0, down). Clamped to the last assignment:
+    rows past cnt only feed output columns that are never stored. Shared by the decode kernels (traced inline)."""
+    for j in range(mt):
+        a = _nth_set_bit(m0, m1, cutlass.min(p0 + j * 8 + g, cnt - 1))
+        rows[j] = a // per_token if per_token else a
+
+
+@cute.jit
+def store_slot_block(mode: cutlass.Constexpr, mt: cutlass.Constexpr, clamp: cutlass.Constexpr, mOut: cute.Tensor,
+                     mWt: cute.Tensor, mAl: cute.Tensor, e: Int32, al2: Float32, acc: cute.Tensor, m0: Int32,
+                     m1: Int32, cnt: Int32, p0: Int32, t: Int32, g: Int32, tile: Int32, kz: Int32, limit: Float32):
+    """Epilogue of a decode kernel's 8*mt-assignment block: "gateup" writes the fp32 gate / up partials
+    GU[kz, a, 0 | 1, row], "gateup_h" (whole K) the bf16 SwiGLU H[a, row] as _DecodeSwiglu computes it over one
+    split, "down" the weighted partial YP[kz, a, row] (rows g and g + 8 of the tile)."""
+    for j in cutlass.range_constexpr(mt):
+        for q in cutlass.range_constexpr(2):
+            p = p0 + j * 8 + 2 * t + q
+            if p < cnt:
+                a = _nth_set_bit(m0, m1, p)
+                if cutlass.const_expr(mode == "gateup_h"):
+                    h = _swiglu((Float32(0.0) + acc[j * 4 + q]) * mAl[e, 0],
+                                (Float32(0.0) + acc[j * 4 + 2 + q]) * mAl[e, 1], limit, clamp)
+                    mOut[a, tile * 8 + g] = h.to(cutlass.BFloat16)
+                elif cutlass.const_expr(mode == "gateup"):
+                    mOut[kz, a, 0, tile * 8 + g] = acc[j * 4 + q]
+                    mOut[kz, a, 1, tile * 8 + g] = acc[j * 4 + 2 + q]
+                else:
+                    wt = Float32(mWt[a]) * al2
+                    mOut[kz, a, tile * ROWTILE + g] = acc[j * 4 + q] * wt
+                    mOut[kz, a, tile * ROWTILE + g + 8] = acc[j * 4 + 2 + q] * wt
+
+
 class _Decode:
     """Decode-time grouped GEMM (A = T * topk <= 64 assignments), no routing launches.
 
@@ -261,12 +295,7 @@ class _Decode:
                 cute.arch.griddepcontrol_wait()
             for mb in cutlass.range(nblk):
                 p0 = mb * (MT * 8)
-                for j in cutlass.range_constexpr(MT):
-                    a = _nth_set_bit(m0, m1, cutlass.min(p0 + j * 8 + g, cnt - 1))
-                    if cutlass.const_expr(self.mode == "gateup"):
-                        rows[j] = a // self.topk
-                    else:
-                        rows[j] = a
+                slot_rows(rows, m0, m1, cnt, p0, g, MT, self.topk if self.mode == "gateup" else 0)
                 for i in cutlass.range_constexpr(MT * 4):
                     acc[i] = Float32(0.0)
                 for it in cutlass.range(self.cps // U):
@@ -286,18 +315,8 @@ class _Decode:
                         for j in cutlass.range_constexpr(MT):
                             cute.autovec_copy(mX[rows[j], kx, None], xreg)
                             mma_block(wa, xreg, acc, j)
-                for j in cutlass.range_constexpr(MT):
-                    for q in cutlass.range_constexpr(2):
-                        p = p0 + j * 8 + 2 * t + q
-                        if p < cnt:
-                            a = _nth_set_bit(m0, m1, p)
-                            if cutlass.const_expr(self.mode == "gateup"):
-                                mOut[kz, a, 0, tile * 8 + g] = acc[j * 4 + q]
-                                mOut[kz, a, 1, tile * 8 + g] = acc[j * 4 + 2 + q]
-                            else:
-                                wt = Float32(mWt[a]) * al2
-                                mOut[kz, a, tile * ROWTILE + g] = acc[j * 4 + q] * wt
-                                mOut[kz, a, tile * ROWTILE + g + 8] = acc[j * 4 + 2 + q] * wt
+                store_slot_block(self.mode, MT, False, mOut, mWt, mAl, e, al2, acc, m0, m1, cnt, p0, t, g, tile, kz,
+                                 Float32(0.0))
 
     @cute.jit
     def launch(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,

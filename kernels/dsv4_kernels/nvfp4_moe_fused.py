@@ -38,7 +38,7 @@ from cutlass._mlir.dialects import llvm
 from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _fake, _options, _stream_arg, _TVM_FFI,
                                      decode_chunk, mma_block)
 from dsv4_kernels.nvfp4_moe import (DECODE_LIMIT, PackedExperts, _nth_set_bit, _slot_routing, _swiglu, _unroll,
-                                    compile_finalize)
+                                    compile_finalize, slot_rows, store_slot_block)
 
 __all__ = ["moe_decode_fused", "compile_fused", "fused_plan"]
 
@@ -109,11 +109,6 @@ class _FusedDecode:
         self.u1 = _unroll(self.c1, u1)
         self.u2 = _unroll(self.c2, u2)
 
-    def _rows(self, rows, m0, m1, cnt, p0, g, gate_up: bool):
-        for j in range(self.mt):
-            a = _nth_set_bit(m0, m1, cutlass.min(p0 + j * 8 + g, cnt - 1))
-            rows[j] = a // self.topk if gate_up else a
-
     def _load(self, mW, mS, e, tile, cb, lane, wreg, sreg):
         for u in range(wreg.shape[1]):
             cute.autovec_copy(mW[e, tile, cb + u, lane, None], wreg[None, u])
@@ -179,7 +174,7 @@ class _FusedDecode:
                 al1 = mAl[e, 1]
                 for mb in cutlass.range(nblk):
                     p0 = mb * (MT * 8)
-                    self._rows(rows, m0, m1, cnt, p0, g, True)
+                    slot_rows(rows, m0, m1, cnt, p0, g, MT, self.topk)
                     for i in cutlass.range_constexpr(MT * 4):
                         acc[i] = Float32(0.0)
                     for it in cutlass.range(self.c1 // U):
@@ -222,7 +217,7 @@ class _FusedDecode:
                 hbase = mHr.iterator.toint()
                 for mb in cutlass.range(nblk):
                     p0 = mb * (MT * 8)
-                    self._rows(rows, m0, m1, cnt, p0, g, False)
+                    slot_rows(rows, m0, m1, cnt, p0, g, MT, 0)
                     for i in cutlass.range_constexpr(MT * 4):
                         acc[i] = Float32(0.0)
                     for it in cutlass.range(self.c2 // U):
@@ -238,14 +233,8 @@ class _FusedDecode:
                                 hi = _ld_cg_v4(addr + 16)
                                 xs.append([lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]])
                             self._mma_chunk(wreg, sreg, uu, acc, xs)
-                    for j in cutlass.range_constexpr(MT):
-                        for q in cutlass.range_constexpr(2):
-                            p = p0 + j * 8 + 2 * t + q
-                            if p < cnt:
-                                a = _nth_set_bit(m0, m1, p)
-                                wt = Float32(mWt[a]) * al2
-                                mYP[kz, a, tile * ROWTILE + g] = acc[j * 4 + q] * wt
-                                mYP[kz, a, tile * ROWTILE + g + 8] = acc[j * 4 + 2 + q] * wt
+                    store_slot_block("down", MT, self.clamp, mYP, mWt, mAl, e, al2, acc, m0, m1, cnt, p0, t, g, tile,
+                                     kz, limit)
         # the last CTA to finish zeroes the counters for the next launch (no CTA reads them after its count)
         cute.arch.barrier()
         if tidx == 0:

@@ -22,8 +22,8 @@ from cutlass import Float32, Int32, Int64
 
 from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _TVM_FFI, _fake, _options, _stream_arg, decode_chunk,
                                      mma_block)
-from dsv4_kernels.nvfp4_gemv_async import _cp_async16
-from dsv4_kernels.nvfp4_moe import _nth_set_bit, _slot_routing, _swiglu
+from dsv4_kernels.nvfp4_gemv_async import issue_stage, ring_smem
+from dsv4_kernels.nvfp4_moe import _slot_routing, slot_rows, store_slot_block
 
 _COMPILED: dict[tuple, Any] = {}
 # chunks per stage and stages of the ring (4 warps x STAGES x U x 576 B of shared memory per CTA); env
@@ -51,14 +51,8 @@ class _DecodeRing:
     @cute.jit
     def _issue(self, w0: Int64, s0: Int64, sw0: Int32, ss0: Int32, e: Int32, tile: Int32, warp: Int32,
                lane: Int32, slot: Int32, cb: Int32):
-        U, S = self.u, self.stages
         row0 = (Int64(e) * (self.n // ROWTILE) + Int64(tile)) * self.nchunk + Int64(cb)
-        for u in cutlass.range_constexpr(U):
-            _cp_async16(sw0 + (((warp * S + slot) * U + u) * 32 + lane) * 16,
-                        w0 + ((row0 + u) * 32 + Int64(lane)) * 16)
-        if lane < 4 * U:
-            _cp_async16(ss0 + (((warp * S + slot) * U + lane // 4) * 32 + (lane % 4) * 8) * 2,
-                        s0 + ((row0 + Int64(lane // 4)) * 32 + Int64((lane % 4) * 8)) * 2)
+        issue_stage(w0, s0, sw0, ss0, row0, warp, lane, slot, self.u, self.stages)
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
@@ -73,10 +67,7 @@ class _DecodeRing:
         MT, U, S = self.mt, self.u, self.stages
         smem = cutlass.memory.SmemAllocator()
         st = smem.allocate(Storage)
-        sw = st.sw.get_tensor(cute.make_layout((WARPS, S, U, 32, 4), stride=(S * U * 128, U * 128, 128, 4, 1)))
-        ss = st.ss.get_tensor(cute.make_layout((WARPS, S, U, 32), stride=(S * U * 32, U * 32, 32, 1)))
-        sw0 = sw.iterator.toint()
-        ss0 = ss.iterator.toint()
+        sw, ss, sw0, ss0 = ring_smem(st, S, U)
         w0 = mW.iterator.toint()
         s0 = mS.iterator.toint()
         cute.arch.griddepcontrol_launch_dependents()
@@ -99,12 +90,7 @@ class _DecodeRing:
                     if mb == 0:
                         cute.arch.griddepcontrol_wait()         # H is the SwiGLU kernel's output
                 p0 = mb * (MT * 8)
-                for j in cutlass.range_constexpr(MT):
-                    a = _nth_set_bit(m0, m1, cutlass.min(p0 + j * 8 + g, cnt - 1))
-                    if cutlass.const_expr(self.mode != "down"):
-                        rows[j] = a // self.topk
-                    else:
-                        rows[j] = a
+                slot_rows(rows, m0, m1, cnt, p0, g, MT, 0 if self.mode == "down" else self.topk)
                 for i in cutlass.range_constexpr(MT * 4):
                     acc[i] = Float32(0.0)
                 for it in cutlass.range(self.nit):
@@ -127,23 +113,8 @@ class _DecodeRing:
                             mma_block(wa, xreg, acc, j)
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.sync_warp()
-                for j in cutlass.range_constexpr(MT):
-                    for q in cutlass.range_constexpr(2):
-                        p = p0 + j * 8 + 2 * t + q
-                        if p < cnt:
-                            a = _nth_set_bit(m0, m1, p)
-                            if cutlass.const_expr(self.mode == "gateup_h"):
-                                # as _DecodeSwiglu over one split (0 + partial), so H is the chain's bit for bit
-                                h = _swiglu((Float32(0.0) + acc[j * 4 + q]) * mAl[e, 0],
-                                            (Float32(0.0) + acc[j * 4 + 2 + q]) * mAl[e, 1], limit, self.clamp)
-                                mOut[a, tile * 8 + g] = h.to(cutlass.BFloat16)
-                            elif cutlass.const_expr(self.mode == "gateup"):
-                                mOut[kz, a, 0, tile * 8 + g] = acc[j * 4 + q]
-                                mOut[kz, a, 1, tile * 8 + g] = acc[j * 4 + 2 + q]
-                            else:
-                                wt = Float32(mWt[a]) * al2
-                                mOut[kz, a, tile * ROWTILE + g] = acc[j * 4 + q] * wt
-                                mOut[kz, a, tile * ROWTILE + g + 8] = acc[j * 4 + 2 + q] * wt
+                store_slot_block(self.mode, MT, self.clamp, mOut, mWt, mAl, e, al2, acc, m0, m1, cnt, p0, t, g,
+                                 tile, kz, limit)
 
     @cute.jit
     def launch(self, mW: cute.Tensor, mS: cute.Tensor, mIds: cute.Tensor, mX: cute.Tensor, mWt: cute.Tensor,
