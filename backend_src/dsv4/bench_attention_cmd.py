@@ -165,12 +165,18 @@ def hbm_bandwidth(flush: torch.Tensor) -> float:
 
 def parse_variant(v: str) -> dict:
     """'auto' or ':'-joined tokens: m<heads per CTA>, s<splits>, n<rows per tile>, st<stages>, fp32 / bf16 (split
-    partial dtype)."""
-    out = dict(name=v, heads_cta=None, num_splits=None, part_bf16=None, block_n=64, stages=2)
+    partial dtype), wg / sync (the warpgroup-MMA or the mma.sync kernel; default: wgmma wherever it applies),
+    cl / nocl (wgmma splits merged in a cluster, or through global partials and the combine kernel)."""
+    out = dict(name=v, heads_cta=None, num_splits=None, part_bf16=None, block_n=64, stages=2, wgmma=None,
+               cluster=None)
     for tok in v.split(":"):
         if tok in ("auto", ""):
             continue
-        if tok == "fp32":
+        if tok in ("wg", "sync"):
+            out["wgmma"] = tok == "wg"
+        elif tok in ("cl", "nocl"):
+            out["cluster"] = tok == "cl"
+        elif tok == "fp32":
             out["part_bf16"] = False
         elif tok == "bf16":
             out["part_bf16"] = True
@@ -270,9 +276,10 @@ def bench(ctxs=(1024, 8192, 65536), batches=(1, 16, 64), heads=64, d=512, kinds=
                     f, _ = prepare_sparse_attention(case.q, case.cache, ratio, 128, case.topk, case.sink,
                                                     case.scale, case.batch, plan, var["num_splits"],
                                                     var["heads_cta"], var["part_bf16"], var["block_n"],
-                                                    var["stages"])
+                                                    var["stages"], var["wgmma"], var["cluster"])
                     us = _time(f, reps, flush)
                     r = dict(kind=kind, ctx=ctx, batch=B, heads=heads, rows=n_rows, variant=v, splits=f.splits,
+                             wgmma=f.wgmma, cluster=f.cluster,
                              us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1),
                              pct_hbm=round(100 * nbytes / (us * 1e-6) / bw, 1), sdpa_us=round(us_sdpa, 2),
                              speedup_vs_sdpa=round(us_sdpa / us, 2))
@@ -399,7 +406,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--variants", nargs="+", default=["auto"],
                    help="kernel variants: auto, or ':'-joined m<heads per CTA>, s<splits>, n<tile rows>, st<stages>, "
-                        "fp32|bf16 (e.g. m16:s2, m64:n32:st4)")
+                        "fp32|bf16, wg|sync, cl|nocl (e.g. m16:s2, m64:n32:st4, sync:m32, wg:nocl)")
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baseline")
     p.add_argument("--no-host", action="store_true", help="skip the host-cost measurements")
     p.add_argument("--indexer", action="store_true", help="benchmark indexer_topk instead (cute vs torch)")

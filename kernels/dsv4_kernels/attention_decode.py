@@ -54,6 +54,9 @@ def _quad(val, op):
 class SparseDecodeAttention:
     """Compile-time configuration of one kernel variant."""
 
+    # the P tile goes through a swizzled (8, 64) smem atom: rows of 64 (BN = 32 fails to compile, seen 2026-11-23)
+    BN_MULTIPLE = 64
+
     def __init__(self, head_dim: int, heads_per_cta: int, mode: int, window: int, block_size: int, ratio: int,
                  topk: int, split: bool, block_n: int = 64, stages: int = 2, part_bf16: bool = True,
                  topk_i64: bool = False, row_table: bool = True, table_tiles: int = 16):
@@ -64,8 +67,7 @@ class SparseDecodeAttention:
         self.wn = 4 if heads_per_cta <= 32 else 2
         self.threads = 32 * self.wm * self.wn
         self.BN = block_n
-        # the P tile goes through a swizzled (8, 64) smem atom: rows of 64 (BN = 32 fails to compile, seen 2026-11-23)
-        assert self.BN % 64 == 0 and self.d % (16 * self.wn) == 0
+        assert self.BN % self.BN_MULTIPLE == 0 and self.d % (16 * self.wn) == 0
         self.stages = stages
         self.mode = mode
         self.W = window
@@ -318,7 +320,19 @@ class SparseDecodeAttention:
 
         cute.arch.cp_async_wait_group(0)
 
-        # ---- row sums across the quad and the wn warps ----
+        self._finish(acc_O, row_max, row_sum, tScS_mn, thr_mma, sRed, warp_n, lane, g, split_idx, t, mSink, mOut,
+                     mOpart, mML)
+
+    @cute.jit
+    def _finish(self, acc_O: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, tScS_mn: cute.Tensor,
+                thr_mma: cute.ThrMma, sRed: cute.Tensor, warp_n: Int32, lane: Int32, g: Int32, split_idx: Int32,
+                t: Int32, mSink: cute.Tensor, mOut: cute.Tensor, mOpart: cute.Tensor, mML: cute.Tensor):
+        """Row sums across the quad and the wn column-warps (slot warp_n of sRed), then the split partial (O / l,
+        row max, row sum) or, unsplit, the sink merge and the bf16 output. tScS_mn: the thread's (head, column)
+        coordinates, rows in the order of mn_view(acc_O)."""
+        dt = cutlass.BFloat16
+        acc_O_mn = mn_view(acc_O)
+        n_r = cute.size(tScS_mn, mode=[0])
         for r in cutlass.range_constexpr(n_r):
             s = _quad(row_sum[r], lambda x, y: x + y)
             if lane % 4 == 0:

@@ -6,12 +6,19 @@ import cutlass.cute as cute
 
 
 def mn_view(acc: cute.Tensor) -> cute.Tensor:
-    """((2,2), MMA_M, MMA_N) mma.sync accumulator -> ((2, MMA_M), (2, MMA_N)) row/column view."""
+    """Accumulator -> (rows, columns) view of the thread's values: ((2,2), MMA_M, MMA_N) of mma.sync ->
+    ((2, MMA_M), (2, MMA_N)); ((2,2,V), MMA_M, MMA_N) of wgmma (V column groups of 8) -> ((2, MMA_M), (2, V, MMA_N))."""
     lay = cute.make_layout(acc.layout.shape)
-    mn = cute.make_layout(
-        ((lay.shape[0][1], lay.shape[1]), (lay.shape[0][0], lay.shape[2])),
-        stride=((lay.stride[0][1], lay.stride[1]), (lay.stride[0][0], lay.stride[2])),
-    )
+    if cute.rank(lay.shape[0]) == 3:
+        mn = cute.make_layout(
+            ((lay.shape[0][1], lay.shape[1]), (lay.shape[0][0], lay.shape[0][2], lay.shape[2])),
+            stride=((lay.stride[0][1], lay.stride[1]), (lay.stride[0][0], lay.stride[0][2], lay.stride[2])),
+        )
+    else:
+        mn = cute.make_layout(
+            ((lay.shape[0][1], lay.shape[1]), (lay.shape[0][0], lay.shape[2])),
+            stride=((lay.stride[0][1], lay.stride[1]), (lay.stride[0][0], lay.stride[2])),
+        )
     return cute.make_tensor(acc.iterator, cute.composition(acc.layout, mn))
 
 

@@ -22,13 +22,22 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
-def _check(case, num_splits=None, tol=1.5e-2, heads_cta=None, part_bf16=None, topk=None, block_n=64, stages=2):
+def _check(case, num_splits=None, tol=1.5e-2, heads_cta=None, part_bf16=None, topk=None, block_n=64, stages=2,
+           wgmma=None, cluster=None):
     ref = REF.sparse_attention(case.q, case.cache, case.ratio, case.window, case.topk, case.sink, case.scale,
                                case.batch)
     assert not ref.isnan().any(), "reference produced NaN: the test case is broken"
     launch, result = cute_attention.prepare_sparse_attention(
         case.q, case.cache, case.ratio, case.window, case.topk if topk is None else topk, case.sink, case.scale,
-        case.batch, num_splits=num_splits, heads_cta=heads_cta, part_bf16=part_bf16, block_n=block_n, stages=stages)
+        case.batch, num_splits=num_splits, heads_cta=heads_cta, part_bf16=part_bf16, block_n=block_n, stages=stages,
+        wgmma=wgmma, cluster=cluster)
+    if wgmma is not None:
+        assert launch.wgmma == wgmma
+    if cluster is not None:
+        assert launch.cluster == cluster
+    launch()
+    # poison the output the launch writes into, then run again: every element must be written by the kernel
+    result().fill_(float("nan"))
     launch()
     out = result()
     torch.cuda.synchronize()
@@ -43,24 +52,31 @@ RAGGED = [0, 4, 127, 128, 300, 1000, 4095, 8191]
 
 
 @pytest.mark.parametrize("ratio", [0, 4, 128])
-@pytest.mark.parametrize("heads", [16, 64])
-def test_decode_ragged(ratio, heads):
+@pytest.mark.parametrize("heads,wgmma", [(16, None), (64, False), (64, True)])
+def test_decode_ragged(ratio, heads, wgmma):
     seed = torch.randint(0, 1 << 30, ()).item()
     case = make_case(RAGGED, [1] * len(RAGGED), heads, 512, ratio, topk=64 if heads == 16 else 512, seed=seed)
-    _check(case)
+    _check(case, wgmma=wgmma)
 
 
 @pytest.mark.parametrize("ratio", [0, 4, 128])
 @pytest.mark.parametrize("splits", [1, 3, 16])
-def test_decode_forced_splits(ratio, splits):
+@pytest.mark.parametrize("wgmma", [False, True])
+def test_decode_forced_splits(ratio, splits, wgmma):
+    """3 splits of the wgmma kernel merge in a cluster; 16 exceed a cluster and go through partials + combine."""
     seed = torch.randint(0, 1 << 30, ()).item()
     case = make_case([8191, 2000, 5], [1, 1, 1], 64, 512, ratio, topk=512, seed=seed)
-    _check(case, num_splits=splits)
+    _check(case, num_splits=splits, wgmma=wgmma)
 
 
 @pytest.mark.parametrize("variant", [dict(heads_cta=16), dict(heads_cta=32, num_splits=2),
                                      dict(heads_cta=16, num_splits=4, part_bf16=False), dict(part_bf16=True),
-                                     dict(heads_cta=64), dict(heads_cta=16, stages=3)])
+                                     dict(heads_cta=64, wgmma=False), dict(heads_cta=16, stages=3),
+                                     dict(wgmma=True, part_bf16=True, num_splits=3, cluster=False),
+                                     dict(wgmma=True, block_n=32, stages=4), dict(wgmma=True, num_splits=1),
+                                     dict(wgmma=True, num_splits=2, cluster=True),
+                                     dict(wgmma=True, num_splits=5, cluster=True),
+                                     dict(wgmma=True, block_n=32, stages=4, num_splits=8, cluster=True)])
 @pytest.mark.parametrize("ratio", [4, 128])
 def test_decode_variants(ratio, variant):
     """Head groups of 16/32/64 for 64 heads (grid: head groups fastest), fp32 and bf16 split partials, 3 stages."""
@@ -89,6 +105,35 @@ def test_plan_is_cached_per_batch():
     _check(case)
     assert cute_attention.plan_for(case.batch, case.q.device) is p1 and len(p1.launch_cfg) >= 1
     assert p1.seq.tolist() == [0, 1] and p1.swa_table(case.window, 128).shape[0] == 2
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_engine_choice_by_batch(tokens):
+    """64 heads: the warpgroup-MMA kernel on sm_90 once >= 32 (token, 64-head group) pairs fill the GPU, the mma.sync
+    kernel below that (measured faster there); the choice must also compute the right thing."""
+    case = make_case([300] * tokens, [1] * tokens, 64, 512, 128, seed=1)
+    launch, _ = cute_attention.prepare_sparse_attention(case.q, case.cache, case.ratio, case.window, case.topk,
+                                                        case.sink, case.scale, case.batch)
+    hopper = torch.cuda.get_device_capability()[0] == 9 and cute_attention.WGMMA
+    assert launch.wgmma == (hopper and tokens >= cute_attention.WGMMA_MIN_GROUPS)
+    _check(case)
+
+
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+@pytest.mark.parametrize("wgmma", [True, False])
+def test_decode_128_heads_two_head_groups(ratio, wgmma):
+    """V4-Pro's 128 heads: two CTAs of 64 heads per token (wgmma) or four of 32 (mma.sync) read the same rows."""
+    seed = torch.randint(0, 1 << 30, ()).item()
+    case = make_case([8191, 129, 3000], [1, 1, 1], 128, 512, ratio, topk=512, seed=seed)
+    _check(case, wgmma=wgmma)
+
+
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+def test_prefill_chunks_wgmma(ratio):
+    """Prefill chunks through the 64-head wgmma kernel: each query token is its own row list."""
+    seed = torch.randint(0, 1 << 30, ()).item()
+    case = make_case([0, 100, 1500], [150, 37, 5], 64, 512, ratio, topk=512, seed=seed)
+    _check(case, wgmma=True)
 
 
 @pytest.mark.parametrize("ratio", [0, 4, 128])

@@ -13,6 +13,7 @@ from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # n
 
 from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, SparseDecodeAttention,  # noqa: E402
                                            SplitCombine, plan_splits)
+from dsv4_kernels.attention_decode_wgmma import SparseDecodeAttentionWgmma  # noqa: E402
 from dsv4_kernels.indexer import IndexerScores  # noqa: E402
 from dsv4_kernels.kv_write import KVScatter  # noqa: E402
 from dsv4_kernels.mhc import HcCoefficients  # noqa: E402
@@ -39,6 +40,23 @@ def _fake(dtype, rank, rows=True):
 def test_sparse_attention_compiles(d, M, mode, split, part_bf16, i64, table):
     k = SparseDecodeAttention(d, M, mode, 128, 128, 4 if mode == MODE_CSA else 128, 64, split, part_bf16=part_bf16,
                               topk_i64=i64, row_table=table)
+    assert k.smem_bytes() <= 227 * 1024
+    cute.compile(k, _fake(BF, 3), _fake(BF, 2), _fake(BF, 2), _fake(I32, 1, False), _fake(I32, 1, False),
+                 _fake(I32, 2, False), _fake(I32, 2, False), _fake(I64 if i64 else I32, 2, False),
+                 _fake(F32, 1, False), _fake(BF, 3), _fake(BF if part_bf16 else F32, 4), _fake(F32, 4, False),
+                 F32(0.1), I32(1), I32(1), make_fake_stream())
+
+
+@pytest.mark.parametrize("d,mode,split,part_bf16,i64,block_n,stages,cluster", [
+    (512, MODE_CSA, True, False, True, 64, 2, 1), (512, MODE_CSA, False, False, False, 64, 2, 1),
+    (512, MODE_HCA, True, True, False, 64, 2, 1), (512, MODE_WINDOW, False, False, False, 64, 2, 1),
+    (512, MODE_HCA, True, False, False, 32, 4, 1), (128, MODE_CSA, True, False, False, 64, 2, 1),
+    (512, MODE_CSA, False, False, True, 64, 2, 2), (512, MODE_HCA, False, False, False, 32, 4, 5),
+    (128, MODE_WINDOW, False, False, False, 64, 2, 8),
+])
+def test_sparse_attention_wgmma_compiles(d, mode, split, part_bf16, i64, block_n, stages, cluster):
+    k = SparseDecodeAttentionWgmma(d, mode, 128, 128, 4 if mode == MODE_CSA else 128, 64, split, block_n=block_n,
+                                   stages=stages, part_bf16=part_bf16, topk_i64=i64, cluster=cluster)
     assert k.smem_bytes() <= 227 * 1024
     cute.compile(k, _fake(BF, 3), _fake(BF, 2), _fake(BF, 2), _fake(I32, 1, False), _fake(I32, 1, False),
                  _fake(I32, 2, False), _fake(I32, 2, False), _fake(I64 if i64 else I32, 2, False),

@@ -134,10 +134,31 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def heads_per_cta(h: int) -> int:
-    """Heads per CTA. 64 heads run as 2 groups of 32 (grid: head groups side by side, so the second group reads the
-    rows from L2): measured on H100 faster than one group of 64 at batch 16 and 64 (docs/PERF_ATTENTION.md)."""
+def heads_per_cta(h: int, wgmma: bool = False) -> int:
+    """Heads per CTA. The wgmma kernel serves 64 heads per CTA (wgmma's M), so it takes head counts that are a
+    multiple of 64. The mma.sync kernel runs 64 heads as 2 groups of 32 (grid: head groups side by side, so the
+    second group reads the rows from L2): measured on H100 faster than one group of 64 at batch 16 and 64
+    (docs/PERF_ATTENTION.md)."""
+    if wgmma and h % 64 == 0:
+        return 64
     return 16 if h <= 16 else 32
+
+
+# the wgmma kernel's 64-head CTAs win once there are enough of them to fill the GPU with splits; below this many
+# (token, 64-head group) pairs the mma.sync kernel's 32-head CTAs measured as fast or faster on H100 (batch 1: 16.3
+# vs 20.5 us, batch 16: equal; batch 64: 36.3 vs 39.8 us, docs/PERF_ATTENTION.md)
+WGMMA_MIN_GROUPS = 32
+
+
+def use_wgmma(device: torch.device, T: int, H: int, d: int, block_n: int = 64) -> bool:
+    return wgmma_supported(device, d, block_n) and H % 64 == 0 and T * (H // 64) >= WGMMA_MIN_GROUPS
+
+
+def wgmma_supported(device: torch.device, d: int, block_n: int = 64) -> bool:
+    """The warpgroup-MMA decode kernel: sm_90 only (wgmma is Hopper's; Blackwell needs its own path), d / 2 within
+    one wgmma's n (<= 256), tiles of a multiple of 32 rows. DSV4_ATTN_WGMMA=0 keeps the mma.sync kernel."""
+    return (WGMMA and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+            and d % 64 == 0 and d // 2 <= 256 and block_n % 32 == 0)
 
 
 class AttentionPlan:
@@ -237,6 +258,11 @@ def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) 
 PART_BF16 = os.environ.get("DSV4_ATTN_PART_BF16", "0") == "1"
 # physical rows looked up once per 16 tiles into shared memory (SparseDecodeAttention.row_table); 0 = per tile
 ROW_TABLE = os.environ.get("DSV4_ATTN_ROW_TABLE", "1") != "0"
+# 64-head CTAs on warpgroup MMA (attention_decode_wgmma.py) where the head count allows; 0 = mma.sync kernel only
+WGMMA = os.environ.get("DSV4_ATTN_WGMMA", "1") != "0"
+# wgmma kernel with 2-8 splits: the splits of a token form a thread-block cluster and merge through distributed shared
+# memory instead of fp32 partials and a combine kernel; 0 = partials + SplitCombine
+CLUSTER = os.environ.get("DSV4_ATTN_CLUSTER", "1") != "0"
 
 
 def sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
@@ -252,25 +278,29 @@ def sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: int, topk
 def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
                              sink: Tensor, scale: float, batch: ForwardBatch, plan: AttentionPlan | None = None,
                              num_splits: int | None = None, heads_cta: int | None = None,
-                             part_bf16: bool | None = None, block_n: int = 64, stages: int = 2):
+                             part_bf16: bool | None = None, block_n: int = 64, stages: int = 2,
+                             wgmma: bool | None = None, cluster: bool | None = None):
     """-> (launch, result): launch() enqueues the kernel(s) on the current stream (what the benchmark times);
-    result() returns the [T, H, d] output in q's dtype. `num_splits`, `heads_cta`, `part_bf16`: overrides for
-    tests and sweeps."""
+    result() returns the [T, H, d] output in q's dtype. `num_splits`, `heads_cta`, `part_bf16`, `wgmma`: overrides
+    for tests and sweeps (wgmma=None: the warpgroup-MMA kernel wherever it applies; cluster=None: its splits merge
+    in a cluster wherever they fit one)."""
     T, H, d = q.shape
     dev = q.device
     plan = plan or plan_for(batch, dev)
     part_bf16 = PART_BF16 if part_bf16 is None else part_bf16
-    M = heads_cta or heads_per_cta(H)
+    wg_ok = use_wgmma(dev, T, H, d, block_n) if wgmma is None else wgmma
+    M = heads_cta or heads_per_cta(H, wg_ok)
+    wg = M == 64 and wg_ok
     Hp = -(-H // M) * M
     csa = ratio == 4 and topk_entries is not None
     ck = (H, d, ratio, window, cache.block_size, topk_entries.shape[1] if csa else 0,
-          topk_entries.dtype if csa else None, num_splits, M, part_bf16, block_n, stages)
+          topk_entries.dtype if csa else None, num_splits, M, part_bf16, block_n, stages, wg, cluster)
     cfg = plan.launch_cfg.get(ck)
     if cfg is None:
         cfg = plan.launch_cfg[ck] = _launch_config(T, H, d, M, ratio, window, cache.block_size, csa,
                                                    topk_entries, plan, num_splits, part_bf16, dev, block_n,
-                                                   stages)
-    fn, cfn, splits, per, mode_tk = cfg
+                                                   stages, wg, CLUSTER if cluster is None else cluster)
+    fn, cfn, splits, per, mode_tk, in_cluster = cfg
     qk = q if q.dtype == torch.bfloat16 else q.to(torch.bfloat16)
     sk = sink if sink.dtype == torch.float32 else sink.float()
     if Hp != H:
@@ -285,7 +315,7 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
     comp = cache.comp_kv.view(-1, d) if (ratio and cache.comp_kv is not None) else swa
     out = torch.empty((T, Hp, d), dtype=torch.bfloat16, device=dev)
     pdt = torch.bfloat16 if part_bf16 else torch.float32
-    if splits > 1:
+    if splits > 1 and not in_cluster:
         opart = _workspace("opart", T * splits * Hp * d, pdt, dev).view(T, splits, Hp, d)
         ml = _workspace("ml", T * splits * Hp * 2, torch.float32, dev).view(T, splits, Hp, 2)
     else:
@@ -305,6 +335,8 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
         return res if q.dtype == torch.bfloat16 else res.to(q.dtype)
 
     launch.splits = splits
+    launch.wgmma = wg
+    launch.cluster = in_cluster
     return launch, result
 
 
@@ -314,9 +346,10 @@ _COMBINE_SPEC = (("t", True), ("t", False), ("t", False), ("t", True), ("i",))
 
 
 def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, plan, num_splits, part_bf16, dev,
-                   block_n=64, stages=2):
+                   block_n=64, stages=2, wgmma=False, cluster=False):
     from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, SparseDecodeAttention,
                                                SplitCombine, plan_splits)
+    from dsv4_kernels.attention_decode_wgmma import MAX_CLUSTER, SparseDecodeAttentionWgmma
     Hp = -(-H // M) * M
     if csa:
         mode, topk = MODE_CSA, topk_entries.shape[1]
@@ -331,30 +364,43 @@ def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, pla
         tk_ex = plan.pos2
     max_rows = min(plan.max_pos + 1, window) + n_comp
     G = Hp // M
+    tiles = max(1, math.ceil(max_rows / block_n))
     if num_splits is None:
-        splits, per = plan_splits(max_rows, T, G, block_n=block_n, num_sms=plan.num_sms)
+        # merged in a cluster, a split costs no partial traffic: split down to one tile where that fills the GPU
+        splits, per = plan_splits(max_rows, T, G, block_n=block_n, num_sms=plan.num_sms,
+                                  min_tiles=1 if wgmma and cluster else 2)
+        if wgmma and cluster and splits > MAX_CLUSTER:     # fewer, longer splits that fit one cluster
+            per = math.ceil(tiles / MAX_CLUSTER)
+            splits = math.ceil(tiles / per)
     else:
-        tiles = max(1, math.ceil(max_rows / block_n))
         per = math.ceil(tiles / num_splits)
         splits = math.ceil(tiles / per)
-    split = splits > 1
+    in_cluster = wgmma and cluster and 1 < splits <= MAX_CLUSTER
+    split = splits > 1 and not in_cluster
     i64 = csa and topk_entries.dtype == torch.int64
     pdt = torch.bfloat16 if part_bf16 else torch.float32
     bf = torch.empty((1, 1, 8), dtype=torch.bfloat16, device=dev)
     ex = [bf, bf[0], bf[0], plan.pos, plan.seq, plan.comp_bt, plan.comp_bt, tk_ex,
           torch.empty(1, dtype=torch.float32, device=dev), bf, torch.empty((1, 1, 1, 8), dtype=pdt, device=dev),
           torch.empty((1, 1, 1, 2), dtype=torch.float32, device=dev), 1.0, 1, 1]
-    key = ("attn", d, M, mode, window, block_size, ratio, topk, split, part_bf16, i64, block_n, stages, ROW_TABLE)
+    n_cluster = splits if in_cluster else 1
+    key = ("attn", d, M, mode, window, block_size, ratio, topk, split, part_bf16, i64, block_n, stages,
+           ROW_TABLE or wgmma, wgmma, n_cluster)
     r = ratio if ratio else 1
-    fn = Launcher(key, lambda: SparseDecodeAttention(d, M, mode, window, block_size, r, topk, split, block_n=block_n,
-                                                     stages=stages, part_bf16=part_bf16, topk_i64=i64,
-                                                     row_table=ROW_TABLE),
-                  _ATTN_SPEC, ex)
+    if wgmma:
+        def make():
+            return SparseDecodeAttentionWgmma(d, mode, window, block_size, r, topk, split, block_n=block_n,
+                                              stages=stages, part_bf16=part_bf16, topk_i64=i64, cluster=n_cluster)
+    else:
+        def make():
+            return SparseDecodeAttention(d, M, mode, window, block_size, r, topk, split, block_n=block_n,
+                                         stages=stages, part_bf16=part_bf16, topk_i64=i64, row_table=ROW_TABLE)
+    fn = Launcher(key, make, _ATTN_SPEC, ex)
     cfn = None
     if split:
         cex = [ex[10], ex[11], ex[8], bf, 1]
         cfn = Launcher(("combine", d, part_bf16), lambda: SplitCombine(d), _COMBINE_SPEC, cex)
-    return fn, cfn, splits, per, mode
+    return fn, cfn, splits, per, mode, in_cluster
 
 
 def indexer_topk(q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
