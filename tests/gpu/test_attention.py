@@ -107,15 +107,17 @@ def test_plan_is_cached_per_batch():
     assert p1.seq.tolist() == [0, 1] and p1.swa_table(case.window, 128).shape[0] == 2
 
 
-@pytest.mark.parametrize("tokens", [1, 40])
-def test_engine_choice_by_batch(tokens):
-    """64 heads: the warpgroup-MMA kernel on sm_90 once >= 32 (token, 64-head group) pairs fill the GPU, the mma.sync
-    kernel below that (measured faster there); the choice must also compute the right thing."""
-    case = make_case([300] * tokens, [1] * tokens, 64, 512, 128, seed=1)
+@pytest.mark.parametrize("tokens,ctx,ratio,wgmma", [(1, 8000, 4, False), (40, 8000, 4, True), (40, 8000, 128, False),
+                                                   (40, 30000, 128, True)])
+def test_engine_choice(tokens, ctx, ratio, wgmma):
+    """64 heads: the warpgroup-MMA kernel on sm_90 once >= 32 (token, 64-head group) pairs with >= 4 tiles of rows
+    fill the GPU, the mma.sync kernel otherwise (measured faster there); the choice must also compute the right
+    thing. HCA at 8k context: 128 window rows + 62 entries = 3 tiles; at 30k: 362 rows."""
+    case = make_case([ctx] * tokens, [1] * tokens, 64, 512, ratio, topk=512, seed=1)
     launch, _ = cute_attention.prepare_sparse_attention(case.q, case.cache, case.ratio, case.window, case.topk,
                                                         case.sink, case.scale, case.batch)
     hopper = torch.cuda.get_device_capability()[0] == 9 and cute_attention.WGMMA
-    assert launch.wgmma == (hopper and tokens >= cute_attention.WGMMA_MIN_GROUPS)
+    assert launch.wgmma == (hopper and wgmma)
     _check(case)
 
 

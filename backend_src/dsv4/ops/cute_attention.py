@@ -144,21 +144,41 @@ def heads_per_cta(h: int, wgmma: bool = False) -> int:
     return 16 if h <= 16 else 32
 
 
-# the wgmma kernel's 64-head CTAs win once there are enough of them to fill the GPU with splits; below this many
-# (token, 64-head group) pairs the mma.sync kernel's 32-head CTAs measured as fast or faster on H100 (batch 1: 16.3
-# vs 20.5 us, batch 16: equal; batch 64: 36.3 vs 39.8 us, docs/PERF_ATTENTION.md)
+# The wgmma kernel's 64-head CTAs win once there are enough of them, and enough tiles per token, to fill the GPU
+# with cluster-merged splits. H100 (docs/PERF.md, session 19): batch 64 with 6-10 tiles per token 30.8-37.1 vs
+# 38.2-39.6 us for the mma.sync kernel, but 3 tiles (short HCA lists) 20.5-21.5 vs 19.9-20.4; batch 1 20.4 vs
+# 16.8-17.9, batch 16 about equal. So: at least 32 (token, 64-head group) pairs and 4 tiles of 64 rows.
 WGMMA_MIN_GROUPS = 32
+WGMMA_MIN_ROWS = 4 * 64 - 63
 
 
-def use_wgmma(device: torch.device, T: int, H: int, d: int, block_n: int = 64) -> bool:
-    return wgmma_supported(device, d, block_n) and H % 64 == 0 and T * (H // 64) >= WGMMA_MIN_GROUPS
+def use_wgmma(device: torch.device, T: int, H: int, d: int, max_rows: int, block_n: int = 64) -> bool:
+    return (wgmma_supported(device, d, block_n) and H % 64 == 0 and T * (H // 64) >= WGMMA_MIN_GROUPS
+            and max_rows >= WGMMA_MIN_ROWS)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
 
 
 def wgmma_supported(device: torch.device, d: int, block_n: int = 64) -> bool:
     """The warpgroup-MMA decode kernel: sm_90 only (wgmma is Hopper's; Blackwell needs its own path), d / 2 within
     one wgmma's n (<= 256), tiles of a multiple of 32 rows. DSV4_ATTN_WGMMA=0 keeps the mma.sync kernel."""
-    return (WGMMA and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return (WGMMA and device.type == "cuda" and _is_sm90(device.index if device.index is not None else 0)
             and d % 64 == 0 and d // 2 <= 256 and block_n % 32 == 0)
+
+
+def _max_rows(plan: "AttentionPlan", ratio: int, window: int, csa: bool, topk_entries: Tensor | None) -> int:
+    """Longest row list of the step: the window rows plus the compressed entries (CSA: the top-k width, HCA: the
+    whole compressed prefix)."""
+    if csa:
+        n_comp = topk_entries.shape[1]
+    elif ratio and ratio != 4:
+        n_comp = (plan.max_pos + 1) // ratio
+    else:
+        n_comp = 0
+    return min(plan.max_pos + 1, window) + n_comp
 
 
 class AttentionPlan:
@@ -288,11 +308,12 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
     dev = q.device
     plan = plan or plan_for(batch, dev)
     part_bf16 = PART_BF16 if part_bf16 is None else part_bf16
-    wg_ok = use_wgmma(dev, T, H, d, block_n) if wgmma is None else wgmma
-    M = heads_cta or heads_per_cta(H, wg_ok)
-    wg = M == 64 and wg_ok
-    Hp = -(-H // M) * M
     csa = ratio == 4 and topk_entries is not None
+    if wgmma is None:
+        wgmma = use_wgmma(dev, T, H, d, _max_rows(plan, ratio, window, csa, topk_entries), block_n)
+    M = heads_cta or heads_per_cta(H, wgmma)
+    wg = M == 64 and wgmma
+    Hp = -(-H // M) * M
     ck = (H, d, ratio, window, cache.block_size, topk_entries.shape[1] if csa else 0,
           topk_entries.dtype if csa else None, num_splits, M, part_bf16, block_n, stages, wg, cluster)
     cfg = plan.launch_cfg.get(ck)
@@ -353,16 +374,14 @@ def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, pla
     Hp = -(-H // M) * M
     if csa:
         mode, topk = MODE_CSA, topk_entries.shape[1]
-        n_comp = topk
         tk_ex = topk_entries
     elif ratio and ratio != 4:
         mode, topk = MODE_HCA, 0
-        n_comp = (plan.max_pos + 1) // ratio
         tk_ex = plan.pos2
     else:
-        mode, topk, n_comp = MODE_WINDOW, 0, 0
+        mode, topk = MODE_WINDOW, 0
         tk_ex = plan.pos2
-    max_rows = min(plan.max_pos + 1, window) + n_comp
+    max_rows = _max_rows(plan, ratio, window, csa, topk_entries)
     G = Hp // M
     tiles = max(1, math.ceil(max_rows / block_n))
     if num_splits is None:
