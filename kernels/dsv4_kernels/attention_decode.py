@@ -68,6 +68,8 @@ class SparseDecodeAttention:
         self.threads = 32 * self.wm * self.wn
         self.BN = block_n
         assert self.BN % self.BN_MULTIPLE == 0 and self.d % (16 * self.wn) == 0
+        # the loop keeps one tile in flight whatever `stages` is (> 2 only adds buffers); the wgmma kernel keeps
+        # stages - 1 in flight, and that measured no faster either (docs/PERF.md, session 19)
         self.stages = stages
         self.mode = mode
         self.W = window
