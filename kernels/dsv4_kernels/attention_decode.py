@@ -124,6 +124,28 @@ class SparseDecodeAttention:
             grid=grid, block=[self.threads, 1, 1], smem=Storage.size_in_bytes(), stream=stream)
 
     @cute.jit
+    def _row_list(self, t: Int32, split_idx: Int32, tiles_per_split: Int32, mPos: cute.Tensor, mSeq: cute.Tensor,
+                  mSwa: cute.Tensor, mComp: cute.Tensor, mSwaBT: cute.Tensor):
+        """Token t's virtual row list and this split's tiles -> (sequence, window rows, first window position, rows,
+        first tile, end tile, window pool base, compressed pool base, address of the safe row)."""
+        p = mPos[t]
+        b = mSeq[t]
+        n_win = cutlass.min(p + 1, self.W)
+        lo = p - n_win + 1
+        n_total = n_win
+        if cutlass.const_expr(self.mode == MODE_HCA):
+            n_total = n_win + (p + 1) // self.ratio
+        if cutlass.const_expr(self.mode == MODE_CSA):
+            n_total = n_win + self.topk
+        n_tiles = (n_total + self.BN - 1) // self.BN
+        tile_lo = split_idx * tiles_per_split
+        tile_hi = cutlass.min(tile_lo + tiles_per_split, n_tiles)
+        swa_base = mSwa.iterator.toint()
+        comp_base = mComp.iterator.toint()
+        safe = swa_base + Int64(mSwaBT[b, p // self.bs] * self.bs + p % self.bs) * (self.d * 2)
+        return b, n_win, lo, n_total, tile_lo, tile_hi, swa_base, comp_base, safe
+
+    @cute.jit
     def _row_code(self, n: Int32, n_win: Int32, n_total: Int32, lo: Int32, b: Int32, t: Int32,
                   mSwaBT: cute.Tensor, mCompBT: cute.Tensor, mTopk: cute.Tensor):
         """Physical row of virtual row n in its pool (window rows: n < n_win), or -1 (masked)."""
@@ -164,23 +186,8 @@ class SparseDecodeAttention:
         lane = tidx % 32
         warp_n = (tidx // 32) // self.wm
 
-        # ---- the token's virtual row list ----
-        p = mPos[t]
-        b = mSeq[t]
-        n_win = cutlass.min(p + 1, self.W)
-        lo = p - n_win + 1
-        n_total = n_win
-        if cutlass.const_expr(self.mode == MODE_HCA):
-            n_total = n_win + (p + 1) // self.ratio
-        if cutlass.const_expr(self.mode == MODE_CSA):
-            n_total = n_win + self.topk
-        n_tiles = (n_total + self.BN - 1) // self.BN
-        tile_lo = split_idx * tiles_per_split
-        tile_hi = cutlass.min(tile_lo + tiles_per_split, n_tiles)
-        row_bytes = self.d * 2
-        swa_base = mSwa.iterator.toint()
-        comp_base = mComp.iterator.toint()
-        safe = swa_base + Int64(mSwaBT[b, p // self.bs] * self.bs + p % self.bs) * row_bytes
+        b, n_win, lo, n_total, tile_lo, tile_hi, swa_base, comp_base, safe = self._row_list(
+            t, split_idx, tiles_per_split, mPos, mSeq, mSwa, mComp, mSwaBT)
 
         smem = cutlass.memory.SmemAllocator()
         st = smem.allocate(Storage)

@@ -29,12 +29,12 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Float32, Int32, Int64
+from cutlass import Float32, Int32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.cute.nvgpu import cpasync, warp, warpgroup
 
-from dsv4_kernels.attention_decode import LOG2_E, MODE_CSA, MODE_HCA, SparseDecodeAttention, _quad
+from dsv4_kernels.attention_decode import LOG2_E, SparseDecodeAttention, _quad
 from dsv4_kernels.cute_utils import add, mn_view
 
 HEADS = 64          # wgmma's M: one CTA serves 64 query heads
@@ -136,22 +136,8 @@ class SparseDecodeAttentionWgmma(SparseDecodeAttention):
         lane = tidx % 32
         wg = cute.arch.make_warp_uniform(tidx // 128)
 
-        # ---- the token's virtual row list (as the parent kernel) ----
-        p = mPos[t]
-        b = mSeq[t]
-        n_win = cutlass.min(p + 1, self.W)
-        lo = p - n_win + 1
-        n_total = n_win
-        if cutlass.const_expr(self.mode == MODE_HCA):
-            n_total = n_win + (p + 1) // self.ratio
-        if cutlass.const_expr(self.mode == MODE_CSA):
-            n_total = n_win + self.topk
-        n_tiles = (n_total + self.BN - 1) // self.BN
-        tile_lo = split_idx * tiles_per_split
-        tile_hi = cutlass.min(tile_lo + tiles_per_split, n_tiles)
-        swa_base = mSwa.iterator.toint()
-        comp_base = mComp.iterator.toint()
-        safe = swa_base + Int64(mSwaBT[b, p // self.bs] * self.bs + p % self.bs) * (self.d * 2)
+        b, n_win, lo, n_total, tile_lo, tile_hi, swa_base, comp_base, safe = self._row_list(
+            t, split_idx, tiles_per_split, mPos, mSeq, mSwa, mComp, mSwaBT)
 
         # the swizzle lives on the pointers (wgmma descriptors need plain layouts over swizzled smem)
         smem = cutlass.memory.SmemAllocator()
