@@ -126,6 +126,12 @@ def test_a_config_the_engine_refuses_is_raised_with_its_message(tiny_checkpoint)
         EngineProcess(EngineConfig(checkpoint=str(tiny_checkpoint), **dict(SETTINGS, max_model_len=10 ** 7)))
 
 
+def test_a_bad_switch_interval_for_the_engine_process_is_refused_with_its_name(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("DSV4_ENGINE_SWITCH_INTERVAL_MS", "fast")
+    with pytest.raises(ConfigError, match="DSV4_ENGINE_SWITCH_INTERVAL_MS"):
+        EngineProcess(EngineConfig(checkpoint=str(tiny_checkpoint), **SETTINGS))
+
+
 def test_when_the_engine_process_dies_requests_in_flight_fail_and_new_ones_are_refused(tiny_checkpoint):
     ep = EngineProcess(EngineConfig(checkpoint=str(tiny_checkpoint), **SETTINGS))
     try:

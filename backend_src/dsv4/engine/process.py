@@ -301,7 +301,16 @@ def _serve(fd: int) -> int:
 
     # the command loop's thread needs the GIL for each add/abort/stats while the engine thread runs Python: hand
     # it over sooner than Python's 5 ms default, as the Triton stub does for its sender
-    sys.setswitchinterval(0.0005)
+    raw = os.environ.get("DSV4_ENGINE_SWITCH_INTERVAL_MS", "0.5")
+    try:
+        switch_ms = float(raw)
+    except ValueError:
+        switch_ms = 0.0
+    if not 0 < switch_ms <= 100:
+        conn.send(("failed", "ConfigError",
+                   f"DSV4_ENGINE_SWITCH_INTERVAL_MS must be a number of milliseconds in (0, 100], got {raw!r}", ""))
+        return 1
+    sys.setswitchinterval(switch_ms / 1000.0)
     outbox = _Outbox(conn)
     try:
         engine = Engine(config, after_step=outbox.flush)
