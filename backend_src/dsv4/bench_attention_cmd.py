@@ -242,14 +242,30 @@ def _flush_buffer() -> torch.Tensor:
     return torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
 
 
+def _gather_peer(rows_total: int, d: int, reps: int, flush: torch.Tensor, pool: list) -> float:
+    """µs of the read-only gather peer (dsv4_kernels.gather_read) over as many random rows of d BF16 values as the
+    case reads, from a 4 GiB pool (made on first use, kept in `pool`)."""
+    from dsv4_kernels.gather_read import gather_read
+
+    if not pool:
+        words = d * 2 // 4
+        pool.append(torch.randint(-2 ** 31, 2 ** 31 - 1, ((4 << 30) // (4 * words), words), dtype=torch.int32,
+                                  device="cuda"))
+    n = max(32, rows_total // 32 * 32)
+    idx = torch.randint(0, pool[0].shape[0], (n,), dtype=torch.int32, device="cuda")
+    out = gather_read(pool[0], idx, 32)
+    return _time(lambda: gather_read(pool[0], idx, 32, out), reps, flush)
+
+
 def bench(ctxs=(1024, 8192, 65536), batches=(1, 16, 64), heads=64, d=512, kinds=("csa", "hca"), topk=512,
-          reps=30, variants=("auto",), sdpa=True, host=True) -> list[dict]:
+          reps=30, variants=("auto",), sdpa=True, host=True, gather_peer=False) -> list[dict]:
     from dsv4.ops.cute_attention import plan_for, prepare_sparse_attention
 
     flush = _flush_buffer()
     bw = hbm_bandwidth(flush)
     print(json.dumps({"hbm_copy_gbps": round(bw / 1e9, 1)}), flush=True)
     results = []
+    pool: list = []
     for kind in kinds:
         ratio = KIND_RATIO.get(kind, 0)
         for ctx in ctxs:
@@ -271,6 +287,7 @@ def bench(ctxs=(1024, 8192, 65536), batches=(1, 16, 64), heads=64, d=512, kinds=
                     except Exception:  # noqa: BLE001
                         pass
                     del kv
+                us_peer = _gather_peer(B * n_rows, d, reps, flush, pool) if gather_peer else float("nan")
                 for v in variants:
                     var = parse_variant(v)
                     f, _ = prepare_sparse_attention(case.q, case.cache, ratio, 128, case.topk, case.sink,
@@ -282,7 +299,8 @@ def bench(ctxs=(1024, 8192, 65536), batches=(1, 16, 64), heads=64, d=512, kinds=
                              wgmma=f.wgmma, cluster=f.cluster,
                              us=round(us, 2), gbps=round(nbytes / (us * 1e-6) / 1e9, 1),
                              pct_hbm=round(100 * nbytes / (us * 1e-6) / bw, 1), sdpa_us=round(us_sdpa, 2),
-                             speedup_vs_sdpa=round(us_sdpa / us, 2))
+                             speedup_vs_sdpa=round(us_sdpa / us, 2), gather_peer_us=round(us_peer, 2),
+                             x_gather_peer=round(us / us_peer, 2))
                     if host and v == variants[0]:
                         r.update(host_costs(case))
                     results.append(r)
@@ -409,6 +427,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "fp32|bf16, wg|sync, cl|nocl (e.g. m16:s2, m64:n32:st4, sync:m32, wg:nocl)")
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baseline")
     p.add_argument("--no-host", action="store_true", help="skip the host-cost measurements")
+    p.add_argument("--gather-peer", action="store_true",
+                   help="also time the read-only gather peer (dsv4_kernels.gather_read) over as many random rows: "
+                        "the most any kernel reading those rows can do")
     p.add_argument("--indexer", action="store_true", help="benchmark indexer_topk instead (cute vs torch)")
     p.add_argument("--prefill", action="store_true",
                    help="benchmark prefill chunks instead: TFLOP/s vs the measured BF16 GEMM ceiling and vs SDPA")
@@ -426,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
         res = bench_indexer(tuple(args.ctx), tuple(args.batch), topk=args.topk, reps=args.reps)
     else:
         res = bench(tuple(args.ctx), tuple(args.batch), args.heads, args.head_dim, tuple(args.kinds), args.topk,
-                    args.reps, tuple(args.variants), not args.no_sdpa, not args.no_host)
+                    args.reps, tuple(args.variants), not args.no_sdpa, not args.no_host, args.gather_peer)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

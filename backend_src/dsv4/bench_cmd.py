@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
 def bench_gemm(models, ms, bw, args) -> list[dict]:
     rows = []
     hdr = (f"{'fmt':5} {'model':6} {'proj':10} {'N':>6} {'K':>6} {'M':>5} {'cute us':>9} {'cublas us':>9} "
-           f"{'x cublas':>8} {'wGB/s':>7} {'%HBM':>5} {'TFLOP/s':>7} {'path':>10} plan")
+           f"{'x cublas':>8} {'wGB/s':>7} {'%HBM':>5} {'TFLOP/s':>7} {'read us':>8} {'read%':>5} {'x read':>6} "
+           f"{'path':>10} plan")
     print(hdr)
     fmts = ["nvfp4", "fp8"] if getattr(args, "fmt", "nvfp4") == "both" else [getattr(args, "fmt", "nvfp4")]
     for fmt in fmts:
@@ -177,23 +178,27 @@ def _rotating(call: Callable[[Any], Any], ws: list[Any]) -> Callable[[], Any]:
 
 
 def _gemm_row(fmt: str, model: str, name: str, n: int, k: int, m: int, t_cute: float, t_cub: float, wbytes: int,
-              bw: float, path: str, plan: str, **extra) -> dict:
-    """One row of `bench gemm` (times in ms in, µs out), printed as it is made."""
+              bw: float, path: str, plan: str, read_us: float, **extra) -> dict:
+    """One row of `bench gemm` (times in ms in, µs out), printed as it is made. `read_us`: the plain-read peer
+    (torch streaming the same number of bytes from HBM, same timing), the best a weight-streaming kernel can do."""
     flops = 2.0 * m * n * k
     row = dict(fmt=fmt, model=model, proj=name, N=n, K=k, M=m, cute_us=t_cute * 1e3, cublas_us=t_cub * 1e3,
                speedup_vs_cublas=t_cub / t_cute, weight_GBps=wbytes / (t_cute * 1e-3) / 1e9,
                frac_hbm=wbytes / (t_cute * 1e-3) / bw, tflops=flops / (t_cute * 1e-3) / 1e12,
                cublas_tflops=flops / (t_cub * 1e-3) / 1e12, cublas_frac_hbm=2 * n * k / (t_cub * 1e-3) / bw,
-               path=path, weight_bytes=wbytes, plan=plan, **extra)
+               read_peer_us=read_us, read_peer_frac_hbm=wbytes / (read_us * 1e-6) / bw,
+               ratio_to_read_peer=t_cute * 1e3 / read_us, path=path, weight_bytes=wbytes, plan=plan, **extra)
     print(f"{fmt:5} {model:6} {name:10} {n:6d} {k:6d} {m:5d} {row['cute_us']:9.1f} {row['cublas_us']:9.1f} "
           f"{row['speedup_vs_cublas']:8.2f} {row['weight_GBps']:7.0f} {100 * row['frac_hbm']:5.0f} "
-          f"{row['tflops']:7.1f} {path:>10} {plan}", flush=True)
+          f"{row['tflops']:7.1f} {read_us:8.1f} {100 * row['read_peer_frac_hbm']:5.0f} "
+          f"{row['ratio_to_read_peer']:6.2f} {path:>10} {plan}", flush=True)
     return row
 
 
 def _bench_gemm_nvfp4(models, ms, bw, args) -> list[dict]:
     from dsv4.checkpoint.formats import quantize_nvfp4
     from dsv4_kernels import nvfp4_gemm as G
+    from dsv4_kernels.nvfp4_moe import read_peer_us
 
     rows = []
     keep = set(filter(None, args.shapes.split(",")))
@@ -210,6 +215,7 @@ def _bench_gemm_nvfp4(models, ms, bw, args) -> list[dict]:
             wbytes = pw.nbytes()
             pws = _copies(pw, wbytes, args.cold_l2, _clone_packed)
             wbfs = _copies(wbf, 2 * n * k, args.cold_l2, torch.clone)
+            read_us = read_peer_us(wbytes, time_ms, args.reps)
             variants = [int(v) for v in args.fused_max.split(",")] if args.fused_max else [G.FUSED_MAX]
             default_fm = G.FUSED_MAX
             x1 = torch.zeros(1, k, device="cuda", dtype=torch.bfloat16)
@@ -232,7 +238,7 @@ def _bench_gemm_nvfp4(models, ms, bw, args) -> list[dict]:
                 fused = m <= G.GEMV_MAX_M and splits > 1 and splits * -(-m // 8) <= fm
                 path = ("gemv" + ("-fused" if fused else "")) if m <= G.GEMV_MAX_M else "dequant"
                 rows.append(_gemm_row("nvfp4", model, name, n, k, m, t_cute, t_cub, wbytes, bw, path, f"s{splits}",
-                                      fused_max=fm, splits=splits, cold_l2=len(pws) > 1))
+                                      read_us, fused_max=fm, splits=splits, cold_l2=len(pws) > 1))
             del pw, wbf, pws, wbfs
             torch.cuda.empty_cache()
     return rows
@@ -259,6 +265,7 @@ def _fp8_plans(spec: str, n: int, k: int) -> list[tuple[int, int, int]]:
 def _bench_gemm_fp8(models, ms, bw, args) -> list[dict]:
     from dsv4.checkpoint.formats import quantize_fp8_block
     from dsv4_kernels import fp8_gemm as F
+    from dsv4_kernels.nvfp4_moe import read_peer_us
 
     rows = []
     keep = set(filter(None, args.shapes.split(",")))
@@ -275,6 +282,7 @@ def _bench_gemm_fp8(models, ms, bw, args) -> list[dict]:
             wbytes = pw.nbytes()
             pws = _copies(pw, wbytes, args.cold_l2, _clone_packed)
             wbfs = _copies(wbf, 2 * n * k, args.cold_l2, torch.clone)
+            read_us = read_peer_us(wbytes, time_ms, args.reps)
             for m in ms:
                 x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
                 y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
@@ -290,7 +298,8 @@ def _bench_gemm_fp8(models, ms, bw, args) -> list[dict]:
                     path = "gemv" if m <= F.GEMV_MAX_M else "dequant"
                     label = "s{}u{}p{}".format(*plan) if path == "gemv" else ""
                     rows.append(_gemm_row("fp8", model, name, n, k, m, t_cute, t_cub, wbytes, bw, path, label,
-                                          splits=plan[0], unroll=plan[1], prefetch=plan[2], cold_l2=len(pws) > 1))
+                                          read_us, splits=plan[0], unroll=plan[1], prefetch=plan[2],
+                                          cold_l2=len(pws) > 1))
             del pw, wbf, pws, wbfs
             torch.cuda.empty_cache()
     return rows

@@ -30,6 +30,7 @@ and the sink. With one split the CTA writes the final bf16 output itself.
 from __future__ import annotations
 
 import math
+import os
 
 import cutlass
 import cutlass.cute as cute
@@ -39,6 +40,9 @@ from cutlass.cute.nvgpu import cpasync, warp
 from dsv4_kernels.cute_utils import mn_view
 
 LOG2_E = 1.4426950408889634
+# Programmatic dependent launch of the split combine: its launch overlaps the attention kernel's tail instead of
+# following it (env DSV4_ATTN_PDL=0 turns it off)
+ATTN_PDL = os.environ.get("DSV4_ATTN_PDL", "1") != "0"
 
 MODE_WINDOW, MODE_HCA, MODE_CSA = 0, 1, 2
 
@@ -328,6 +332,9 @@ class SparseDecodeAttention:
             cute.arch.barrier()
 
         cute.arch.cp_async_wait_group(0)
+        if cutlass.const_expr(self.split):
+            # the combine kernel may be scheduled once every CTA is here; it still waits for this grid's writes
+            cute.arch.griddepcontrol_launch_dependents()
 
         self._finish(acc_O, row_max, row_sum, tScS_mn, thr_mma, sRed, warp_n, lane, g, split_idx, t, mSink, mOut,
                      mOpart, mML)
@@ -425,23 +432,26 @@ class SplitCombine:
 
     VEC = 8
 
-    def __init__(self, head_dim: int):
+    def __init__(self, head_dim: int, pdl: bool | None = None):
         assert head_dim % self.VEC == 0
         self.d = head_dim
         self.threads = head_dim // self.VEC
+        self.pdl = ATTN_PDL if pdl is None else pdl
 
     @cute.jit
     def __call__(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor,
                  num_splits: Int32, stream):
         self.kernel(mOpart, mML, mSink, mOut, num_splits).launch(
             grid=(cute.size(mOut.shape[1]), cute.size(mOut.shape[0]), 1), block=[self.threads, 1, 1],
-            stream=stream)
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor,
                num_splits: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         h, t, _ = cute.arch.block_idx()
+        # launched as a programmatic dependent: the partials are complete only after this (a no-op otherwise)
+        cute.arch.griddepcontrol_wait()
         sink2 = mSink[h] * LOG2_E
         mx = sink2
         for s in cutlass.range(num_splits, unroll=1):

@@ -272,6 +272,8 @@ class SparseDecodeAttentionWgmma(SparseDecodeAttention):
             warpgroup.wait_group(0)
 
         cute.arch.cp_async_wait_group(0)
+        if cutlass.const_expr(self.split):
+            cute.arch.griddepcontrol_launch_dependents()       # as in the mma.sync kernel: the combine's PDL
         # the row sums are split across the two warpgroups' columns of S: both paths add the sRed slots
         cute.arch.barrier()
         if cutlass.const_expr(self.cluster > 1):

@@ -699,9 +699,9 @@ def _set_variant(v: str) -> None:
     DECODE_KS = None if v in ("auto", "sorted", "decode", "chain", "fused") else tuple(int(a) for a in v.split("x"))
 
 
-def _read_peer_us(nbytes: int, time_ms, reps: int) -> float:
+def read_peer_us(nbytes: int, time_ms, reps: int) -> float:
     """Time torch takes to stream `nbytes` once (torch.sum over bf16 copies that together hold >= 2x the L2, so
-    each read comes from HBM as the experts' bytes do): the plain-read peer of the MoE's weight stream."""
+    each read comes from HBM as the experts' bytes do): the plain-read peer of a weight stream (MoE and GEMM)."""
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     copies = max(2, -(-2 * l2 // nbytes))
     bufs = [torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
@@ -741,7 +741,7 @@ def bench(models, batches, bw, reps, shapes, time_ms, variants=("auto",)) -> lis
             w = w / w.sum(-1, keepdim=True)
             touched = int(torch.unique(ids).numel())
             moved = touched * ex.expert_bytes()
-            peer = _read_peer_us(moved, time_ms, reps)
+            peer = read_peer_us(moved, time_ms, reps)
             for v in variants:
                 if v not in ("auto", "sorted") and T * k > DECODE_LIMIT:
                     continue

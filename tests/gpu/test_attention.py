@@ -108,11 +108,13 @@ def test_plan_is_cached_per_batch():
 
 
 @pytest.mark.parametrize("tokens,ctx,ratio,wgmma", [(1, 8000, 4, False), (40, 8000, 4, True), (40, 8000, 128, False),
-                                                   (40, 30000, 128, True)])
+                                                   (40, 30000, 128, True), (127, 8000, 128, False),
+                                                   (128, 8000, 128, True)])
 def test_engine_choice(tokens, ctx, ratio, wgmma):
     """64 heads: the warpgroup-MMA kernel on sm_90 once >= 32 (token, 64-head group) pairs with >= 4 tiles of rows
-    fill the GPU, the mma.sync kernel otherwise (measured faster there); the choice must also compute the right
-    thing. HCA at 8k context: 128 window rows + 62 entries = 3 tiles; at 30k: 362 rows."""
+    fill the GPU, or >= 128 pairs with shorter lists; the mma.sync kernel otherwise (measured faster there); the
+    choice must also compute the right thing. HCA at 8k context: 128 window rows + 62 entries = 3 tiles; at 30k: 362
+    rows."""
     case = make_case([ctx] * tokens, [1] * tokens, 64, 512, ratio, topk=512, seed=1)
     launch, _ = cute_attention.prepare_sparse_attention(case.q, case.cache, case.ratio, case.window, case.topk,
                                                         case.sink, case.scale, case.batch)

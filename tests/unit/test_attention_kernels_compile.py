@@ -14,6 +14,7 @@ from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # n
 from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, SparseDecodeAttention,  # noqa: E402
                                            SplitCombine, plan_splits)
 from dsv4_kernels.attention_decode_wgmma import SparseDecodeAttentionWgmma  # noqa: E402
+from dsv4_kernels.gather_read import GatherRead  # noqa: E402
 from dsv4_kernels.indexer import IndexerScores  # noqa: E402
 from dsv4_kernels.kv_write import KVScatter  # noqa: E402
 from dsv4_kernels.mhc import HcCoefficients  # noqa: E402
@@ -69,6 +70,18 @@ def test_sparse_attention_wgmma_compiles(d, mode, split, part_bf16, i64, block_n
 def test_split_combine_compiles(d, pdt):
     cute.compile(SplitCombine(d), _fake(pdt, 4), _fake(F32, 4, False), _fake(F32, 1, False), _fake(BF, 3), I32(2),
                  make_fake_stream())
+
+
+@pytest.mark.parametrize("row_words,rows_per_cta", [(256, 16), (256, 64), (128, 32)])
+def test_gather_read_peer_compiles(row_words, rows_per_cta):
+    rows = make_fake_compact_tensor(I32, (cute.sym_int(), row_words), stride_order=(1, 0), assumed_align=16)
+    cute.compile(GatherRead(row_words, rows_per_cta), rows, _fake(I32, 1, False), _fake(I32, 1, False),
+                 make_fake_stream())
+
+
+def test_gather_read_refuses_rows_it_cannot_split():
+    with pytest.raises(ValueError, match="rows_per_cta"):
+        GatherRead(256, 6)
 
 
 @pytest.mark.parametrize("dk,M", [(128, 64), (128, 16), (64, 32)])

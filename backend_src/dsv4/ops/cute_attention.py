@@ -147,14 +147,18 @@ def heads_per_cta(h: int, wgmma: bool = False) -> int:
 # The wgmma kernel's 64-head CTAs win once there are enough of them, and enough tiles per token, to fill the GPU
 # with cluster-merged splits. H100 (docs/PERF.md, session 19): batch 64 with 6-10 tiles per token 30.8-37.1 vs
 # 38.2-39.6 us for the mma.sync kernel, but 3 tiles (short HCA lists) 20.5-21.5 vs 19.9-20.4; batch 1 20.4 vs
-# 16.8-17.9, batch 16 about equal. So: at least 32 (token, 64-head group) pairs and 4 tiles of 64 rows.
+# 16.8-17.9, batch 16 about equal. So: at least 32 (token, 64-head group) pairs and 4 tiles of 64 rows. Short lists
+# take it from 128 pairs up (session 20, HCA 3 tiles, batch 128 / 256: 30.0-31.7 / 50.9-54.3 us vs 34.5-35.9 /
+# 60.0-60.5 on mma.sync; batch 64 still 20.7-21.5 vs 20.0-20.2).
 WGMMA_MIN_GROUPS = 32
 WGMMA_MIN_ROWS = 4 * 64 - 63
+WGMMA_MIN_GROUPS_SHORT = 128
 
 
 def use_wgmma(device: torch.device, T: int, H: int, d: int, max_rows: int, block_n: int = 64) -> bool:
-    return (wgmma_supported(device, d, block_n) and H % 64 == 0 and T * (H // 64) >= WGMMA_MIN_GROUPS
-            and max_rows >= WGMMA_MIN_ROWS)
+    groups = T * (H // 64)
+    return (wgmma_supported(device, d, block_n) and H % 64 == 0 and groups >= WGMMA_MIN_GROUPS
+            and (max_rows >= WGMMA_MIN_ROWS or groups >= WGMMA_MIN_GROUPS_SHORT))
 
 
 @functools.lru_cache(maxsize=None)
