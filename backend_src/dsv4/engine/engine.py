@@ -27,6 +27,7 @@ from dsv4.engine.decode_inputs import PendingTokens
 from dsv4.engine.request import PENDING_TOKEN, RequestOutput, RequestStream, Sequence, Status
 from dsv4.engine.cuda_graphs import DecodeGraphs, bucket_sizes
 from dsv4.engine.mixed_graphs import MixedGraphs, token_buckets
+from dsv4.engine.readback import PendingReadback, TokenReadback
 from dsv4.engine.runner import ModelRunner
 from dsv4.engine.sampler import Sampler, make_generator
 from dsv4.engine.scheduler import ScheduledStep, Scheduler
@@ -50,8 +51,8 @@ class _InFlight:
 
     seqs: list[Sequence]          # the sequences that sample in it, in the order of `tokens`
     slots: list[int]              # index of each one's PENDING_TOKEN in its output_ids
-    tokens: torch.Tensor          # [n] sampled ids (device)
-    logprobs: torch.Tensor        # [n]
+    tokens: torch.Tensor          # [n] sampled ids (device): the next step may take them from there
+    readback: PendingReadback     # the same ids and their logprobs, on their way to the host
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Engine:
         self._steps = 0
         self._overlapped_steps = 0
         self._inflight: _InFlight | None = None
+        self._readback = TokenReadback(self.device, config.max_num_seqs)
         self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
         self._thread.start()
 
@@ -270,7 +272,8 @@ class Engine:
                 out = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                                           suppress_token_ids=[s.stop.suppressed_token_ids(s.num_pending)
                                                               for s in seqs])
-                launched = _InFlight(seqs, [len(s.output_ids) for s in seqs], out.token_ids, out.logprobs)
+                launched = _InFlight(seqs, [len(s.output_ids) for s in seqs], out.token_ids,
+                                     self._readback.start(out.token_ids, out.logprobs))
                 for s in seqs:
                     s.output_ids.append(PENDING_TOKEN)
                     s.num_pending += 1
@@ -316,8 +319,7 @@ class Engine:
         if fl is None:
             return
         try:
-            tokens = fl.tokens.tolist()
-            lps = fl.logprobs.tolist()
+            tokens, lps = fl.readback.read()
         except Exception as e:  # noqa: BLE001
             log.error("reading a step's tokens failed: %s\n%s", e, traceback.format_exc())
             for seq in fl.seqs:
