@@ -249,7 +249,6 @@ class SparseDecodeAttention:
         tScS_mn = mn_view(thr_mma.partition_C(cS))
         acc_O_mn = mn_view(acc_O)
         n_r = cute.size(tScS_mn, mode=[0])
-        n_c = cute.size(tScS_mn, mode=[1])
         row_max = cute.make_rmem_tensor((n_r,), Float32)
         row_sum = cute.make_rmem_tensor((n_r,), Float32)
         row_max.fill(-1.0e30)
@@ -291,33 +290,8 @@ class SparseDecodeAttention:
                 cute.gemm(tiled_mma, acc_S, tSrQ[None, None, k], tSrK[None, None, k], acc_S)
 
             # online softmax, log2 domain, row max shared by the wn warps of a row
-            acc_S_mn = mn_view(acc_S)
-            for r in cutlass.range_constexpr(n_r):
-                mx = -Float32.inf
-                for c in cutlass.range_constexpr(n_c):
-                    v = acc_S_mn[r, c] * scale_log2 + sBias[tScS_mn[0, c][1], stage]
-                    acc_S_mn[r, c] = v
-                    mx = cute.arch.fmax(mx, v)
-                mx = _quad(mx, cute.arch.fmax)
-                if lane % 4 == 0:
-                    sRed[warp_n, tScS_mn[r, 0][0]] = mx
-            cute.arch.barrier()
-            for r in cutlass.range_constexpr(n_r):
-                row = tScS_mn[r, 0][0]
-                mt = sRed[0, row]
-                for j in cutlass.range_constexpr(1, self.wn):
-                    mt = cute.arch.fmax(mt, sRed[j, row])
-                m_old = row_max[r]
-                m_new = cute.arch.fmax(m_old, mt)
-                alpha = cute.math.exp2(m_old - m_new, fastmath=True)
-                row_max[r] = m_new
-                ssum = Float32(0.0)
-                for c in cutlass.range_constexpr(n_c):
-                    e = cute.math.exp2(acc_S_mn[r, c] - m_new, fastmath=True)
-                    acc_S_mn[r, c] = e
-                    ssum = ssum + e
-                row_sum[r] = row_sum[r] * alpha + ssum
-                acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
+            self._online_softmax(mn_view(acc_S), acc_O_mn, row_max, row_sum, tScS_mn, sBias, sRed, warp_n, lane,
+                                 stage, scale_log2)
 
             rP = cute.make_fragment_like(acc_S, dt)
             rP.store(acc_S.load().to(dt))
@@ -391,6 +365,42 @@ class SparseDecodeAttention:
             rO.store(acc_O.load().to(dt))
             gO = cute.local_tile(mOut[t, None, None], (self.M, self.d), (g, 0))
             cute.autovec_copy(rO, thr_mma.partition_C(gO))
+
+    @cute.jit
+    def _online_softmax(self, acc_S_mn: cute.Tensor, acc_O_mn: cute.Tensor, row_max: cute.Tensor,
+                        row_sum: cute.Tensor, tScS_mn: cute.Tensor, sBias: cute.Tensor, sRed: cute.Tensor,
+                        slot: Int32, lane: Int32, stage: Int32, scale_log2: Float32):
+        """One tile of the online softmax, log2 domain, in place: S -> P = 2^(S - m) with the running row max m and
+        row sum updated and O rescaled. This thread's columns are one of self.wn slices of the tile; their row maxima
+        meet in sRed[slot] across a CTA barrier."""
+        n_r = cute.size(tScS_mn, mode=[0])
+        n_c = cute.size(tScS_mn, mode=[1])
+        for r in cutlass.range_constexpr(n_r):
+            mx = -Float32.inf
+            for c in cutlass.range_constexpr(n_c):
+                v = acc_S_mn[r, c] * scale_log2 + sBias[tScS_mn[0, c][1], stage]
+                acc_S_mn[r, c] = v
+                mx = cute.arch.fmax(mx, v)
+            mx = _quad(mx, cute.arch.fmax)
+            if lane % 4 == 0:
+                sRed[slot, tScS_mn[r, 0][0]] = mx
+        cute.arch.barrier()
+        for r in cutlass.range_constexpr(n_r):
+            row = tScS_mn[r, 0][0]
+            mt = sRed[0, row]
+            for j in cutlass.range_constexpr(1, self.wn):
+                mt = cute.arch.fmax(mt, sRed[j, row])
+            m_old = row_max[r]
+            m_new = cute.arch.fmax(m_old, mt)
+            alpha = cute.math.exp2(m_old - m_new, fastmath=True)
+            row_max[r] = m_new
+            ssum = Float32(0.0)
+            for c in cutlass.range_constexpr(n_c):
+                e = cute.math.exp2(acc_S_mn[r, c] - m_new, fastmath=True)
+                acc_S_mn[r, c] = e
+                ssum = ssum + e
+            row_sum[r] = row_sum[r] * alpha + ssum
+            acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
 
     @cute.jit
     def _load_tile(self, tile: Int32, stage: Int32, tKsK: cute.Tensor, tKcK: cute.Tensor, sBias: cute.Tensor,

@@ -180,7 +180,6 @@ class SparseDecodeAttentionWgmma(SparseDecodeAttention):
 
         tScS_mn = mn_view(thr_s.partition_C(cute.make_identity_tensor((self.M, self.BN))))
         n_r = cute.size(tScS_mn, mode=[0])
-        n_c = cute.size(tScS_mn, mode=[1])
         row_max = cute.make_rmem_tensor((n_r,), Float32)
         row_sum = cute.make_rmem_tensor((n_r,), Float32)
         row_max.fill(-1.0e30)
@@ -232,30 +231,8 @@ class SparseDecodeAttentionWgmma(SparseDecodeAttention):
             warpgroup.wait_group(0)
 
             # online softmax in the log2 domain; both warpgroups take the maximum over the whole tile
-            acc_S_mn = mn_view(acc_S)
-            for r in cutlass.range_constexpr(n_r):
-                mx = -Float32.inf
-                for c in cutlass.range_constexpr(n_c):
-                    v = acc_S_mn[r, c] * scale_log2 + sBias[tScS_mn[0, c][1], stage]
-                    acc_S_mn[r, c] = v
-                    mx = cute.arch.fmax(mx, v)
-                mx = _quad(mx, cute.arch.fmax)
-                if lane % 4 == 0:
-                    sRed[wg, tScS_mn[r, 0][0]] = mx
-            cute.arch.barrier()
-            for r in cutlass.range_constexpr(n_r):
-                row = tScS_mn[r, 0][0]
-                m_old = row_max[r]
-                m_new = cute.arch.fmax(m_old, cute.arch.fmax(sRed[0, row], sRed[1, row]))
-                alpha = cute.math.exp2(m_old - m_new, fastmath=True)
-                row_max[r] = m_new
-                ssum = Float32(0.0)
-                for c in cutlass.range_constexpr(n_c):
-                    e = cute.math.exp2(acc_S_mn[r, c] - m_new, fastmath=True)
-                    acc_S_mn[r, c] = e
-                    ssum = ssum + e
-                row_sum[r] = row_sum[r] * alpha + ssum
-                acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
+            self._online_softmax(mn_view(acc_S), acc_O_mn, row_max, row_sum, tScS_mn, sBias, sRed, wg, lane, stage,
+                                 scale_log2)
             rP = cute.make_fragment_like(acc_S, dt)
             rP.store(acc_S.load().to(dt))
             cute.copy(st_P, thr_stP.retile(rP), tPsP)
