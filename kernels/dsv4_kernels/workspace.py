@@ -2,8 +2,9 @@
 
 A buffer only grows. A replaced buffer is kept alive, never freed: a CUDA graph captured earlier holds its address
 and keeps writing there on replay, so handing that memory back to the allocator would let the graph scribble over
-whatever tensor got it next. Sharing one buffer between graph replays and eager calls is fine: both run in order on
-the same stream.
+whatever tensor got it next. Each CUDA stream has its own buffers: kernels on one stream run in order, so they may
+share scratch space, while kernels on two streams (the side stream of `CuteOps.concurrently`) may run at the same
+time and must not. A graph's kernels use the buffers of the stream they were captured on, whichever stream replays it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ def workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device, m
               growth: float = 2.0) -> torch.Tensor:
     """A [numel] view of the scratch buffer `name`: contents undefined, valid until the next call that grows it.
     Growing multiplies the size by at least `growth`, which bounds the retired bytes by the live ones."""
-    key = (name, dtype, torch.device(device))
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (name, dtype, device, stream)
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < numel:
         size = max(numel, min_numel)

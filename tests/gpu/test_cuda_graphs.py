@@ -274,3 +274,21 @@ def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3, graph
             a, b = getattr(lp, name), getattr(lm, name)
             if a is not None:
                 assert torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05), name
+
+
+def test_side_streams_decode_what_one_stream_decodes(small3, prompts, monkeypatch):
+    """CuteOps.concurrently (decode's independent chains on side streams, inside the graphs) changes when kernels run,
+    not what they compute: the same tokens, and logprobs equal up to float noise, as with every kernel on one stream."""
+    results = {}
+    for n in ("0", "2"):
+        monkeypatch.setenv("DSV4_CUTE_STREAMS", n)
+        e = engine(small3)
+        try:
+            assert e.stats().cuda_graph_sizes == (1, 2, 4, 8), "capture failed: see the engine log"
+            results[n] = run(e, prompts)
+            assert e.stats().kv_blocks_in_use == 0
+        finally:
+            e.shutdown()
+    for (ids0, lp0), (ids2, lp2) in zip(results["0"], results["2"]):
+        assert ids0 == ids2
+        assert max(abs(a - b) for a, b in zip(lp0, lp2)) <= 1e-4

@@ -95,3 +95,37 @@ def test_model_over_paged_cache_equals_reference(ckpt, ref_out, token_ids, chunk
     assert torch.equal(logits.argmax(-1), ref.argmax(-1))
     cache.free(seq)
     assert cache.blocks_in_use == 0
+
+
+class _ReversedPieces(TorchOps):
+    """Runs the pieces of `concurrently` last to first: what a side stream may do to their order."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def concurrently(self, *pieces):
+        self.calls += 1
+        return tuple(reversed([p() for p in reversed(pieces)]))
+
+
+def test_pieces_the_model_runs_concurrently_are_independent(ckpt, token_ids):
+    """Every group of pieces the model hands to `ops.concurrently` (queries / keys / compressor inputs; routed /
+    shared experts) gives the same logits when the pieces run in the opposite order: none reads what another writes."""
+    cfg = ckpt.config
+    outs = []
+    for ops in (TorchOps(), _ReversedPieces()):
+        model = DeepseekV4Model(cfg, ckpt.tensors, ops, torch.device("cpu"), torch.float32)
+        cache = KVCache(cfg, num_blocks=8, block_size=128, max_seqs=1, device=torch.device("cpu"),
+                        dtype=torch.float32)
+        slot = cache.add("s")
+        n = 300
+        cache.grow("s", n)
+        batch = ForwardBatch(
+            token_ids=token_ids[:n], positions=torch.arange(n), query_start=[0, n], context_lens=[0],
+            state_slots=[slot], swa_block_tables=[cache.window.block_table("s")],
+            comp_block_tables=[cache.compressed.block_table("s")],
+            swa_slot_mapping=torch.tensor(cache.window_slots("s", 0, n)), logits_indices=torch.arange(n))
+        outs.append(model.forward(batch, cache.layers))
+    assert ops.calls == 2 * cfg.n_layers        # one group in each sub-layer of every layer
+    assert torch.equal(outs[0], outs[1])

@@ -142,24 +142,34 @@ class DeepseekV4Model:
         H, hd, rd = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
         ratio = cfg.compress_ratio(i)
         rope = cfg.rope_for_layer(i)
+        nh, ihd = cfg.index_n_heads, cfg.index_head_dim
 
-        q_latent = ops.rms_norm(ops.linear(x, L.wq_a), L.q_norm, cfg.norm_eps)
-        q = ops.linear(q_latent, L.wq_b).view(T, H, hd)
-        q = ops.rope_tail(ops.rms_norm(q, None, cfg.norm_eps), positions, rope, rd)
-        kv = ops.rope_tail(ops.rms_norm(ops.linear(x, L.wkv), L.kv_norm, cfg.norm_eps), positions, rope, rd)
-        a = AttnInputs(q=q, kv=kv)
+        def queries() -> tuple[Tensor, Tensor | None, Tensor | None]:
+            q_latent = ops.rms_norm(ops.linear(x, L.wq_a), L.q_norm, cfg.norm_eps)
+            q = ops.linear(q_latent, L.wq_b).view(T, H, hd)
+            q = ops.rope_tail(ops.rms_norm(q, None, cfg.norm_eps), positions, rope, rd)
+            if ratio != 4:
+                return q, None, None
+            iq = ops.rope_tail(ops.linear(q_latent, L.idx_wq_b).view(T, nh, ihd), positions, rope, rd)
+            return q, iq, ops.linear(x, L.idx_weights_proj).float() * (ihd ** -0.5 * nh ** -0.5)
+
+        def keys() -> Tensor:
+            return ops.rope_tail(ops.rms_norm(ops.linear(x, L.wkv), L.kv_norm, cfg.norm_eps), positions, rope, rd)
+
+        def compressor_inputs() -> tuple[Any, Any]:
+            C, I = L.compressor, L.idx_compressor
+            comp = (ops.linear(x, C.wkv), ops.linear(x, C.wgate))
+            return comp, (ops.linear(x, I.wkv), ops.linear(x, I.wgate)) if ratio == 4 else None
+
         if ratio:
-            a.comp = (ops.linear(x, L.compressor.wkv), ops.linear(x, L.compressor.wgate))
-        if ratio == 4:
-            I = L.idx_compressor
-            nh, ihd = cfg.index_n_heads, cfg.index_head_dim
-            a.idx_comp = (ops.linear(x, I.wkv), ops.linear(x, I.wgate))
+            (q, iq, head_w), kv, (comp, idx_comp) = ops.concurrently(queries, keys, compressor_inputs)
+        else:
+            (q, iq, head_w), kv = ops.concurrently(queries, keys)
+            comp = idx_comp = None
+        a = AttnInputs(q=q, kv=kv, comp=comp, idx_comp=idx_comp, iq=iq, head_w=head_w)
         if compress_batch is not None and ratio:
             self._compress(a, i, cache, compress_batch)
             a.comp = a.idx_comp = None
-        if ratio == 4:
-            a.iq = ops.rope_tail(ops.linear(q_latent, L.idx_wq_b).view(T, nh, ihd), positions, rope, rd)
-            a.head_w = ops.linear(x, L.idx_weights_proj).float() * (ihd ** -0.5 * nh ** -0.5)
         return a, post, comb
 
     def attn_core(self, a: AttnInputs, i: int, cache: LayerCache, batch: ForwardBatch) -> Tensor:
@@ -167,7 +177,6 @@ class DeepseekV4Model:
         -> o [T, H, head_dim] (RoPE'd positions still applied)."""
         cfg, ops, L = self.cfg, self.ops, self.layers[i]
         ratio = cfg.compress_ratio(i)
-        rope, rd = cfg.rope_for_layer(i), cfg.rope_head_dim
         ops.store_window_kv(a.kv, cache, batch)
         topk = None
         if a.comp is not None:
@@ -205,10 +214,14 @@ class DeepseekV4Model:
 
     def moe(self, x: Tensor, L: LayerWeights, token_ids: Tensor) -> Tensor:
         cfg, ops = self.cfg, self.ops
-        ids, weights = ops.route(x, L.gate, L.gate_bias, L.tid2eid, token_ids, cfg.n_activated_experts,
-                                 cfg.score_func, cfg.route_scale)
-        routed = ops.moe(x, ids, weights, L.experts, cfg.swiglu_limit)
-        return routed + ops.swiglu_mlp(x, *L.shared, cfg.swiglu_limit)
+
+        def routed() -> Tensor:
+            ids, weights = ops.route(x, L.gate, L.gate_bias, L.tid2eid, token_ids, cfg.n_activated_experts,
+                                     cfg.score_func, cfg.route_scale)
+            return ops.moe(x, ids, weights, L.experts, cfg.swiglu_limit)
+
+        out, shared = ops.concurrently(routed, lambda: ops.swiglu_mlp(x, *L.shared, cfg.swiglu_limit))
+        return out + shared
 
     def logits(self, h: Tensor, rows: Tensor) -> Tensor:
         """FP32 logits [len(rows), vocab] of the residual streams' `rows`."""

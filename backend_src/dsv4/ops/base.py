@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -83,6 +83,12 @@ class Ops(ABC):
 
     def reserve_positions(self, n: int) -> None:
         """Every position will be < n (lets implementations precompute tables instead of checking per call)."""
+
+    def concurrently(self, *pieces: Callable[[], Any]) -> tuple[Any, ...]:
+        """Run independent pieces of a step -> their results, in order. Here one after the other; a GPU
+        implementation may run all but the first on side streams, so that the small kernels of each overlap (decode at
+        batch 1 is a chain of kernels too small to fill the GPU). No piece may read what another writes."""
+        return tuple(p() for p in pieces)
 
     # --- weights ---------------------------------------------------------------------------------------------
     @abstractmethod

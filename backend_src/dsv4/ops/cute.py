@@ -70,6 +70,34 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
             raise ValueError(f"CuteOps needs a CUDA device, got {self.device}")
         self.fused_glue = os.environ.get("DSV4_CUTE_FUSED_GLUE", "1") != "0" if fused_glue is None else fused_glue
         self.fp8_weights = os.environ.get("DSV4_CUTE_FP8_LINEAR", "1") != "0" if fp8_weights is None else fp8_weights
+        n_side = _side_streams_setting()
+        self.side_streams = [torch.cuda.Stream(self.device) for _ in range(n_side)]
+
+    def concurrently(self, *pieces):
+        """All pieces but the first on side streams (DSV4_CUTE_STREAMS of them, default 2; 0 runs the pieces one
+        after the other; with fewer side streams than pieces the extra pieces share the last one), each forked from
+        and joined back into the current stream (also inside CUDA-graph capture, where fork and join become graph
+        edges). At decode most kernels fill a fraction of the GPU (a batch-1 layer is ~45 kernels of 1-15 us), so
+        independent chains overlap. Side pieces' outputs are marked as used on the current stream (record_stream):
+        the allocator must not hand their blocks back to a side stream before the current stream is done with them."""
+        if not self.side_streams or len(pieces) < 2:
+            return super().concurrently(*pieces)
+        here = torch.cuda.current_stream(self.device)
+        used = []
+        out: list = [None] * len(pieces)
+        for j, piece in enumerate(pieces[1:], start=1):
+            side = self.side_streams[min(j, len(self.side_streams)) - 1]
+            if side not in used:
+                side.wait_stream(here)
+                used.append(side)
+            with torch.cuda.stream(side):
+                out[j] = piece()
+        out[0] = pieces[0]()
+        for side in used:
+            here.wait_stream(side)
+        for r in out[1:]:
+            _record_stream(r, here)
+        return tuple(out)
 
     # --- weights ---------------------------------------------------------------------------------------------
     def prepare_linear(self, weight: Any) -> Any:
@@ -231,6 +259,26 @@ def _rope_launcher(dim: int, rope_dim: int, inverse: bool, *example: Tensor) -> 
     from dsv4_kernels.rope import RopeTail
     return Launcher(("rope", dim, rope_dim, inverse, example[0].dtype), lambda: RopeTail(dim, rope_dim, inverse),
                     _ROPE_SPEC, list(example) + [1])
+
+
+def _side_streams_setting() -> int:
+    raw = os.environ.get("DSV4_CUTE_STREAMS", "2")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 4:
+        from dsv4.errors import ConfigError
+        raise ConfigError(f"DSV4_CUTE_STREAMS={raw!r}: the number of side streams for decode must be 0-4")
+    return n
+
+
+def _record_stream(x: Any, stream: torch.cuda.Stream) -> None:
+    if isinstance(x, torch.Tensor):
+        x.record_stream(stream)
+    elif isinstance(x, (tuple, list)):
+        for t in x:
+            _record_stream(t, stream)
 
 
 def _to(w: NVFP4Tensor, device: torch.device) -> NVFP4Tensor:
