@@ -1,6 +1,6 @@
-"""CuTe indexer_topk (score kernel + top-k on unique sort keys) vs TorchOps.indexer_topk on the GPU: ragged decode
-and prefill batches, block tables in random order, NaN-filled pool blocks nobody owns, exact score ties (duplicated
-key rows, all-ReLU-zero scores) that must go to the earlier entry."""
+"""CuTe indexer_topk (score kernel + unordered top-k on unique sort keys) vs TorchOps.indexer_topk on the GPU: ragged
+decode and prefill batches, block tables in random order, NaN-filled pool blocks nobody owns, exact score ties
+(duplicated key rows, all-ReLU-zero scores) that must go to the earlier entry."""
 
 from __future__ import annotations
 
@@ -74,21 +74,24 @@ def _check(ctx, new, nh, dk, topk, seed, dup_every=0):
     out = cute_attention.indexer_topk(q, w, pool, case.cache.block_size, topk, case.batch)
     torch.cuda.synchronize()
     assert out.shape == ref.shape and out.dtype == torch.long
-    assert torch.equal(out < 0, ref < 0), "different number of selected entries"
-    valid = out >= 0
-    for t in range(T):
-        sel = out[t][valid[t]]
-        assert sel.unique().numel() == sel.numel(), "duplicate entry selected"
-        if sel.numel():
-            assert int(sel.max()) < (int(case.batch.positions[t]) + 1) // 4, "invisible entry selected"
+    # the CuTe path returns its selection in no particular order (attention does not need one): compare sets
+    assert torch.equal((out >= 0).sum(1), (ref >= 0).sum(1)), "different number of selected entries"
     sc = _scores(q, w, pool, case)
-    if valid.any():
-        v_out = torch.gather(sc, 1, out.clamp(min=0))[valid]
-        v_ref = torch.gather(sc, 1, ref.clamp(min=0))[valid]
+    agree = total = 0
+    for t in range(T):
+        sel, want = out[t][out[t] >= 0], ref[t][ref[t] >= 0]
+        assert sel.unique().numel() == sel.numel(), "duplicate entry selected"
+        if not sel.numel():
+            continue
+        assert int(sel.max()) < (int(case.batch.positions[t]) + 1) // 4, "invisible entry selected"
+        v_out = sc[t, sel].sort(descending=True).values
+        v_ref = sc[t, want].sort(descending=True).values
         scale = float(v_ref.abs().max()) + 1e-30
         assert float((v_out - v_ref).abs().max()) <= 1e-4 * scale, "selected scores differ beyond rounding"
-        same = float((out == ref)[valid].float().mean())
-        assert same >= 0.99, f"only {same:.4f} of the positions agree with TorchOps"
+        agree += int(torch.isin(sel, want).sum())
+        total += sel.numel()
+    if total:
+        assert agree / total >= 0.99, f"only {agree / total:.4f} of the selected entries agree with TorchOps"
     return out
 
 
@@ -113,6 +116,13 @@ def test_indexer_ties_go_to_earlier_entry():
     _check([5000, 900, 63], [1, 1, 2], 16, 128, 64, seed, dup_every=3)
     out = _check([3000, 400], [1, 3], 4, 64, 512, seed + 7)
     assert (out >= 0).any()
+
+
+def test_indexer_short_context_selects_every_visible_entry():
+    """No more entries than top-k: every visible entry is selected without a top-k (and none a query cannot see)."""
+    seed = torch.randint(0, 1 << 30, ()).item()
+    out = _check([300, 40, 0], [1, 2, 1], 16, 128, 512, seed)
+    assert int((out >= 0).sum()) == 301 // 4 + 41 // 4 + 42 // 4 + 1 // 4
 
 
 def test_mixin_indexer_falls_back():
