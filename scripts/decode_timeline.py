@@ -12,14 +12,11 @@ import os
 
 import torch
 
-from dsv4.bench_decode_cmd import _Seq, _random_tensors, layer_floor_bytes
+from dsv4.bench_decode_cmd import _random_tensors, build_decode_setup, layer_floor_bytes
 from dsv4.bench_cmd import hbm_bandwidth, time_ms
 from dsv4.checkpoint.presets import PRESETS
 from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.decode_inputs import DecodeInputs
-from dsv4.engine.kv_cache import KVCache
-from dsv4.model.deepseek_v4 import DeepseekV4Model
-from dsv4.ops import select_ops
 from torch.profiler import ProfilerActivity, profile
 
 ap = argparse.ArgumentParser()
@@ -30,19 +27,10 @@ ap.add_argument("--batch", type=int, default=1)
 a = ap.parse_args()
 dev = torch.device("cuda")
 cfg = PRESETS["flash-layers"](a.layers)
-tensors = _random_tensors(cfg, dev)
-ops = select_ops("cute", dev, torch.bfloat16)
-max_len = a.context + 64
-ops.reserve_positions(max_len)
-model = DeepseekV4Model(cfg, tensors, ops, dev, torch.bfloat16)
-del tensors
-bs = 128
-per_seq = -(-max_len // bs)
 B = a.batch
-cache = KVCache(cfg, num_blocks=B * per_seq + 1, block_size=bs, max_seqs=B, device=dev, dtype=torch.bfloat16)
-seqs = []
-for b in range(B):
-    cache.add(f"s{b}"); cache.grow(f"s{b}", a.context + 1); seqs.append(_Seq(f"s{b}", a.context, cfg.vocab_size))
+setup = build_decode_setup(cfg, _random_tensors(cfg, dev), a.context, B)
+model, cache, seqs = setup.model, setup.cache, setup.seqs
+max_len, bs, per_seq = setup.max_len, setup.block_size, setup.width
 bw = hbm_bandwidth()
 all_layers = list(model.layers)
 inputs = DecodeInputs.build(seqs, cache, B, per_seq)

@@ -10,27 +10,18 @@ import statistics
 
 import torch
 
-from dsv4.bench_decode_cmd import _Seq, _random_tensors, layer_floor_bytes
+from dsv4.bench_decode_cmd import _random_tensors, build_decode_setup, layer_floor_bytes
 from dsv4.bench_cmd import hbm_bandwidth
 from dsv4.checkpoint.presets import PRESETS
 from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.decode_inputs import DecodeInputs
-from dsv4.engine.kv_cache import KVCache
-from dsv4.model.deepseek_v4 import DeepseekV4Model
-from dsv4.ops import select_ops
 dev = torch.device("cuda")
 L = 4
 cfg = PRESETS["flash-layers"](L)
-tensors = _random_tensors(cfg, dev)
-ops = select_ops("cute", dev, torch.bfloat16)
-ctx = 1024; max_len = ctx + 64; ops.reserve_positions(max_len)
-model = DeepseekV4Model(cfg, tensors, ops, dev, torch.bfloat16); del tensors
-bs = 128; per_seq = -(-max_len // bs)
-Bmax = 32
-cache = KVCache(cfg, num_blocks=Bmax * per_seq + 1, block_size=bs, max_seqs=Bmax, device=dev, dtype=torch.bfloat16)
-seqs = []
-for b in range(Bmax):
-    cache.add(f"s{b}"); cache.grow(f"s{b}", ctx + 1); seqs.append(_Seq(f"s{b}", ctx, cfg.vocab_size))
+ctx = 1024
+setup = build_decode_setup(cfg, _random_tensors(cfg, dev), ctx, 32)
+ops, model, cache, seqs = setup.ops, setup.model, setup.cache, setup.seqs
+max_len, bs, per_seq = setup.max_len, setup.block_size, setup.width
 bw = hbm_bandwidth()
 floor = sum(layer_floor_bytes(model, i, ctx)["total"] for i in range(L)) / bw * 1e6 / L
 sides = list(ops.side_streams)

@@ -113,6 +113,45 @@ def layer_floor_bytes(model, i: int, context: int, fp8: bool = False) -> dict[st
     return {"weights": w, "experts": experts, "kv": kv, "total": w + experts + kv}
 
 
+@dataclass
+class DecodeSetup:
+    """A model on CuteOps and a KV cache whose `seqs` sit at position `context` with their blocks allocated."""
+
+    cfg: Any
+    ops: Any
+    model: Any
+    cache: Any
+    seqs: list[_Seq]
+    max_len: int              # positions the graphs are captured for (context + 64)
+    block_size: int
+    width: int                # block-table width per sequence
+
+
+def build_decode_setup(cfg, tensors: dict[str, Any], context: int, max_batch: int, fp8_cache: bool = False,
+                       block_size: int = 128, backend: str = "cute", device: str = "cuda") -> DecodeSetup:
+    """What `dsv4 bench decode` and the decode scripts time: the model (BF16, CuteOps unless `backend`), a cache,
+    `max_batch` sequences at position `context`."""
+    from dsv4.engine.kv_cache import KVCache
+    from dsv4.model.deepseek_v4 import DeepseekV4Model
+    from dsv4.ops import select_ops
+
+    dev = torch.device(device)
+    ops = select_ops(backend, dev, torch.bfloat16)
+    max_len = context + 64
+    ops.reserve_positions(max_len)
+    model = DeepseekV4Model(cfg, tensors, ops, dev, torch.bfloat16)
+    width = -(-max_len // block_size)
+    cache = KVCache(cfg, num_blocks=max_batch * width + 1, block_size=block_size, max_seqs=max_batch, device=dev,
+                    dtype=torch.bfloat16, fp8=fp8_cache)
+    seqs = []
+    for b in range(max_batch):
+        rid = f"s{b}"
+        cache.add(rid)
+        cache.grow(rid, context + 1)
+        seqs.append(_Seq(rid, context, cfg.vocab_size))
+    return DecodeSetup(cfg, ops, model, cache, seqs, max_len, block_size, width)
+
+
 def _profile_layers(model, all_layers: list, eager_ms, steps: int, json_out: str | None) -> None:
     """Kernels of one eager batch-1 step with only layer k, for each k: name, count and GPU time, so the launches
     a layer costs (and which of them move no bytes) can be read off. Written next to --json-out."""
@@ -158,9 +197,6 @@ def run(args: argparse.Namespace) -> int:
     from dsv4.checkpoint.presets import PRESETS
     from dsv4.engine.cuda_graphs import DecodeGraphs
     from dsv4.engine.decode_inputs import DecodeInputs, decode_batch
-    from dsv4.engine.kv_cache import KVCache
-    from dsv4.model.deepseek_v4 import DeepseekV4Model
-    from dsv4.ops import select_ops
 
     dev = torch.device("cuda")
     t0 = time.monotonic()
@@ -170,25 +206,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = PRESETS[args.preset](args.layers)
         tensors = _random_tensors(cfg, dev)
-    ops = select_ops("cute", dev, torch.bfloat16)
     batches = [int(b) for b in args.batches.split(",")]
-    max_len = args.context + 64
-    ops.reserve_positions(max_len)
-    model = DeepseekV4Model(cfg, tensors, ops, dev, torch.bfloat16)
+    setup = build_decode_setup(cfg, tensors, args.context, max(batches), args.fp8_cache)
     del tensors
-    bs = 128
-    per_seq = -(-max_len // bs)
-    cache = KVCache(cfg, num_blocks=max(batches) * per_seq + 1, block_size=bs, max_seqs=max(batches), device=dev,
-                    dtype=torch.bfloat16, fp8=args.fp8_cache)
-    seqs = []
-    for b in range(max(batches)):
-        rid = f"s{b}"
-        cache.add(rid)
-        cache.grow(rid, args.context + 1)
-        seqs.append(_Seq(rid, args.context, cfg.vocab_size))
+    ops, model, cache, seqs = setup.ops, setup.model, setup.cache, setup.seqs
+    max_len, bs, width = setup.max_len, setup.block_size, setup.width
     print(f"model built in {time.monotonic() - t0:.0f} s; device {_device()}", file=sys.stderr)
     bw = hbm_bandwidth()
-    width = per_seq
     all_layers = list(model.layers)
     result: dict[str, Any] = {"device": _device(), "hbm_copy_GBps": bw / 1e9, "context": args.context,
                               "model": args.checkpoint or f"{args.preset} x{cfg.n_layers} (random weights)",
