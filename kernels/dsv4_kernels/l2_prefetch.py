@@ -1,11 +1,12 @@
-"""Bulk L2 prefetch of a byte range: fills idle HBM time at decode with the weights the next kernels will read.
+"""Bulk L2 prefetch of a byte range: a probe of whether idle HBM time at decode can pull the next weights into L2.
 
 A batch-1 decode layer alternates between kernels that stream a weight (HBM-bound) and chains of small kernels
-(mHC mixes, norms, RoPE, routing, attention over a short cache) during which HBM sits idle. Launched on a side
-stream right before such a chain, this kernel asks the TMA units to pull the next weights into L2
-(`cp.async.bulk.prefetch.L2`: no registers, no shared memory, nothing to wait for), so the GEMV that follows the chain
-reads L2 instead of HBM. Each lane issues one prefetch of `chunk` bytes; CTAs are one warp and exit at once, so the
-kernel takes almost no SM time away from the chain it runs beside.
+(mHC mixes, norms, RoPE, routing, attention over a short cache) during which HBM sits idle. The idea: launched on a
+side stream before such a chain, this kernel asks the TMA units to pull the next weight into L2
+(`cp.async.bulk.prefetch.L2`: no registers, no shared memory, nothing to wait for; each lane one prefetch of `chunk`
+bytes, CTAs of one warp), so that the GEMV after the chain reads L2. Measured on H100 (`scripts/l2_prefetch_probe.py`,
+docs/PERF.md session 21): issuing is not free (the kernel runs 7-49 us for 8-34 MB), and beside other work the GEMV
+after it got slower, not faster. Not used by the model; kept as the probe behind that result.
 """
 
 from __future__ import annotations

@@ -461,7 +461,8 @@ def indexer_topk(q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: i
                                               lambda: IndexerScores(dk, M, block_size), spec, ex)
     fn(qk, w, pool, plan.pos, plan.seq, plan.comp_bt, keys)
     if width <= topk:
-        # every entry is selected (contexts up to 4 x topk): no selection at all, only the invisible ones masked
+        # every entry fits (the step's positions, or in a graph those it was captured for, reach at most 4 x topk):
+        # no selection at all, only the entries a query cannot see masked
         ent = torch.arange(width, device=dev).expand(T, width)
         result[:, :width] = ent.masked_fill(keys == INT64_MIN, -1)
         return result
