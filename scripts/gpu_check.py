@@ -281,9 +281,10 @@ def paired_rounds(server, root: Path | None, out: Path, args, sampling: dict) ->
     rounds = []
     try:
         direct_closed_loop(eng, c, 1, sampling)                        # warm-up at this batch size
+        n = args.paired_requests_per_worker or 3 * args.requests_per_worker
         for k in range(args.paired_rounds):
-            d = direct_closed_loop(eng, c, args.requests_per_worker, sampling)
-            t = closed_loop(lambda: triton_stream(server.grpc_url, sampling)[:3], c, args.requests_per_worker)
+            d = direct_closed_loop(eng, c, n, sampling)
+            t = closed_loop(lambda: triton_stream(server.grpc_url, sampling)[:3], c, n)
             status, pa = perf_analyzer(server, root, out / f"perf_{k}", [c], args, out / f"perf_analyzer_{k}.log",
                                        interval_ms=args.paired_pa_interval_ms)
             row = {"direct": d["tokens_per_s"], "triton": t["tokens_per_s"],
@@ -345,6 +346,10 @@ def main() -> int:
                     help="then this many rounds of direct / Triton / perf_analyzer at --paired-concurrency, back to "
                          "back, and the median ratio (see paired_rounds)")
     ap.add_argument("--paired-concurrency", type=int, default=32)
+    ap.add_argument("--paired-requests-per-worker", type=int, default=0,
+                    help="requests per worker in each paired round (default 3x --requests-per-worker): a closed "
+                         "loop of 2-second rounds spread 6.5-8.9k tok/s at c=32 on one engine (docs/PERF.md, "
+                         "session 21), so the rounds must be longer than the main run's")
     ap.add_argument("--paired-pa-interval-ms", type=int, default=4000)
     ap.add_argument("--direct-process", action="store_true",
                     help="also run the direct closed loops through EngineProcess (the engine in its own process)")
