@@ -35,3 +35,12 @@ def butterfly(v, op, offsets=WARP_OFFSETS):
     for off in offsets:
         v = op(v, cute.arch.shuffle_sync_bfly(v, offset=off, mask=-1, mask_and_clamp=31))
     return v
+
+
+def partial_sum(mPart: cute.Tensor, t, k, num_partials: int):
+    """sum_s mPart[t, s, k] for a compile-time number of partials, in order: the loads are all in flight at once
+    (as a run-time loop they went one L2 round trip after another)."""
+    v = mPart[t, 0, k]
+    for s in range(1, num_partials):                # a Python loop: unrolled at trace time
+        v = v + mPart[t, s, k]
+    return v

@@ -27,12 +27,21 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
-from dsv4_kernels.cute_utils import add, butterfly
+from dsv4_kernels.cute_utils import add, butterfly, partial_sum
 
 LOG2_E = 1.4426950408889634
 THREADS = 128
 
 
+def pre_weight(mix, r, scale0, base, eps):
+    """pre[i] = sigmoid(mix_i * r * scale[0] + base[i]) + eps: shared by HcCoefficients and
+    mhc_pre.HcPreCollapse, which must agree bit for bit."""
+    a = mix * r * scale0 + base
+    return 1.0 / (1.0 + cute.math.exp2(-a * LOG2_E)) + eps
+
+
+def rms_factor(mean_square, norm_eps: float):
+    return cute.math.rsqrt(mean_square + Float32(norm_eps))
 
 
 class HcCoefficients:
@@ -69,11 +78,10 @@ class HcCoefficients:
         lane = tidx % g
         # every lane runs the shuffles; a group past the last token works on token T-1 and stores nothing
         tc = cutlass.min(t, T - 1)
-        r = cute.math.rsqrt(self._mean_square(mMix, mSq, tc, inv_k) + Float32(self.norm_eps))
+        r = rms_factor(self._mean_square(mMix, mSq, tc, inv_k), self.norm_eps)
         if t < T:
             if lane < n:
-                a = self._mix(mMix, tc, lane) * r * mScale[0] + mBase[lane]
-                mPre[tc, lane] = 1.0 / (1.0 + cute.math.exp2(-a * LOG2_E)) + eps
+                mPre[tc, lane] = pre_weight(self._mix(mMix, tc, lane), r, mScale[0], mBase[lane], eps)
             if lane >= n:
                 if lane < 2 * n:
                     b = self._mix(mMix, tc, lane) * r * mScale[1] + mBase[lane]
@@ -98,10 +106,7 @@ class HcCoefficients:
     @cute.jit
     def _mix(self, mMix: cute.Tensor, t, k):
         if cutlass.const_expr(self.partials):
-            v = Float32(0.0)
-            for s in cutlass.range_constexpr(self.num_partials):
-                v = v + mMix[t, s, k]
-            return v
+            return partial_sum(mMix, t, k, self.num_partials)
         return mMix[t, k]
 
 

@@ -11,8 +11,8 @@ the weighted sum, a cast back. Two calls per layer. Here:
   token, deterministically. fn (m x n*D fp32, 1.5 MB for V4-Flash) is read once per token from L2 after the first;
   meant for decode-sized batches. The output groups are there for batch 1: with all m + 1 outputs in one CTA, V4-
   Flash's 16 chunks were 16 CTAs pulling 96 KB of fn each, 7.8 us on H100 (one fifth of the SMs' bandwidth).
-- `HcCollapse`: x[t, d] = sum_i pre[t, i] * streams[t, i, d] in fp32, rounded once to the streams' dtype
-  (TorchOps: fp32 bmm, then one cast). One CTA per token, D / 8 threads.
+- `HcCollapse`: x[t, d] = sum_i pre[t, i] * streams[t, i, d], with pre computed in the kernel from HcMix's
+  partials.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
-from dsv4_kernels.cute_utils import add, butterfly
+from dsv4_kernels.cute_utils import add, butterfly, partial_sum
+from dsv4_kernels.mhc import pre_weight, rms_factor
 
 VEC = 8
 THREADS = 128
@@ -99,25 +100,48 @@ class HcMix:
 
 
 class HcCollapse:
-    def __init__(self, n: int, dim: int):
-        assert dim % VEC == 0
-        self.n, self.d = n, dim
+    """x[t] = sum_i pre[t, i] * streams[t, i] with the token's pre weights computed here from HcMix's partials
+    (what HcCoefficients writes as pre, through the same helpers, so the same bits). So HcCoefficients' Sinkhorn
+    chain (post and comb: ~5 us of dependent shuffles at batch 1, which only the sub-layer's hc_post reads) need
+    not precede the collapse: the caller runs it beside the sub-layer (CuteOps.hc_pre_split). Arguments: streams
+    [T, n*D], part [T, S, m+1] (S = num_partials), scale [3], base [m] fp32, out [T, D], inv_k = 1 / (n*D).
+    One CTA per token, D / 8 threads; fp32 sums, one rounding to out's dtype (TorchOps: fp32 bmm, one cast)."""
+
+    def __init__(self, n: int, dim: int, num_partials: int, eps: float, norm_eps: float):
+        assert dim % VEC == 0 and num_partials >= 1
+        self.n, self.d, self.s = n, dim, num_partials
+        self.m = 2 * n + n * n
+        self.eps, self.norm_eps = eps, norm_eps
         self.threads = dim // VEC
 
     @cute.jit
-    def __call__(self, mStreams: cute.Tensor, mPre: cute.Tensor, mOut: cute.Tensor, stream):
-        self.kernel(mStreams, mPre, mOut).launch(grid=(cute.size(mStreams.shape[0]), 1, 1),
-                                                 block=[self.threads, 1, 1], stream=stream)
+    def __call__(self, mStreams: cute.Tensor, mPart: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
+                 mOut: cute.Tensor, inv_k: Float32, stream):
+        @cute.struct
+        class Storage:
+            pre: cute.struct.Align[cute.struct.MemRange[Float32, self.n], 16]
+
+        self.kernel(mStreams, mPart, mScale, mBase, mOut, inv_k, Storage).launch(
+            grid=(cute.size(mStreams.shape[0]), 1, 1), block=[self.threads, 1, 1], smem=Storage.size_in_bytes(),
+            stream=stream)
 
     @cute.kernel
-    def kernel(self, mStreams: cute.Tensor, mPre: cute.Tensor, mOut: cute.Tensor):
+    def kernel(self, mStreams: cute.Tensor, mPart: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
+               mOut: cute.Tensor, inv_k: Float32, Storage: cutlass.Constexpr):
         tidx, _, _ = cute.arch.thread_idx()
         t, _, _ = cute.arch.block_idx()
+        smem = cutlass.memory.SmemAllocator()
+        pre = smem.allocate(Storage).pre.get_tensor(cute.make_layout((self.n,)))
+        if tidx < self.n:
+            r = rms_factor(partial_sum(mPart, t, self.m, self.s) * inv_k, self.norm_eps)
+            pre[tidx] = pre_weight(partial_sum(mPart, t, tidx, self.s), r, mScale[0], mBase[tidx],
+                                   Float32(self.eps))
+        cute.arch.barrier()
         acc = cute.make_rmem_tensor((VEC,), Float32)
         acc.fill(0.0)
         frag = cute.make_rmem_tensor((VEC,), mStreams.element_type)
         for i in cutlass.range_constexpr(self.n):
             cute.autovec_copy(cute.local_tile(mStreams[t, None], (VEC,), (i * self.threads + tidx,)), frag)
-            acc.store(acc.load() + frag.load().to(Float32) * mPre[t, i])
+            acc.store(acc.load() + frag.load().to(Float32) * pre[i])
         frag.store(acc.load().to(mOut.element_type))
         cute.autovec_copy(frag, cute.local_tile(mOut[t, None], (VEC,), (tidx,)))

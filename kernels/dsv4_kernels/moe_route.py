@@ -20,7 +20,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Boolean, Float32, Int32, Int64
 
-from dsv4_kernels.cute_utils import WARP_OFFSETS, add, butterfly
+from dsv4_kernels.cute_utils import WARP_OFFSETS, add, butterfly, partial_sum
 
 WARPS = 4                         # tokens per CTA
 MAX_EXPERTS = 1024                # E / 32 scores and keys per lane stay in registers
@@ -41,11 +41,16 @@ def _sel(cond, a, b, ty):
 
 
 class MoeRoute:
-    def __init__(self, n_experts: int, topk: int, score_func: str, route_scale: float, hashed: bool):
+    """`num_partials` > 0: the logits come as mhc_pre.HcMix's partial sums [T, S, E + 1] (S = num_partials, the
+    last column unused), summed here in a fixed order: the gate GEMV at decode without a cast and a cuBLAS launch."""
+
+    def __init__(self, n_experts: int, topk: int, score_func: str, route_scale: float, hashed: bool,
+                 num_partials: int = 0):
         if not supported(n_experts, topk, score_func) or topk > n_experts:
             raise ValueError(f"MoeRoute: unsupported E={n_experts} topk={topk} score_func={score_func!r}")
         self.e, self.k, self.func, self.scale, self.hashed = n_experts, topk, score_func, route_scale, hashed
         self.n = n_experts // 32
+        self.num_partials = num_partials
 
     @cute.jit
     def __call__(self, mLogits: cute.Tensor, mBias: cute.Tensor, mTid2eid: cute.Tensor, mTokenIds: cute.Tensor,
@@ -69,7 +74,7 @@ class MoeRoute:
             s = cute.make_rmem_tensor((n,), Float32)
             if cutlass.const_expr(not self.hashed or softmax):
                 for j in cutlass.range_constexpr(n):
-                    s[j] = mLogits[t, lane + 32 * j]
+                    s[j] = self._logit(mLogits, t, lane + 32 * j)
                 if cutlass.const_expr(softmax):
                     mx = s[0]
                     for j in cutlass.range_constexpr(1, n):
@@ -92,7 +97,7 @@ class MoeRoute:
                 tok = mTokenIds[t]
                 if lane < k:
                     my_id = Int64(mTid2eid[tok, lane])
-                    x = mLogits[t, my_id]
+                    x = self._logit(mLogits, t, my_id)
                     if cutlass.const_expr(softmax):
                         my_w = cute.math.exp(x - mx) / den
                     else:
@@ -138,6 +143,11 @@ class MoeRoute:
                     w = w / total
                 mIds[t, lane] = my_id
                 mWeights[t, lane] = w * Float32(self.scale)
+
+    def _logit(self, mLogits: cute.Tensor, t, e):
+        if cutlass.const_expr(self.num_partials > 0):
+            return partial_sum(mLogits, t, e, self.num_partials)
+        return mLogits[t, e]
 
     def _score(self, x: Float32) -> Float32:
         if cutlass.const_expr(self.func == "sigmoid"):

@@ -69,16 +69,33 @@ def test_mix_and_collapse_write_every_element():
     from dsv4.ops.cute import _collapse_launcher, _mix_launcher
     from dsv4_kernels.mhc_pre import num_chunks
     T, n, D, m = 37, 4, 1024, 24
-    streams, fn, _, _ = _inputs(T, n, D, seed=9)
+    streams, fn, scale, base = _inputs(T, n, D, seed=9)
     flat = streams.reshape(T, n * D)
     part = torch.full((T, num_chunks(n * D), m + 1), float("nan"), device="cuda")
     _mix_launcher(m, flat, fn, part)(flat, fn, part)
     f = flat.float()
     want = torch.cat([f @ fn.T, f.square().sum(-1, keepdim=True)], 1)
     assert torch.allclose(part.sum(1), want, rtol=1e-4, atol=1e-3)
-    pre = torch.rand((T, n), device="cuda")
     x = torch.full((T, D), float("nan"), device="cuda").to(torch.bfloat16)
-    _collapse_launcher(n, D, flat, pre, x)(flat, pre, x)
-    want_x = torch.einsum("tn,tnd->td", pre, streams.float()).to(torch.bfloat16)
+    args = (flat, part, scale, base, x)
+    _collapse_launcher(n, D, part.shape[1], 1e-6, 1e-6, *args)(*args, 1.0 / (n * D))
+    want_x, _, _ = TorchOps("cuda", torch.bfloat16).hc_pre(streams, fn, scale, base, 1e-6, 20, 1e-6)
     assert torch.isfinite(x.float()).all()
     assert torch.allclose(x.float(), want_x.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("T", [1, 64])
+def test_coefficients_piece_on_a_side_stream_gives_what_hc_pre_gives(T):
+    """hc_pre_split's coefficient piece, run on another stream after the collapse (as the model runs it beside the
+    sub-layer), writes the same bits as hc_pre."""
+    streams, fn, scale, base = _inputs(T, 4, 4096, seed=T)
+    ops = CuteOps("cuda", torch.bfloat16, fused_glue=True)
+    want = ops.hc_pre(streams, fn, scale, base, 1e-6, 20, 1e-6)
+    x, coefficients = ops.hc_pre_split(streams, fn, scale, base, 1e-6, 20, 1e-6)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        post, comb = coefficients()
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b in zip((x, post, comb), want):
+        assert torch.equal(a, b)

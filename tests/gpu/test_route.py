@@ -19,6 +19,7 @@ from dsv4.ops import cute_route as cr  # noqa: E402
 from dsv4.ops.cute import CuteOps  # noqa: E402
 from dsv4.ops.cute_route import CuteRouteMixin  # noqa: E402
 from dsv4.ops.torch_ops import TorchOps  # noqa: E402
+from dsv4_kernels.mhc_pre import num_chunks  # noqa: E402
 
 FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 TIE_GAP = 1e-5
@@ -113,7 +114,7 @@ def test_ties_go_to_the_lower_expert_and_every_output_is_written(score_func):
     w = torch.full((T, k), float("nan"), device="cuda")
     unread = [cr.placeholder((1, k), torch.int64, logits.device), cr.placeholder((1,), torch.int64, logits.device)]
     args = [logits, bias, *unread, ids, w]
-    cr._launcher(E, k, score_func, 2.0, False, args)(*args)
+    cr._launcher(E, k, score_func, 2.0, False, 0, args)(*args)
     torch.cuda.synchronize()
     assert torch.equal(ids[0], torch.arange(k, device="cuda"))
     assert (ids[1:, :4] == torch.tensor([7, 40, 13, 50], device="cuda")).all()
@@ -130,6 +131,15 @@ def test_ties_go_to_the_lower_expert_and_every_output_is_written(score_func):
     assert torch.allclose(w, want * 2.0, rtol=1e-5, atol=1e-6)
 
 
+def test_decode_batches_take_the_partials_gate():
+    x, gate, _, _, _ = _inputs(cr.GATE_MIX_MAX_TOKENS, 256, 6, False, 1.0, seed=3)
+    part, s = cr.gate_logits(x, gate)
+    assert s == num_chunks(D) and part.shape == (x.shape[0], s, 257)
+    assert torch.allclose(part[:, :, :256].sum(1), x.float() @ gate.T, rtol=1e-4, atol=1e-4)
+    logits, s = cr.gate_logits(torch.cat([x, x]), gate)
+    assert s == 0 and logits.shape == (2 * x.shape[0], 256)
+
+
 def test_small_gates_fall_back_to_torch(ops):
     cute_ops, torch_ops = ops
     x, gate, bias, _, tok = _inputs(7, 8, 2, False, 1.0, seed=1)     # E = 8: the test presets
@@ -139,10 +149,11 @@ def test_small_gates_fall_back_to_torch(ops):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("T", [4, 16])           # the HcMix gate (T <= GATE_MIX_MAX_TOKENS) and cuBLAS's
 @pytest.mark.parametrize("hashed", [False, True])
-def test_route_replays_in_a_cuda_graph(ops, hashed):
+def test_route_replays_in_a_cuda_graph(ops, hashed, T):
     cute_ops, torch_ops = ops
-    T, E, k = 16, 256, 6
+    E, k = 256, 6
     x, gate, bias, tid2eid, tok = _inputs(T, E, k, hashed, 1.0, seed=21)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -130,9 +130,10 @@ def test_mhc_mix_compiles(m, dtype):
     cute.compile(HcMix(m), _fake(dtype, 2), _fake(F32, 2), _fake(F32, 3, False), make_fake_stream())
 
 
-@pytest.mark.parametrize("n,d,dtype", [(4, 4096, BF), (4, 1024, BF), (2, 64, F32)])
-def test_mhc_collapse_compiles(n, d, dtype):
-    cute.compile(HcCollapse(n, d), _fake(dtype, 2), _fake(F32, 2, False), _fake(dtype, 2), make_fake_stream())
+@pytest.mark.parametrize("n,d,partials,dtype", [(4, 4096, 16, BF), (4, 7168, 28, BF), (2, 64, 1, F32)])
+def test_mhc_collapse_compiles(n, d, partials, dtype):
+    cute.compile(HcCollapse(n, d, partials, 1e-6, 1e-6), _fake(dtype, 2), _fake(F32, 3, False),
+                 _fake(F32, 1, False), _fake(F32, 1, False), _fake(dtype, 2), F32(1.0), make_fake_stream())
 
 
 @pytest.mark.parametrize("d,rd,inverse,dtype", [(512, 64, False, BF), (512, 64, True, BF), (128, 64, False, BF),

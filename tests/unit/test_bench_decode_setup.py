@@ -1,4 +1,4 @@
-"""`dsv4 bench decode` and the decode scripts (scripts/streams_ab.py, scripts/decode_timeline.py) time the model on
+"""`dsv4 bench decode` and the decode scripts (scripts/decode_ab.py, scripts/decode_timeline.py) time the model on
 sequences that already sit at position `context` with their cache blocks allocated; on CPU the same setup builds
 with torch ops, and the step it feeds runs."""
 

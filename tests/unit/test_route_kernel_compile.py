@@ -32,6 +32,14 @@ def test_moe_route_compiles(E, topk, score_func, hashed):
                  _fake(I64, 1), _fake(I64, 2), _fake(F32, 2), make_fake_stream())
 
 
+@pytest.mark.parametrize("score_func", SCORE_FUNCS)
+@pytest.mark.parametrize("hashed", [False, True])
+def test_moe_route_with_partial_logits_compiles(score_func, hashed):
+    """Decode's gate: the logits as HcMix partials [T, S, E + 1]."""
+    cute.compile(MoeRoute(256, 6, score_func, 2.5, hashed, num_partials=4), _fake(F32, 3), _fake(F32, 1),
+                 _fake(I64, 2), _fake(I64, 1), _fake(I64, 2), _fake(F32, 2), make_fake_stream())
+
+
 @pytest.mark.parametrize("E,topk", [(512, 8), (1024, 32)])
 def test_moe_route_compiles_large(E, topk):
     cute.compile(MoeRoute(E, topk, "sqrtsoftplus", 1.0, False), _fake(F32, 2), _fake(F32, 1), _fake(I64, 2),
@@ -78,5 +86,5 @@ def test_tvm_ffi_compile_path(hashed):
         pytest.skip("TVM-FFI disabled by DSV4_CUTE_NO_TVM_FFI")
     f32, i64 = torch.empty((1, 256)), torch.empty((1, 6), dtype=torch.int64)
     ex = [f32, torch.empty(1), i64, torch.empty(1, dtype=torch.int64), i64, torch.empty((1, 6))]
-    launcher = cr._launcher(256, 6, "sqrtsoftplus", 2.5, hashed, ex)
+    launcher = cr._launcher(256, 6, "sqrtsoftplus", 2.5, hashed, 0, ex)
     assert launcher.tvm and launcher.fn is not None

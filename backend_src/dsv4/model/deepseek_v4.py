@@ -9,7 +9,7 @@ The MTP layers are loaded but not run: this engine does not speculate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -136,7 +136,7 @@ class DeepseekV4Model:
         are then part of a captured piece) and the returned inputs carry no compressor projections."""
         cfg, ops, L = self.cfg, self.ops, self.layers[i]
         fn, scale, base = L.hc["attn"]
-        x, post, comb = ops.hc_pre(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+        x, hc_coefficients = ops.hc_pre_split(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)
         x = ops.rms_norm(x, L.attn_norm, cfg.norm_eps)
         T = x.shape[0]
         H, hd, rd = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
@@ -162,9 +162,10 @@ class DeepseekV4Model:
             return comp, (ops.linear(x, I.wkv), ops.linear(x, I.wgate)) if ratio == 4 else None
 
         if ratio:
-            (q, iq, head_w), kv, (comp, idx_comp) = ops.concurrently(queries, keys, compressor_inputs)
+            (q, iq, head_w), kv, (post, comb), (comp, idx_comp) = ops.concurrently(queries, keys, hc_coefficients,
+                                                                                   compressor_inputs)
         else:
-            (q, iq, head_w), kv = ops.concurrently(queries, keys)
+            (q, iq, head_w), kv, (post, comb) = ops.concurrently(queries, keys, hc_coefficients)
             comp = idx_comp = None
         a = AttnInputs(q=q, kv=kv, comp=comp, idx_comp=idx_comp, iq=iq, head_w=head_w)
         if compress_batch is not None and ratio:
@@ -209,10 +210,12 @@ class DeepseekV4Model:
         o = ops.grouped_linear(o.reshape(T, -1), L.wo_a)
         h = ops.hc_post(ops.linear(o, L.wo_b), h, post, comb)
         fn, scale, base = L.hc["ffn"]
-        x, post, comb = ops.hc_pre(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)
-        return ops.hc_post(self.moe(ops.rms_norm(x, L.ffn_norm, cfg.norm_eps), L, token_ids), h, post, comb)
+        x, hc_coefficients = ops.hc_pre_split(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+        y, (post, comb) = self.moe(ops.rms_norm(x, L.ffn_norm, cfg.norm_eps), L, token_ids, hc_coefficients)
+        return ops.hc_post(y, h, post, comb)
 
-    def moe(self, x: Tensor, L: LayerWeights, token_ids: Tensor) -> Tensor:
+    def moe(self, x: Tensor, L: LayerWeights, token_ids: Tensor, beside: Callable[[], Any]) -> tuple[Tensor, Any]:
+        """The MoE sub-layer -> (its output, what `beside` returns: a piece run concurrently with it)."""
         cfg, ops = self.cfg, self.ops
 
         def routed() -> Tensor:
@@ -220,8 +223,8 @@ class DeepseekV4Model:
                                      cfg.score_func, cfg.route_scale)
             return ops.moe(x, ids, weights, L.experts, cfg.swiglu_limit)
 
-        out, shared = ops.concurrently(routed, lambda: ops.swiglu_mlp(x, *L.shared, cfg.swiglu_limit))
-        return out + shared
+        out, shared, other = ops.concurrently(routed, lambda: ops.swiglu_mlp(x, *L.shared, cfg.swiglu_limit), beside)
+        return out + shared, other
 
     def logits(self, h: Tensor, rows: Tensor) -> Tensor:
         """FP32 logits [len(rows), vocab] of the residual streams' `rows`."""

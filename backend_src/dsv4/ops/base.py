@@ -126,6 +126,13 @@ class Ops(ABC):
                hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
         """Collapse the residual streams [T, N, D] -> (sub-layer input [T, D], post [T, N], comb [T, N, N])."""
 
+    def hc_pre_split(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
+                     hc_eps: float) -> tuple[Tensor, Callable[[], tuple[Tensor, Tensor]]]:
+        """hc_pre as (sub-layer input, a piece that yields (post, comb)). The sub-layer needs x at once but post
+        and comb only at its hc_post, so the model hands the piece to `concurrently`. Here it all runs now."""
+        x, post, comb = self.hc_pre(streams, fn, scale, base, norm_eps, iters, hc_eps)
+        return x, lambda: (post, comb)
+
     @abstractmethod
     def hc_post(self, y: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor: ...
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -186,39 +186,48 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
 
     def hc_pre(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
                hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        """TorchOps.hc_pre with the Sinkhorn part as one kernel (dsv4_kernels.mhc): ~130 launches -> ~10. With
-        `fused_glue`, and up to HC_MIX_MAX_TOKENS tokens, the rest too: three kernels in all (mhc_pre.HcMix,
-        mhc.HcCoefficients, mhc_pre.HcCollapse); above that the mixes GEMV stays cuBLAS (HcMix re-reads fn per token:
-        right for decode, wasteful for a long prefill)."""
+        x, coefficients = self.hc_pre_split(streams, fn, scale, base, norm_eps, iters, hc_eps)
+        return (x, *coefficients())
+
+    def hc_pre_split(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
+                     hc_eps: float) -> tuple[Tensor, Callable[[], tuple[Tensor, Tensor]]]:
+        """TorchOps.hc_pre in kernels (~130 launches -> 3). With `fused_glue`, and up to HC_MIX_MAX_TOKENS tokens:
+        mhc_pre.HcMix (the mixes GEMV as partials per chunk), mhc_pre.HcCollapse (pre and x), and, in the returned
+        piece, mhc.HcCoefficients (post and comb: the Sinkhorn chain, which the model runs beside the sub-layer).
+        Above that the mixes come from cuBLAS (HcMix re-reads fn per token: right for decode, wasteful for a long
+        prefill) and everything is computed before returning."""
         T, n, D = streams.shape
         f32 = dict(dtype=torch.float32, device=streams.device)
-        pre = torch.empty((T, n), **f32)
-        post = torch.empty_like(pre)
-        comb = torch.empty((T, n * n), **f32)
         sc, bs = scale.float().contiguous(), base.float().contiguous()
-        if (self.fused_glue and 0 < T <= HC_MIX_MAX_TOKENS and streams.dtype in (torch.bfloat16, torch.float32)
+        if not (self.fused_glue and 0 < T <= HC_MIX_MAX_TOKENS and streams.dtype in (torch.bfloat16, torch.float32)
                 and D % 8 == 0 and fn.dtype == torch.float32):
-            from dsv4_kernels.mhc_pre import num_chunks
-            K = n * D
-            m = fn.shape[0]
-            flat = streams.reshape(T, K)
-            flat = flat if flat.is_contiguous() else flat.contiguous()
-            fnc = fn if fn.is_contiguous() else fn.contiguous()
-            part = torch.empty((T, num_chunks(K), m + 1), **f32)
-            _mix_launcher(m, flat, fnc, part)(flat, fnc, part)
+            flat = streams.flatten(1).float()
+            mixes = flat @ fn.T
+            sq = flat.square().mean(-1)
+            pre, post, comb = (torch.empty((T, k), **f32) for k in (n, n, n * n))
+            if T:
+                args = (mixes, sq, sc, bs, pre, post, comb)
+                _hc_launcher(n, iters, hc_eps, norm_eps, 0, *args)(*args, 1.0)
+            x = torch.einsum("tn,tnd->td", pre, streams.float()).to(streams.dtype)
+            return x, lambda: (post, comb.view(T, n, n))
+        from dsv4_kernels.mhc_pre import num_chunks
+        K = n * D
+        m = fn.shape[0]
+        flat = streams.reshape(T, K)
+        flat = flat if flat.is_contiguous() else flat.contiguous()
+        fnc = fn if fn.is_contiguous() else fn.contiguous()
+        part = torch.empty((T, num_chunks(K), m + 1), **f32)
+        _mix_launcher(m, flat, fnc, part)(flat, fnc, part)
+        x = torch.empty((T, D), dtype=streams.dtype, device=streams.device)
+        args = (flat, part, sc, bs, x)
+        _collapse_launcher(n, D, part.shape[1], hc_eps, norm_eps, *args)(*args, 1.0 / K)
+
+        def coefficients() -> tuple[Tensor, Tensor]:
+            pre, post, comb = (torch.empty((T, k), **f32) for k in (n, n, n * n))     # pre: HcCollapse's already
             args = (part, sc, sc, bs, pre, post, comb)          # the mean-square argument is unused here
             _hc_launcher(n, iters, hc_eps, norm_eps, part.shape[1], *args)(*args, 1.0 / K)
-            x = torch.empty((T, D), dtype=streams.dtype, device=streams.device)
-            _collapse_launcher(n, D, flat, pre, x)(flat, pre, x)
-            return x, post, comb.view(T, n, n)
-        flat = streams.flatten(1).float()
-        mixes = flat @ fn.T
-        sq = flat.square().mean(-1)
-        if T:
-            args = (mixes, sq, sc, bs, pre, post, comb)
-            _hc_launcher(n, iters, hc_eps, norm_eps, 0, *args)(*args, 1.0)
-        x = torch.einsum("tn,tnd->td", pre, streams.float())
-        return x.to(streams.dtype), post, comb.view(T, n, n)
+            return post, comb.view(T, n, n)
+        return x, coefficients
 
     def moe(self, x: Tensor, expert_ids: Tensor, expert_weights: Tensor, experts: Any, swiglu_limit: float) -> Tensor:
         if isinstance(experts, PackedExperts):
@@ -247,10 +256,11 @@ def _mix_launcher(m: int, *example: Tensor) -> Launcher:
                     list(example))
 
 
-def _collapse_launcher(n: int, dim: int, *example: Tensor) -> Launcher:
+def _collapse_launcher(n: int, dim: int, num_partials: int, eps: float, norm_eps: float, *example: Tensor) -> Launcher:
     from dsv4_kernels.mhc_pre import HcCollapse
-    return Launcher(("hc_collapse", n, dim, example[0].dtype), lambda: HcCollapse(n, dim),
-                    (("t", True), ("t", False), ("t", True)), list(example))
+    return Launcher(("hc_collapse", n, dim, num_partials, eps, norm_eps, example[0].dtype),
+                    lambda: HcCollapse(n, dim, num_partials, eps, norm_eps),
+                    (("t", True), ("t", False), ("t", False), ("t", False), ("t", True), ("f",)), list(example) + [1.0])
 
 
 _ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t", True), ("i",))

@@ -1,5 +1,6 @@
-"""CuTe DSL MoE gate for CuteOps: `route` as the gate matmul (cuBLAS, as TorchOps) plus one kernel
-(kernels/dsv4_kernels/moe_route.py) for scores, top-k / hash lookup and weights, instead of ~10 launches per layer.
+"""CuTe DSL MoE gate for CuteOps: `route` as the gate matmul (cuBLAS, as TorchOps, or for decode-sized batches
+mhc_pre.HcMix's partial sums) plus one kernel (kernels/dsv4_kernels/moe_route.py) for scores, top-k / hash lookup
+and weights, instead of ~10 launches per layer.
 
 `CuteRouteMixin` has the TorchOps signature; CuteOps mixes it in ahead of TorchOps. CPU tensors and gates the kernel
 does not cover (E not a multiple of 32 or above 1024, top-k above 32, unknown score functions, a tid2eid table whose
@@ -17,10 +18,34 @@ from dsv4.ops.cute_attention import Launcher, placeholder
 Tensor = torch.Tensor
 
 _ROUTE_SPEC = (("t", False),) * 6
-def _launcher(E: int, topk: int, score_func: str, route_scale: float, hashed: bool, example: list) -> Launcher:
+# Up to this many tokens the gate GEMV is mhc_pre.HcMix (partials MoeRoute sums) instead of a cast and cuBLAS.
+# HcMix reads the whole fp32 gate (4 MB for V4-Flash) from L2 once per token: on the H100 route() took 0.35-0.63x
+# cuBLAS's time up to 16 tokens and 1.07x / 1.70x at 32 / 64 (docs/PERF.md, session 22).
+GATE_MIX_MAX_TOKENS = 16
+
+
+def _launcher(E: int, topk: int, score_func: str, route_scale: float, hashed: bool, num_partials: int,
+              example: list) -> Launcher:
     from dsv4_kernels.moe_route import MoeRoute
-    return Launcher(("moe_route", E, topk, score_func, float(route_scale), hashed),
-                    lambda: MoeRoute(E, topk, score_func, float(route_scale), hashed), _ROUTE_SPEC, example)
+    return Launcher(("moe_route", E, topk, score_func, float(route_scale), hashed, num_partials),
+                    lambda: MoeRoute(E, topk, score_func, float(route_scale), hashed, num_partials), _ROUTE_SPEC,
+                    example)
+
+
+def gate_logits(x: Tensor, gate: Tensor) -> tuple[Tensor, int]:
+    """-> (logits [T, E], 0) or, for decode-sized batches, (HcMix partials [T, S, E + 1], S)."""
+    T, K = x.shape
+    if (T <= GATE_MIX_MAX_TOKENS and K % 8 == 0 and x.dtype in (torch.bfloat16, torch.float32)
+            and gate.dtype == torch.float32):
+        from dsv4.ops.cute import _mix_launcher
+        from dsv4_kernels.mhc_pre import num_chunks
+        xc = x if x.is_contiguous() else x.contiguous()
+        g = gate if gate.is_contiguous() else gate.contiguous()
+        part = torch.empty((T, num_chunks(K), gate.shape[0] + 1), dtype=torch.float32, device=x.device)
+        _mix_launcher(gate.shape[0], xc, g, part)(xc, g, part)
+        return part, part.shape[1]
+    logits = x.float() @ gate.T          # the same expression as TorchOps, so the logits are the same
+    return (logits if logits.is_contiguous() else logits.contiguous()), 0
 
 
 def covers(x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | None, token_ids: Tensor, topk: int,
@@ -40,9 +65,8 @@ def covers(x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | 
 def route(x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | None, token_ids: Tensor, topk: int,
           score_func: str, route_scale: float) -> tuple[Tensor, Tensor]:
     """The kernel path of Ops.route (callers check `covers` first)."""
-    logits = x.float() @ gate.T          # the same expression as TorchOps, so the logits are the same
-    logits = logits if logits.is_contiguous() else logits.contiguous()
-    T, E = logits.shape
+    logits, num_partials = gate_logits(x, gate)
+    T, E = x.shape[0], gate.shape[0]
     dev = logits.device
     hashed = tid2eid is not None
     if hashed:
@@ -58,7 +82,7 @@ def route(x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | N
     ids = torch.empty((T, topk), dtype=torch.int64, device=dev)
     weights = torch.empty((T, topk), dtype=torch.float32, device=dev)
     args = [logits, bias, table, tok, ids, weights]
-    _launcher(E, topk, score_func, route_scale, hashed, args)(*args)
+    _launcher(E, topk, score_func, route_scale, hashed, num_partials, args)(*args)
     return ids, weights
 
 

@@ -1,0 +1,103 @@
+"""Decode-step variants A/B, interleaved in one process: side streams, and the two deferred pieces of the glue.
+
+flash-layers (real V4-Flash dims, 4 layers, random FP8/NVFP4 weights drawn on the GPU), context 1024: decode graphs for
+batch 1 and 32 captured once per variant, each with all 4 layers and with none (embedding + head); the graphs'
+replays are timed in alternating rounds, so that the machine's drift hits every variant alike. Per layer =
+(step - head) / 4, against the layers' mean HBM floor. Variants:
+- serial: every kernel on one stream (DSV4_CUTE_STREAMS=0);
+- two: the default, two side streams (CuteOps.concurrently);
+- two_hc_eager: two side streams, but the mHC coefficients (Sinkhorn) computed before the sub-layer on the main
+  stream, as before session 22;
+- two_gate_cublas: two side streams, but the MoE gate GEMV as a cast + cuBLAS for every batch, as before session 22.
+Run on the GPU machine (bundle applied): python3 scripts/decode_ab.py
+"""
+import statistics
+import types
+
+import torch
+
+import dsv4.ops.cute_route as cute_route
+from dsv4.bench_cmd import hbm_bandwidth
+from dsv4.bench_decode_cmd import _random_tensors, build_decode_setup, layer_floor_bytes
+from dsv4.checkpoint.presets import PRESETS
+from dsv4.engine.cuda_graphs import DecodeGraphs
+from dsv4.engine.decode_inputs import DecodeInputs
+from dsv4.ops.cute import CuteOps
+
+dev = torch.device("cuda")
+L = 4
+cfg = PRESETS["flash-layers"](L)
+ctx = 1024
+setup = build_decode_setup(cfg, _random_tensors(cfg, dev), ctx, 32)
+ops, model, cache, seqs = setup.ops, setup.model, setup.cache, setup.seqs
+max_len, bs, per_seq = setup.max_len, setup.block_size, setup.width
+bw = hbm_bandwidth()
+floor = sum(layer_floor_bytes(model, i, ctx)["total"] for i in range(L)) / bw * 1e6 / L
+sides = list(ops.side_streams)
+gate_max = cute_route.GATE_MIX_MAX_TOKENS
+
+
+def hc_eager(self, *args):
+    x, coefficients = CuteOps.hc_pre_split(self, *args)
+    done = coefficients()
+    return x, lambda: done
+
+
+VARIANTS = {"serial": dict(streams=0), "two": dict(streams=2), "two_hc_eager": dict(streams=2, hc_eager=True),
+            "two_gate_cublas": dict(streams=2, gate_cublas=True)}
+
+
+def apply(v: dict) -> None:
+    ops.side_streams = sides[:v["streams"]]
+    cute_route.GATE_MIX_MAX_TOKENS = 0 if v.get("gate_cublas") else gate_max
+    ops.__dict__.pop("hc_pre_split", None)
+    if v.get("hc_eager"):
+        ops.hc_pre_split = types.MethodType(hc_eager, ops)
+
+
+all_layers = list(model.layers)
+graphs = {}
+for B in (1, 32):
+    for name, v in VARIANTS.items():
+        apply(v)
+        for nl in (0, L):
+            model.layers = all_layers[:nl]
+            g = DecodeGraphs(model, cache.layers, dev, [B], max_len, bs)
+            g.capture()
+            graphs[(B, name, nl)] = (g, DecodeInputs.build(seqs[:B], cache, B, per_seq))
+model.layers = all_layers
+apply(VARIANTS["two"])
+
+
+def t(key, n=20):
+    g, inp = graphs[key]
+    for _ in range(3):
+        g.run(inp)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(n):
+        g.run(inp)
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / n * 1e3
+
+
+res = {k: [] for k in graphs}
+for r in range(15):
+    for k in graphs:
+        res[k].append(t(k))
+print(f"avg layer floor {floor:.1f} us")
+for B in (1, 32):
+    out = {}
+    for name in VARIANTS:
+        full = statistics.median(res[(B, name, L)])
+        head = statistics.median(res[(B, name, 0)])
+        per = (full - head) / L
+        out[name] = (full, head, per)
+        print(f"B={B} {name}: step {full:.1f} us, head {head:.1f}, per layer {per:.1f} us ({per / floor:.2f}x floor); "
+              f"step spread {min(res[(B, name, L)]):.1f}-{max(res[(B, name, L)]):.1f}")
+    for name in VARIANTS:
+        if name != "two":
+            print(f"B={B} two/{name}: step {out['two'][0] / out[name][0]:.3f}, "
+                  f"per layer {out['two'][2] / out[name][2]:.3f}")
