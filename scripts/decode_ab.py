@@ -8,7 +8,9 @@ replays are timed in alternating rounds, so that the machine's drift hits every 
 - two: the default, two side streams (CuteOps.concurrently);
 - two_hc_eager: two side streams, but the mHC coefficients (Sinkhorn) computed before the sub-layer on the main
   stream, as before session 22;
-- two_gate_cublas: two side streams, but the MoE gate GEMV as a cast + cuBLAS for every batch, as before session 22.
+- two_gate_cublas: two side streams, but the MoE gate GEMV as a cast + cuBLAS for every batch, as before session 22;
+- two_norms_apart: two side streams, but the sub-layer RMSNorms and the q / kv norms as kernels of their own, not
+  fused into the mHC collapse and the RoPE kernel.
 Run on the GPU machine (bundle applied): python3 scripts/decode_ab.py
 """
 import statistics
@@ -37,22 +39,35 @@ sides = list(ops.side_streams)
 gate_max = cute_route.GATE_MIX_MAX_TOKENS
 
 
-def hc_eager(self, *args):
-    x, coefficients = CuteOps.hc_pre_split(self, *args)
+def hc_eager(self, *args, **kwargs):
+    x, coefficients = CuteOps.hc_pre_split(self, *args, **kwargs)
     done = coefficients()
     return x, lambda: done
 
 
+def hc_norm_apart(self, *args, norm_weight=None):
+    x, coefficients = CuteOps.hc_pre_split(self, *args)
+    return (x if norm_weight is None else self.rms_norm(x, norm_weight, args[4])), coefficients
+
+
+def norm_rope_apart(self, x, weight, eps, positions, rope, rope_dim):
+    return self.rope_tail(self.rms_norm(x, weight, eps), positions, rope, rope_dim)
+
+
 VARIANTS = {"serial": dict(streams=0), "two": dict(streams=2), "two_hc_eager": dict(streams=2, hc_eager=True),
-            "two_gate_cublas": dict(streams=2, gate_cublas=True)}
+            "two_gate_cublas": dict(streams=2, gate_cublas=True), "two_norms_apart": dict(streams=2, norms_apart=True)}
 
 
 def apply(v: dict) -> None:
     ops.side_streams = sides[:v["streams"]]
     cute_route.GATE_MIX_MAX_TOKENS = 0 if v.get("gate_cublas") else gate_max
     ops.__dict__.pop("hc_pre_split", None)
+    ops.__dict__.pop("norm_rope_tail", None)
     if v.get("hc_eager"):
         ops.hc_pre_split = types.MethodType(hc_eager, ops)
+    if v.get("norms_apart"):
+        ops.hc_pre_split = types.MethodType(hc_norm_apart, ops)
+        ops.norm_rope_tail = types.MethodType(norm_rope_apart, ops)
 
 
 all_layers = list(model.layers)

@@ -54,9 +54,20 @@ def load_layout(root: str | os.PathLike | None = None) -> dict:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free ports: all n sockets are held open while the OS picks, so it cannot hand out one twice
+    (picked one at a time, HTTP and metrics once got the same port and tritonserver refused to start)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def server_env(layout: dict, *, checkpoint: str | None = None, ops_backend: str | None = None,
@@ -193,9 +204,8 @@ def start_server(model_repository: str | os.PathLike = DEFAULT_REPOSITORY, *,
     Raises SetupMissing (no .triton/) or ServerStartError (exited/timeout; message has the log tail).
     """
     layout = load_layout(triton_root)
-    http_port = http_port or free_port(host)
-    grpc_port = grpc_port or free_port(host)
-    metrics_port = metrics_port or free_port(host)
+    picked = iter(free_ports(3, host))
+    http_port, grpc_port, metrics_port = (p or next(picked) for p in (http_port, grpc_port, metrics_port))
     repo = Path(model_repository).resolve()
     if not repo.is_dir():
         raise ServerStartError(f"model repository {repo} does not exist")

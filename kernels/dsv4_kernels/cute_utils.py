@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cutlass
 import cutlass.cute as cute
 
 
@@ -44,3 +45,18 @@ def partial_sum(mPart: cute.Tensor, t, k, num_partials: int):
     for s in range(1, num_partials):                # a Python loop: unrolled at trace time
         v = v + mPart[t, s, k]
     return v
+
+
+@cute.jit
+def block_sum(v, red: cute.Tensor, tidx, warps: cutlass.Constexpr):
+    """Sum of `v` over a CTA of `warps` whole warps, every thread gets it: a butterfly in each warp, then the warp
+    sums through shared memory `red` (`warps` floats) in warp order. This is RmsNorm's order for a row of whole
+    warps, so a kernel that fuses a norm with this gets RmsNorm's bits."""
+    v = butterfly(v, add)
+    if tidx % 32 == 0:
+        red[tidx // 32] = v
+    cute.arch.barrier()
+    s = cutlass.Float32(0.0)
+    for w in cutlass.range_constexpr(warps):
+        s = s + red[w]
+    return s

@@ -21,7 +21,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
-from dsv4_kernels.cute_utils import add, butterfly, partial_sum
+from dsv4_kernels.cute_utils import add, block_sum, butterfly, partial_sum
 from dsv4_kernels.mhc import pre_weight, rms_factor
 
 VEC = 8
@@ -104,34 +104,42 @@ class HcCollapse:
     (what HcCoefficients writes as pre, through the same helpers, so the same bits). So HcCoefficients' Sinkhorn
     chain (post and comb: ~5 us of dependent shuffles at batch 1, which only the sub-layer's hc_post reads) need
     not precede the collapse: the caller runs it beside the sub-layer (CuteOps.hc_pre_split). Arguments: streams
-    [T, n*D], part [T, S, m+1] (S = num_partials), scale [3], base [m] fp32, out [T, D], inv_k = 1 / (n*D).
-    One CTA per token, D / 8 threads; fp32 sums, one rounding to out's dtype (TorchOps: fp32 bmm, one cast)."""
+    [T, n*D], part [T, S, m+1] (S = num_partials), scale [3], base [m] fp32, norm_w [D] fp32, out [T, D],
+    inv_k = 1 / (n*D). One CTA per token, D / 8 threads; fp32 sums, one rounding to out's dtype (TorchOps: fp32
+    bmm, one cast). With `out_norm_eps`, x then gets the sub-layer's RMSNorm (weight norm_w) in the same CTA, with
+    RmsNorm's bits: one launch less on every sub-layer's critical path."""
 
-    def __init__(self, n: int, dim: int, num_partials: int, eps: float, norm_eps: float):
+    def __init__(self, n: int, dim: int, num_partials: int, eps: float, norm_eps: float,
+                 out_norm_eps: float | None = None):
         assert dim % VEC == 0 and num_partials >= 1
+        if out_norm_eps is not None and dim % (VEC * 32):
+            raise ValueError(f"HcCollapse: a fused RMSNorm needs dim % 256 == 0 (whole warps), got {dim}")
         self.n, self.d, self.s = n, dim, num_partials
         self.m = 2 * n + n * n
         self.eps, self.norm_eps = eps, norm_eps
+        self.out_norm_eps = out_norm_eps
         self.threads = dim // VEC
 
     @cute.jit
     def __call__(self, mStreams: cute.Tensor, mPart: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
-                 mOut: cute.Tensor, inv_k: Float32, stream):
+                 mNormW: cute.Tensor, mOut: cute.Tensor, inv_k: Float32, stream):
         @cute.struct
         class Storage:
             pre: cute.struct.Align[cute.struct.MemRange[Float32, self.n], 16]
+            red: cute.struct.Align[cute.struct.MemRange[Float32, max(1, self.threads // 32)], 16]
 
-        self.kernel(mStreams, mPart, mScale, mBase, mOut, inv_k, Storage).launch(
+        self.kernel(mStreams, mPart, mScale, mBase, mNormW, mOut, inv_k, Storage).launch(
             grid=(cute.size(mStreams.shape[0]), 1, 1), block=[self.threads, 1, 1], smem=Storage.size_in_bytes(),
             stream=stream)
 
     @cute.kernel
     def kernel(self, mStreams: cute.Tensor, mPart: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
-               mOut: cute.Tensor, inv_k: Float32, Storage: cutlass.Constexpr):
+               mNormW: cute.Tensor, mOut: cute.Tensor, inv_k: Float32, Storage: cutlass.Constexpr):
         tidx, _, _ = cute.arch.thread_idx()
         t, _, _ = cute.arch.block_idx()
         smem = cutlass.memory.SmemAllocator()
-        pre = smem.allocate(Storage).pre.get_tensor(cute.make_layout((self.n,)))
+        storage = smem.allocate(Storage)
+        pre = storage.pre.get_tensor(cute.make_layout((self.n,)))
         if tidx < self.n:
             r = rms_factor(partial_sum(mPart, t, self.m, self.s) * inv_k, self.norm_eps)
             pre[tidx] = pre_weight(partial_sum(mPart, t, tidx, self.s), r, mScale[0], mBase[tidx],
@@ -144,4 +152,18 @@ class HcCollapse:
             cute.autovec_copy(cute.local_tile(mStreams[t, None], (VEC,), (i * self.threads + tidx,)), frag)
             acc.store(acc.load() + frag.load().to(Float32) * pre[i])
         frag.store(acc.load().to(mOut.element_type))
+        if cutlass.const_expr(self.out_norm_eps is not None):
+            # the sub-layer's RMSNorm of the rounded x, as RmsNorm computes it (same sums in the same order)
+            xf = cute.make_rmem_tensor((VEC,), Float32)
+            xf.store(frag.load().to(Float32))
+            ssq = Float32(0.0)
+            for k in cutlass.range_constexpr(VEC):
+                ssq = ssq + xf[k] * xf[k]
+            red = storage.red.get_tensor(cute.make_layout((self.threads // 32,)))
+            rstd = cute.math.rsqrt(block_sum(ssq, red, tidx, self.threads // 32) / Float32(self.d)
+                                   + Float32(self.out_norm_eps))
+            y = cute.make_rmem_tensor((VEC,), Float32)
+            cute.autovec_copy(cute.local_tile(mNormW, (VEC,), (tidx,)), y)
+            y.store(xf.load() * rstd * y.load())
+            frag.store(y.load().to(mOut.element_type))
         cute.autovec_copy(frag, cute.local_tile(mOut[t, None], (VEC,), (tidx,)))

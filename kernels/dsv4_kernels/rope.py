@@ -12,28 +12,67 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
+from dsv4_kernels.cute_utils import block_sum
+
 VEC = 8
 
 
+NORMS = ("none", "plain", "weight")
+
+
+def norm_fits(dim: int) -> bool:
+    """A fused norm needs the row's D / 8 threads to be whole warps (block_sum)."""
+    return dim % (VEC * 32) == 0
+
+
 class RopeTail:
-    def __init__(self, dim: int, rope_dim: int, inverse: bool):
+    """`norm` "plain" / "weight": each row is first RMS-normalised (times the fp32 weight w [D] for "weight") and
+    rounded to x's dtype, as CuteOps.rms_norm writes it, then rotated: the norm and RoPE of the attention's
+    queries and keys in one launch instead of two, with the same bits (the row sum in RmsNorm's order)."""
+
+    def __init__(self, dim: int, rope_dim: int, inverse: bool, norm: str = "none", eps: float = 0.0):
         assert dim % VEC == 0 and rope_dim % VEC == 0 and rope_dim <= dim
+        if norm not in NORMS or (norm != "none" and not norm_fits(dim)):
+            raise ValueError(f"RopeTail: norm {norm!r} with dim {dim} (norms {NORMS}; a norm needs dim % 256 == 0)")
         self.d, self.rd, self.inverse = dim, rope_dim, inverse
+        self.norm, self.eps = norm, eps
         self.threads = dim // VEC
 
     @cute.jit
-    def __call__(self, mX: cute.Tensor, mPos: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mOut: cute.Tensor,
-                 heads: Int32, stream):
-        self.kernel(mX, mPos, mCos, mSin, mOut, heads).launch(
-            grid=(cute.size(mX.shape[0]), 1, 1), block=[self.threads, 1, 1], stream=stream)
+    def __call__(self, mX: cute.Tensor, mPos: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mW: cute.Tensor,
+                 mOut: cute.Tensor, heads: Int32, stream):
+        @cute.struct
+        class Storage:
+            red: cute.struct.Align[cute.struct.MemRange[Float32, max(1, self.threads // 32)], 16]
+
+        self.kernel(mX, mPos, mCos, mSin, mW, mOut, heads, Storage).launch(
+            grid=(cute.size(mX.shape[0]), 1, 1), block=[self.threads, 1, 1], smem=Storage.size_in_bytes(),
+            stream=stream)
 
     @cute.kernel
-    def kernel(self, mX: cute.Tensor, mPos: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mOut: cute.Tensor,
-               heads: Int32):
+    def kernel(self, mX: cute.Tensor, mPos: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mW: cute.Tensor,
+               mOut: cute.Tensor, heads: Int32, Storage: cutlass.Constexpr):
         tidx, _, _ = cute.arch.thread_idx()
         r, _, _ = cute.arch.block_idx()
         frag = cute.make_rmem_tensor((VEC,), mX.element_type)
         cute.autovec_copy(cute.local_tile(mX[r, None], (VEC,), (tidx,)), frag)
+        if cutlass.const_expr(self.norm != "none"):
+            smem = cutlass.memory.SmemAllocator()
+            red = smem.allocate(Storage).red.get_tensor(cute.make_layout((self.threads // 32,)))
+            xf = cute.make_rmem_tensor((VEC,), Float32)
+            xf.store(frag.load().to(Float32))
+            ssq = Float32(0.0)
+            for k in cutlass.range_constexpr(VEC):
+                ssq = ssq + xf[k] * xf[k]
+            rstd = cute.math.rsqrt(block_sum(ssq, red, tidx, self.threads // 32) / Float32(self.d)
+                                   + Float32(self.eps))
+            y = cute.make_rmem_tensor((VEC,), Float32)
+            if cutlass.const_expr(self.norm == "weight"):
+                cute.autovec_copy(cute.local_tile(mW, (VEC,), (tidx,)), y)
+                y.store(xf.load() * rstd * y.load())
+            else:
+                y.store(xf.load() * rstd)
+            frag.store(y.load().to(mX.element_type))
         first = tidx * VEC - (self.d - self.rd)          # channel index inside the tail (< 0: head part)
         if first >= 0:
             p = mPos[r // heads]

@@ -117,3 +117,11 @@ def test_start_failure_reports_log_tail(tmp_path):
     with pytest.raises(triton_local.ServerStartError) as ei:
         triton_local.start_server(tmp_path / "repo", model="broken", startup_timeout=60)
     assert "boom-from-broken-model" in str(ei.value)
+
+
+def test_picked_ports_are_distinct():
+    """HTTP, gRPC and metrics ports are picked together: one at a time, the OS once handed HTTP and metrics the same
+    port and tritonserver refused to start."""
+    for _ in range(50):
+        ports = triton_local.free_ports(3)
+        assert len(set(ports)) == 3 and all(p > 0 for p in ports)

@@ -77,8 +77,8 @@ def test_mix_and_collapse_write_every_element():
     want = torch.cat([f @ fn.T, f.square().sum(-1, keepdim=True)], 1)
     assert torch.allclose(part.sum(1), want, rtol=1e-4, atol=1e-3)
     x = torch.full((T, D), float("nan"), device="cuda").to(torch.bfloat16)
-    args = (flat, part, scale, base, x)
-    _collapse_launcher(n, D, part.shape[1], 1e-6, 1e-6, *args)(*args, 1.0 / (n * D))
+    args = (flat, part, scale, base, torch.ones(8, device="cuda"), x)        # no fused norm: its weight unread
+    _collapse_launcher(n, D, part.shape[1], 1e-6, 1e-6, False, *args)(*args, 1.0 / (n * D))
     want_x, _, _ = TorchOps("cuda", torch.bfloat16).hc_pre(streams, fn, scale, base, 1e-6, 20, 1e-6)
     assert torch.isfinite(x.float()).all()
     assert torch.allclose(x.float(), want_x.float(), rtol=1e-2, atol=1e-2)
@@ -99,3 +99,20 @@ def test_coefficients_piece_on_a_side_stream_gives_what_hc_pre_gives(T):
     torch.cuda.current_stream().wait_stream(side)
     for a, b in zip((x, post, comb), want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("T", [1, 64])
+@pytest.mark.parametrize("D", [4096, 7168, 1000])          # 1000: no fused norm (not whole warps), two kernels
+def test_collapse_with_the_sub_layer_norm_gives_the_two_kernels_bits(T, D):
+    """hc_pre_split(norm_weight=w) folds the sub-layer's RMSNorm into the collapse: the same bits as rms_norm of
+    hc_pre's x, and post / comb unchanged."""
+    streams, fn, scale, base = _inputs(T, 4, D, seed=T + D)
+    w = torch.rand(D, device="cuda") + 0.5
+    ops = CuteOps("cuda", torch.bfloat16, fused_glue=True)
+    x, post, comb = ops.hc_pre(streams, fn, scale, base, 1e-6, 20, 1e-6)
+    want = ops.rms_norm(x, w, 1e-6)
+    got, coefficients = ops.hc_pre_split(streams, fn, scale, base, 1e-6, 20, 1e-6, norm_weight=w)
+    got_post, got_comb = coefficients()
+    assert torch.isfinite(got.float()).all()
+    assert torch.equal(got, want), f"max |diff| {(got.float() - want.float()).abs().max().item():.3g}"
+    assert torch.equal(got_post, post) and torch.equal(got_comb, comb)

@@ -34,3 +34,25 @@ def test_rope_tail_matches_torch(shape, dtype, inverse):
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol), \
         f"max |diff| {(got.float() - want.float()).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("shape,dtype", [((1, 64, 512), torch.bfloat16), ((37, 64, 512), torch.bfloat16),
+                                         ((5, 512), torch.bfloat16), ((3, 256), torch.float32),
+                                         ((9, 2, 128), torch.bfloat16)])      # 128: no fused norm, the two kernels
+@pytest.mark.parametrize("weighted", [False, True])
+def test_norm_then_rope_in_one_kernel_gives_the_two_kernels_bits(shape, dtype, weighted):
+    """norm_rope_tail (the queries' per-head norm, the keys' weighted norm) equals rms_norm then rope_tail, bit for
+    bit, and TorchOps within rounding."""
+    D, rd = shape[-1], 64
+    g = torch.Generator(device="cuda").manual_seed(D + shape[0])
+    x = (3 * torch.randn(shape, device="cuda", generator=g)).to(dtype)
+    w = torch.rand(D, device="cuda", generator=g) + 0.5 if weighted else None
+    pos = torch.randint(0, 8000, (shape[0],), device="cuda", generator=g)
+    cute_ops = CuteOps("cuda", dtype, fused_glue=True)
+    got = cute_ops.norm_rope_tail(x, w, 1e-6, pos, YARN, rd)
+    apart = cute_ops.rope_tail(cute_ops.rms_norm(x, w, 1e-6), pos, YARN, rd)
+    assert torch.isfinite(got.float()).all()
+    assert torch.equal(got, apart), f"max |diff| {(got.float() - apart.float()).abs().max().item():.3g}"
+    want = TorchOps("cuda", dtype).norm_rope_tail(x, w, 1e-6, pos, YARN, rd)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)

@@ -131,16 +131,35 @@ def test_mhc_mix_compiles(m, dtype):
 
 
 @pytest.mark.parametrize("n,d,partials,dtype", [(4, 4096, 16, BF), (4, 7168, 28, BF), (2, 64, 1, F32)])
-def test_mhc_collapse_compiles(n, d, partials, dtype):
-    cute.compile(HcCollapse(n, d, partials, 1e-6, 1e-6), _fake(dtype, 2), _fake(F32, 3, False),
-                 _fake(F32, 1, False), _fake(F32, 1, False), _fake(dtype, 2), F32(1.0), make_fake_stream())
+@pytest.mark.parametrize("out_norm", [False, True])
+def test_mhc_collapse_compiles(n, d, partials, dtype, out_norm):
+    if out_norm and d % 256:
+        with pytest.raises(ValueError):
+            HcCollapse(n, d, partials, 1e-6, 1e-6, 1e-6)
+        return
+    cute.compile(HcCollapse(n, d, partials, 1e-6, 1e-6, 1e-6 if out_norm else None), _fake(dtype, 2),
+                 _fake(F32, 3, False), _fake(F32, 1, False), _fake(F32, 1, False), _fake(F32, 1, False),
+                 _fake(dtype, 2), F32(1.0), make_fake_stream())
 
 
 @pytest.mark.parametrize("d,rd,inverse,dtype", [(512, 64, False, BF), (512, 64, True, BF), (128, 64, False, BF),
                                                 (512, 64, False, F32), (64, 16, True, F32)])
 def test_rope_tail_compiles(d, rd, inverse, dtype):
     cute.compile(RopeTail(d, rd, inverse), _fake(dtype, 2), _fake(I64, 1, False), _fake(F32, 2, False),
-                 _fake(F32, 2, False), _fake(dtype, 2), I32(1), make_fake_stream())
+                 _fake(F32, 2, False), _fake(F32, 1, False), _fake(dtype, 2), I32(1), make_fake_stream())
+
+
+@pytest.mark.parametrize("d,rd,norm,dtype", [(512, 64, "plain", BF), (512, 64, "weight", BF), (256, 64, "weight", F32),
+                                             (1024, 64, "plain", BF)])
+def test_norm_rope_tail_compiles(d, rd, norm, dtype):
+    """The queries' per-head norm and the keys' weighted norm fused ahead of the rotation."""
+    cute.compile(RopeTail(d, rd, False, norm, 1e-6), _fake(dtype, 2), _fake(I64, 1, False), _fake(F32, 2, False),
+                 _fake(F32, 2, False), _fake(F32, 1, False), _fake(dtype, 2), I32(1), make_fake_stream())
+
+
+def test_norm_rope_tail_needs_whole_warps():
+    with pytest.raises(ValueError):
+        RopeTail(128, 64, False, "plain", 1e-6)
 
 
 def test_plan_splits_fills_gpu():

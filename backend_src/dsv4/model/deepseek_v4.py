@@ -136,8 +136,8 @@ class DeepseekV4Model:
         are then part of a captured piece) and the returned inputs carry no compressor projections."""
         cfg, ops, L = self.cfg, self.ops, self.layers[i]
         fn, scale, base = L.hc["attn"]
-        x, hc_coefficients = ops.hc_pre_split(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)
-        x = ops.rms_norm(x, L.attn_norm, cfg.norm_eps)
+        x, hc_coefficients = ops.hc_pre_split(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps,
+                                              norm_weight=L.attn_norm)
         T = x.shape[0]
         H, hd, rd = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
         ratio = cfg.compress_ratio(i)
@@ -147,14 +147,14 @@ class DeepseekV4Model:
         def queries() -> tuple[Tensor, Tensor | None, Tensor | None]:
             q_latent = ops.rms_norm(ops.linear(x, L.wq_a), L.q_norm, cfg.norm_eps)
             q = ops.linear(q_latent, L.wq_b).view(T, H, hd)
-            q = ops.rope_tail(ops.rms_norm(q, None, cfg.norm_eps), positions, rope, rd)
+            q = ops.norm_rope_tail(q, None, cfg.norm_eps, positions, rope, rd)
             if ratio != 4:
                 return q, None, None
             iq = ops.rope_tail(ops.linear(q_latent, L.idx_wq_b).view(T, nh, ihd), positions, rope, rd)
             return q, iq, ops.linear(x, L.idx_weights_proj).float() * (ihd ** -0.5 * nh ** -0.5)
 
         def keys() -> Tensor:
-            return ops.rope_tail(ops.rms_norm(ops.linear(x, L.wkv), L.kv_norm, cfg.norm_eps), positions, rope, rd)
+            return ops.norm_rope_tail(ops.linear(x, L.wkv), L.kv_norm, cfg.norm_eps, positions, rope, rd)
 
         def compressor_inputs() -> tuple[Any, Any]:
             C, I = L.compressor, L.idx_compressor
@@ -210,8 +210,9 @@ class DeepseekV4Model:
         o = ops.grouped_linear(o.reshape(T, -1), L.wo_a)
         h = ops.hc_post(ops.linear(o, L.wo_b), h, post, comb)
         fn, scale, base = L.hc["ffn"]
-        x, hc_coefficients = ops.hc_pre_split(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps)
-        y, (post, comb) = self.moe(ops.rms_norm(x, L.ffn_norm, cfg.norm_eps), L, token_ids, hc_coefficients)
+        x, hc_coefficients = ops.hc_pre_split(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps,
+                                              norm_weight=L.ffn_norm)
+        y, (post, comb) = self.moe(x, L, token_ids, hc_coefficients)
         return ops.hc_post(y, h, post, comb)
 
     def moe(self, x: Tensor, L: LayerWeights, token_ids: Tensor, beside: Callable[[], Any]) -> tuple[Tensor, Any]:

@@ -121,16 +121,26 @@ class Ops(ABC):
     @abstractmethod
     def rope_tail(self, x: Tensor, positions: Tensor, rope: RopeConfig, rope_dim: int, inverse: bool = False) -> Tensor: ...
 
+    def norm_rope_tail(self, x: Tensor, weight: Tensor | None, eps: float, positions: Tensor, rope: RopeConfig,
+                       rope_dim: int) -> Tensor:
+        """rope_tail(rms_norm(x, weight, eps), ...): the queries' per-head norm and the keys' norm come right before
+        their rotation, and a GPU implementation may fuse the two."""
+        return self.rope_tail(self.rms_norm(x, weight, eps), positions, rope, rope_dim)
+
     @abstractmethod
     def hc_pre(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
                hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
         """Collapse the residual streams [T, N, D] -> (sub-layer input [T, D], post [T, N], comb [T, N, N])."""
 
     def hc_pre_split(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
-                     hc_eps: float) -> tuple[Tensor, Callable[[], tuple[Tensor, Tensor]]]:
+                     hc_eps: float, norm_weight: Tensor | None = None
+                     ) -> tuple[Tensor, Callable[[], tuple[Tensor, Tensor]]]:
         """hc_pre as (sub-layer input, a piece that yields (post, comb)). The sub-layer needs x at once but post
-        and comb only at its hc_post, so the model hands the piece to `concurrently`. Here it all runs now."""
+        and comb only at its hc_post, so the model hands the piece to `concurrently`. With `norm_weight` x comes
+        back as the sub-layer's rms_norm(x, norm_weight, norm_eps). Here it all runs now."""
         x, post, comb = self.hc_pre(streams, fn, scale, base, norm_eps, iters, hc_eps)
+        if norm_weight is not None:
+            x = self.rms_norm(x, norm_weight, norm_eps)
         return x, lambda: (post, comb)
 
     @abstractmethod

@@ -27,7 +27,7 @@ import torch
 from dsv4.checkpoint.formats import FP8BlockTensor, NVFP4Tensor
 from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch
-from dsv4.ops.cute_attention import CuteAttentionMixin, Launcher
+from dsv4.ops.cute_attention import CuteAttentionMixin, Launcher, placeholder
 from dsv4.ops.cute_glue import CuteGlueMixin
 from dsv4.ops.cute_route import CuteRouteMixin
 from dsv4.ops.torch_ops import TorchOps
@@ -149,17 +149,41 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
 
     def rope_tail(self, x: Tensor, positions: Tensor, rope: RopeConfig, rope_dim: int, inverse: bool = False) -> Tensor:
         """One kernel (dsv4_kernels.rope) instead of TorchOps' ~12 launches; same fp32 math, one rounding."""
+        out = self._rope(x, None, 0.0, positions, rope, rope_dim, inverse)
+        return super().rope_tail(x, positions, rope, rope_dim, inverse) if out is None else out
+
+    def norm_rope_tail(self, x: Tensor, weight: Tensor | None, eps: float, positions: Tensor, rope: RopeConfig,
+                       rope_dim: int) -> Tensor:
+        """The norm and the rotation in one kernel where rows are whole warps of threads (V4's 512-wide heads), with
+        the bits of rms_norm then rope_tail (docs/PERF.md, session 22); otherwise those two."""
+        D = x.shape[-1]
+        from dsv4_kernels.rope import norm_fits
+        if self.fused_glue and norm_fits(D) and (weight is None or (weight.is_cuda and weight.shape == (D,))):
+            out = self._rope(x, weight, eps, positions, rope, rope_dim, False, norm=True)
+            if out is not None:
+                return out
+        return super().norm_rope_tail(x, weight, eps, positions, rope, rope_dim)
+
+    def _rope(self, x: Tensor, weight: Tensor | None, eps: float, positions: Tensor, rope: RopeConfig, rope_dim: int,
+              inverse: bool, norm: bool = False) -> Tensor | None:
+        """The RopeTail launch, or None where the kernel does not apply."""
         D = x.shape[-1]
         T = positions.shape[0]
         if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) and D % 8 == 0 and rope_dim % 8 == 0
                 and T and x.numel() % (T * D) == 0 and positions.dtype == torch.long):
-            return super().rope_tail(x, positions, rope, rope_dim, inverse)
+            return None
         x2 = x.reshape(-1, D)
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         pos = positions if positions.is_contiguous() else positions.contiguous()
         cos, sin = self.rope_table(rope, rope_dim, pos)
+        if weight is None:
+            w = placeholder((8,), torch.float32, x.device)
+        else:
+            w = weight if weight.dtype == torch.float32 and weight.is_contiguous() else weight.float().contiguous()
+        kind = "none" if not norm else ("plain" if weight is None else "weight")
         out = torch.empty_like(x2)
-        _rope_launcher(D, rope_dim, inverse, x2, pos, cos, sin, out)(x2, pos, cos, sin, out, x2.shape[0] // T)
+        args = (x2, pos, cos, sin, w, out)
+        _rope_launcher(D, rope_dim, inverse, kind, float(eps), *args)(*args, x2.shape[0] // T)
         return out.view(x.shape)
 
     def compress_and_store(self, kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
@@ -186,16 +210,18 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
 
     def hc_pre(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
                hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        x, coefficients = self.hc_pre_split(streams, fn, scale, base, norm_eps, iters, hc_eps)
+        x, coefficients = CuteOps.hc_pre_split(self, streams, fn, scale, base, norm_eps, iters, hc_eps)
         return (x, *coefficients())
 
     def hc_pre_split(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
-                     hc_eps: float) -> tuple[Tensor, Callable[[], tuple[Tensor, Tensor]]]:
+                     hc_eps: float, norm_weight: Tensor | None = None
+                     ) -> tuple[Tensor, Callable[[], tuple[Tensor, Tensor]]]:
         """TorchOps.hc_pre in kernels (~130 launches -> 3). With `fused_glue`, and up to HC_MIX_MAX_TOKENS tokens:
-        mhc_pre.HcMix (the mixes GEMV as partials per chunk), mhc_pre.HcCollapse (pre and x), and, in the returned
-        piece, mhc.HcCoefficients (post and comb: the Sinkhorn chain, which the model runs beside the sub-layer).
-        Above that the mixes come from cuBLAS (HcMix re-reads fn per token: right for decode, wasteful for a long
-        prefill) and everything is computed before returning."""
+        mhc_pre.HcMix (the mixes GEMV as partials per chunk), mhc_pre.HcCollapse (pre and x, and the sub-layer's
+        RMSNorm where D is whole warps of threads), and, in the returned piece, mhc.HcCoefficients (post and comb:
+        the Sinkhorn chain, which the model runs beside the sub-layer). Above that the mixes come from cuBLAS (HcMix
+        re-reads fn per token: right for decode, wasteful for a long prefill) and everything is computed before
+        returning."""
         T, n, D = streams.shape
         f32 = dict(dtype=torch.float32, device=streams.device)
         sc, bs = scale.float().contiguous(), base.float().contiguous()
@@ -209,6 +235,7 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
                 args = (mixes, sq, sc, bs, pre, post, comb)
                 _hc_launcher(n, iters, hc_eps, norm_eps, 0, *args)(*args, 1.0)
             x = torch.einsum("tn,tnd->td", pre, streams.float()).to(streams.dtype)
+            x = x if norm_weight is None else self.rms_norm(x, norm_weight, norm_eps)
             return x, lambda: (post, comb.view(T, n, n))
         from dsv4_kernels.mhc_pre import num_chunks
         K = n * D
@@ -219,8 +246,16 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         part = torch.empty((T, num_chunks(K), m + 1), **f32)
         _mix_launcher(m, flat, fnc, part)(flat, fnc, part)
         x = torch.empty((T, D), dtype=streams.dtype, device=streams.device)
-        args = (flat, part, sc, bs, x)
-        _collapse_launcher(n, D, part.shape[1], hc_eps, norm_eps, *args)(*args, 1.0 / K)
+        fuse_norm = norm_weight is not None and D % 256 == 0 and norm_weight.shape == (D,) and norm_weight.is_cuda
+        if fuse_norm:
+            nw = norm_weight if norm_weight.dtype == torch.float32 else norm_weight.float()
+            nw = nw if nw.is_contiguous() else nw.contiguous()
+        else:
+            nw = placeholder((8,), torch.float32, streams.device)
+        args = (flat, part, sc, bs, nw, x)
+        _collapse_launcher(n, D, part.shape[1], hc_eps, norm_eps, fuse_norm, *args)(*args, 1.0 / K)
+        if norm_weight is not None and not fuse_norm:
+            x = self.rms_norm(x, norm_weight, norm_eps)
 
         def coefficients() -> tuple[Tensor, Tensor]:
             pre, post, comb = (torch.empty((T, k), **f32) for k in (n, n, n * n))     # pre: HcCollapse's already
@@ -256,20 +291,24 @@ def _mix_launcher(m: int, *example: Tensor) -> Launcher:
                     list(example))
 
 
-def _collapse_launcher(n: int, dim: int, num_partials: int, eps: float, norm_eps: float, *example: Tensor) -> Launcher:
+def _collapse_launcher(n: int, dim: int, num_partials: int, eps: float, norm_eps: float, out_norm: bool,
+                       *example: Tensor) -> Launcher:
+    """out_norm: x also gets the sub-layer's RMSNorm (with norm_eps, as the model's)."""
     from dsv4_kernels.mhc_pre import HcCollapse
-    return Launcher(("hc_collapse", n, dim, num_partials, eps, norm_eps, example[0].dtype),
-                    lambda: HcCollapse(n, dim, num_partials, eps, norm_eps),
-                    (("t", True), ("t", False), ("t", False), ("t", False), ("t", True), ("f",)), list(example) + [1.0])
+    out_eps = norm_eps if out_norm else None
+    return Launcher(("hc_collapse", n, dim, num_partials, eps, norm_eps, out_eps, example[0].dtype),
+                    lambda: HcCollapse(n, dim, num_partials, eps, norm_eps, out_eps),
+                    (("t", True), ("t", False), ("t", False), ("t", False), ("t", True), ("t", True), ("f",)),
+                    list(example) + [1.0])
 
 
-_ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t", True), ("i",))
+_ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t", True), ("t", True), ("i",))
 
 
-def _rope_launcher(dim: int, rope_dim: int, inverse: bool, *example: Tensor) -> Launcher:
+def _rope_launcher(dim: int, rope_dim: int, inverse: bool, norm: str, eps: float, *example: Tensor) -> Launcher:
     from dsv4_kernels.rope import RopeTail
-    return Launcher(("rope", dim, rope_dim, inverse, example[0].dtype), lambda: RopeTail(dim, rope_dim, inverse),
-                    _ROPE_SPEC, list(example) + [1])
+    return Launcher(("rope", dim, rope_dim, inverse, norm, eps, example[0].dtype),
+                    lambda: RopeTail(dim, rope_dim, inverse, norm, eps), _ROPE_SPEC, list(example) + [1])
 
 
 def _side_streams_setting() -> int:
