@@ -60,3 +60,24 @@ def block_sum(v, red: cute.Tensor, tidx, warps: cutlass.Constexpr):
     for w in cutlass.range_constexpr(warps):
         s = s + red[w]
     return s
+
+
+@cute.jit
+def rms_normalize(frag: cute.Tensor, red: cute.Tensor, tidx, warps: cutlass.Constexpr, dim: cutlass.Constexpr,
+                  eps: cutlass.Constexpr, mW: cute.Tensor, weighted: cutlass.Constexpr):
+    """frag, this thread's 8 values (vector tidx) of a row spread over a CTA of `warps` whole warps <- the row's
+    RMSNorm (times mW's matching 8 fp32 values if `weighted`), rounded to frag's dtype: RmsNorm's math in its order,
+    so kernels that fuse a norm ahead of their own work write RmsNorm's bits."""
+    xf = cute.make_rmem_tensor((8,), cutlass.Float32)
+    xf.store(frag.load().to(cutlass.Float32))
+    ssq = cutlass.Float32(0.0)
+    for k in cutlass.range_constexpr(8):
+        ssq = ssq + xf[k] * xf[k]
+    rstd = cute.math.rsqrt(block_sum(ssq, red, tidx, warps) / cutlass.Float32(dim) + cutlass.Float32(eps))
+    y = cute.make_rmem_tensor((8,), cutlass.Float32)
+    if cutlass.const_expr(weighted):
+        cute.autovec_copy(cute.local_tile(mW, (8,), (tidx,)), y)
+        y.store(xf.load() * rstd * y.load())
+    else:
+        y.store(xf.load() * rstd)
+    frag.store(y.load().to(frag.element_type))

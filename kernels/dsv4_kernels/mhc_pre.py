@@ -21,7 +21,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
-from dsv4_kernels.cute_utils import add, block_sum, butterfly, partial_sum
+from dsv4_kernels.cute_utils import add, butterfly, partial_sum, rms_normalize
 from dsv4_kernels.mhc import pre_weight, rms_factor
 
 VEC = 8
@@ -154,16 +154,6 @@ class HcCollapse:
         frag.store(acc.load().to(mOut.element_type))
         if cutlass.const_expr(self.out_norm_eps is not None):
             # the sub-layer's RMSNorm of the rounded x, as RmsNorm computes it (same sums in the same order)
-            xf = cute.make_rmem_tensor((VEC,), Float32)
-            xf.store(frag.load().to(Float32))
-            ssq = Float32(0.0)
-            for k in cutlass.range_constexpr(VEC):
-                ssq = ssq + xf[k] * xf[k]
             red = storage.red.get_tensor(cute.make_layout((self.threads // 32,)))
-            rstd = cute.math.rsqrt(block_sum(ssq, red, tidx, self.threads // 32) / Float32(self.d)
-                                   + Float32(self.out_norm_eps))
-            y = cute.make_rmem_tensor((VEC,), Float32)
-            cute.autovec_copy(cute.local_tile(mNormW, (VEC,), (tidx,)), y)
-            y.store(xf.load() * rstd * y.load())
-            frag.store(y.load().to(mOut.element_type))
+            rms_normalize(frag, red, tidx, self.threads // 32, self.d, self.out_norm_eps, mNormW, True)
         cute.autovec_copy(frag, cute.local_tile(mOut[t, None], (VEC,), (tidx,)))

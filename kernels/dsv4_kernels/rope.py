@@ -12,7 +12,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from dsv4_kernels.cute_utils import block_sum
+from dsv4_kernels.cute_utils import rms_normalize
 
 VEC = 8
 
@@ -59,20 +59,7 @@ class RopeTail:
         if cutlass.const_expr(self.norm != "none"):
             smem = cutlass.memory.SmemAllocator()
             red = smem.allocate(Storage).red.get_tensor(cute.make_layout((self.threads // 32,)))
-            xf = cute.make_rmem_tensor((VEC,), Float32)
-            xf.store(frag.load().to(Float32))
-            ssq = Float32(0.0)
-            for k in cutlass.range_constexpr(VEC):
-                ssq = ssq + xf[k] * xf[k]
-            rstd = cute.math.rsqrt(block_sum(ssq, red, tidx, self.threads // 32) / Float32(self.d)
-                                   + Float32(self.eps))
-            y = cute.make_rmem_tensor((VEC,), Float32)
-            if cutlass.const_expr(self.norm == "weight"):
-                cute.autovec_copy(cute.local_tile(mW, (VEC,), (tidx,)), y)
-                y.store(xf.load() * rstd * y.load())
-            else:
-                y.store(xf.load() * rstd)
-            frag.store(y.load().to(mX.element_type))
+            rms_normalize(frag, red, tidx, self.threads // 32, self.d, self.eps, mW, self.norm == "weight")
         first = tidx * VEC - (self.d - self.rd)          # channel index inside the tail (< 0: head part)
         if first >= 0:
             p = mPos[r // heads]
