@@ -62,6 +62,11 @@ def block_sum(v, red: cute.Tensor, tidx, warps: cutlass.Constexpr):
     return s
 
 
+def norm_fits(dim: int) -> bool:
+    """Whether a row of `dim` values, 8 per thread, is whole warps: what block_sum / rms_normalize need."""
+    return dim % (8 * 32) == 0
+
+
 @cute.jit
 def rms_normalize(frag: cute.Tensor, red: cute.Tensor, tidx, warps: cutlass.Constexpr, dim: cutlass.Constexpr,
                   eps: cutlass.Constexpr, mW: cute.Tensor, weighted: cutlass.Constexpr):

@@ -21,7 +21,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
-from dsv4_kernels.cute_utils import add, butterfly, partial_sum, rms_normalize
+from dsv4_kernels.cute_utils import add, butterfly, norm_fits, partial_sum, rms_normalize
 from dsv4_kernels.mhc import pre_weight, rms_factor
 
 VEC = 8
@@ -112,7 +112,7 @@ class HcCollapse:
     def __init__(self, n: int, dim: int, num_partials: int, eps: float, norm_eps: float,
                  out_norm_eps: float | None = None):
         assert dim % VEC == 0 and num_partials >= 1
-        if out_norm_eps is not None and dim % (VEC * 32):
+        if out_norm_eps is not None and not norm_fits(dim):
             raise ValueError(f"HcCollapse: a fused RMSNorm needs dim % 256 == 0 (whole warps), got {dim}")
         self.n, self.d, self.s = n, dim, num_partials
         self.m = 2 * n + n * n

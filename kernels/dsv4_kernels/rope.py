@@ -12,17 +12,12 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from dsv4_kernels.cute_utils import rms_normalize
+from dsv4_kernels.cute_utils import norm_fits, rms_normalize
 
 VEC = 8
 
 
 NORMS = ("none", "plain", "weight")
-
-
-def norm_fits(dim: int) -> bool:
-    """A fused norm needs the row's D / 8 threads to be whole warps (block_sum)."""
-    return dim % (VEC * 32) == 0
 
 
 class RopeTail:

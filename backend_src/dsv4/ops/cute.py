@@ -33,6 +33,7 @@ from dsv4.ops.cute_route import CuteRouteMixin
 from dsv4.ops.torch_ops import TorchOps
 
 import dsv4_kernels  # noqa: F401  (raises ImportError where CuTe DSL is missing: select_ops then picks torch)
+from dsv4_kernels.cute_utils import norm_fits
 from dsv4_kernels.fp8_gemm import PackedFP8, fp8_kernel_ok, fp8_linear, prepare_fp8_weight
 from dsv4_kernels.nvfp4_gemm import KCHUNK, ROWTILE, PackedNVFP4, nvfp4_linear, prepare_nvfp4_weight
 from dsv4_kernels.nvfp4_moe import PackedExperts, nvfp4_moe, prepare_nvfp4_experts
@@ -157,7 +158,6 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         """The norm and the rotation in one kernel where rows are whole warps of threads (V4's 512-wide heads), with
         the bits of rms_norm then rope_tail (docs/PERF.md, session 22); otherwise those two."""
         D = x.shape[-1]
-        from dsv4_kernels.rope import norm_fits
         if self.fused_glue and norm_fits(D) and (weight is None or (weight.is_cuda and weight.shape == (D,))):
             out = self._rope(x, weight, eps, positions, rope, rope_dim, False, norm=True)
             if out is not None:
@@ -210,7 +210,7 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
 
     def hc_pre(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
                hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        x, coefficients = CuteOps.hc_pre_split(self, streams, fn, scale, base, norm_eps, iters, hc_eps)
+        x, coefficients = self.hc_pre_split(streams, fn, scale, base, norm_eps, iters, hc_eps)
         return (x, *coefficients())
 
     def hc_pre_split(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, iters: int,
@@ -246,7 +246,7 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         part = torch.empty((T, num_chunks(K), m + 1), **f32)
         _mix_launcher(m, flat, fnc, part)(flat, fnc, part)
         x = torch.empty((T, D), dtype=streams.dtype, device=streams.device)
-        fuse_norm = norm_weight is not None and D % 256 == 0 and norm_weight.shape == (D,) and norm_weight.is_cuda
+        fuse_norm = norm_weight is not None and norm_fits(D) and norm_weight.shape == (D,) and norm_weight.is_cuda
         if fuse_norm:
             nw = norm_weight if norm_weight.dtype == torch.float32 else norm_weight.float()
             nw = nw if nw.is_contiguous() else nw.contiguous()
