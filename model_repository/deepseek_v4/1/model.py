@@ -2,9 +2,10 @@
 
 Decoupled: ``execute()`` validates and enqueues (``add_request``) and returns at once; every delta lands on one
 queue (``on_output``) and ONE dispatcher thread answers through the requests' response senders (all stub IPC from
-one thread: see ``TritonPythonModel``). The engine runs in its own process (``dsv4.engine.process``; parameter
-``engine_process``): its Python work and the response sends do not take turns on one GIL, and an engine crash
-fails the requests in flight instead of the stub.
+one thread: see ``TritonPythonModel``), one response at a time in ``dsv4.engine.send_order``'s order: a finished
+request's response before any streaming delta, the rest round-robin, deltas that queued up merged. The engine
+runs in its own process (``dsv4.engine.process``; parameter ``engine_process``): its Python work and the response
+sends do not take turns on one GIL, and an engine crash fails the requests in flight instead of the stub.
 
 I/O follows Triton's vLLM backend (see config.pbtxt), with these rules:
 * exactly one of ``text_input`` (BYTES[1], UTF-8) / ``input_ids`` (INT32[-1]);
@@ -104,7 +105,7 @@ _TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 _ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 _CANCEL_CHECK_S = 0.2     # is_cancelled() poll period per request (an IPC round trip each)
 _STATS_PERIOD_S = 0.5     # gauge refresh
-_MAX_BATCH = 4096         # queue items handled per dispatcher wake-up
+_MAX_BATCH = 4096         # queue items moved to the backlog between two sends
 _GIL_SWITCH_MS = 0.5      # default gil_switch_interval_ms (config.pbtxt explains why)
 _LOAD_REPORT_S = 10.0     # dispatcher load line in the server log
 _COUNTER_FLUSH_S = 0.1    # token and request counters go to the server at most this often
@@ -261,9 +262,10 @@ class _Job:
 class TritonPythonModel:
     """Threads: the stub's thread runs execute() (validate + add_request, no IPC); the engine process's reader thread
     (or, in-process, the engine thread) puts each delta (timestamped) on one queue through the request's on_output
-    callback; ONE dispatcher thread does every call into the stub's IPC (response sends, is_cancelled, metrics). The 2.51 Python backend crashes the
-    server (boost::interprocess::lock_exception / SIGSEGV in libtriton_python.so) when several Python threads
-    make those calls concurrently: seen at perf_analyzer concurrency 4 with one sender thread per request."""
+    callback; ONE dispatcher thread does every call into the stub's IPC (response sends, is_cancelled, metrics).
+    The 2.51 Python backend crashes the server (boost::interprocess::lock_exception / SIGSEGV in
+    libtriton_python.so) when several Python threads make those calls concurrently: seen at perf_analyzer
+    concurrency 4 with one sender thread per request."""
 
     # ------------------------------------------------------------------ lifecycle
     def initialize(self, args):
@@ -303,6 +305,7 @@ class TritonPythonModel:
             from dsv4.engine.engine import Engine
             from dsv4.engine.params import SamplingParams
             from dsv4.engine.process import EngineProcess
+            from dsv4.engine.send_order import Backlog
         except ImportError as e:
             raise pb_utils.TritonModelException(
                 f"cannot import the dsv4 engine ({e}); sys.path starts with {sys.path[:6]}. Install the package "
@@ -323,6 +326,8 @@ class TritonPythonModel:
         self.metrics = _Metrics(self.model_name, args.get("model_version", "1"))
         self._q = queue.Queue()
         self._active = {}  # rid -> _Job; dispatcher thread only
+        # unsent (RequestOutput, t) per _Job; dispatcher thread only
+        self._backlog = Backlog(is_final=lambda delta: delta[0].finished)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="dsv4-dispatch", daemon=True)
         self._dispatcher.start()
         self.logger.log_info("[deepseek_v4] engine ready")
@@ -458,55 +463,32 @@ class TritonPythonModel:
 
     # ------------------------------------------------------------------ dispatcher: the only IPC caller
     def _dispatch_loop(self):
+        """One response per pass, picked by a Backlog (dsv4.engine.send_order): finals first, then round-robin. The
+        queue is read again after every send, so a final delta that arrives while 30 streams wait goes out next."""
         last_sweep = last_stats = 0.0
         self._engine_steps = 0     # from the last stats (gauge refresh)
         self._load = load = _DispatchLoad(time.monotonic(), 0)
+        backlog = self._backlog
         while True:
-            try:
-                batch = [self._q.get(timeout=0.05)]
-            except queue.Empty:
-                batch = []
-            t_wake = time.perf_counter()
-            while batch and len(batch) < _MAX_BATCH:
-                try:
-                    batch.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
-            stop = False
-            grouped = {}
-            for item in batch:
-                kind = item[0]
-                try:
-                    if kind == "out":
-                        grouped.setdefault(item[1], []).append((item[2], item[3]))
-                    elif kind == "start":
-                        self._active[item[1].rid] = item[1]
-                    elif kind == "reject":
-                        self.metrics.finished("rejected")
-                        self._send_error(item[1], item[2], item[3])
-                    elif kind == "discard":   # the engine refused it; execute() queued the error response
-                        self._active.pop(item[1].rid, None)
-                    elif kind == "stop":
-                        stop = True
-                except Exception:  # noqa: BLE001
-                    traceback.print_exc()
-            if grouped:
-                load.wakeups += 1
-            # finished requests first: in a closed loop the client's next request waits on that final response
-            for job, outs in sorted(grouped.items(), key=lambda kv: not kv[1][-1][0].finished):
+            idle = not backlog
+            t_pass = time.perf_counter()
+            stop = self._absorb(backlog, wait=idle)
+            if idle:
+                t_pass = time.perf_counter()     # waiting for the queue is not busy time
+            if backlog:
+                job, outs = backlog.pop()
                 load.deltas += len(outs)
                 try:
                     self._deliver(job, outs)
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
                     self._fail(job, f"internal error: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL, "error")
+                load.busy_s += time.perf_counter() - t_pass
+            now = time.monotonic()
             try:
-                self.metrics.flush(time.monotonic())
+                self.metrics.flush(now)
             except Exception:  # noqa: BLE001 - a metrics failure must not stop the responses
                 traceback.print_exc()
-            if batch:
-                load.busy_s += time.perf_counter() - t_wake
-            now = time.monotonic()
             if now - load.since >= _LOAD_REPORT_S:
                 if load.responses:
                     self.logger.log_info(load.line(now, self._engine_steps))
@@ -525,6 +507,44 @@ class TritonPythonModel:
                 except Exception:  # noqa: BLE001
                     traceback.print_exc()
                 return
+
+    def _absorb(self, backlog, wait):
+        """Move everything queued into the backlog (waiting up to 50 ms for the first item if ``wait``); handle the
+        bookkeeping items on the way. Returns True once the model is being unloaded."""
+        try:
+            item = self._q.get(timeout=0.05) if wait else self._q.get_nowait()
+        except queue.Empty:
+            return False
+        stop = False
+        got_deltas = False
+        taken = 0
+        while True:
+            kind = item[0]
+            try:
+                if kind == "out":
+                    backlog.add(item[1], (item[2], item[3]))
+                    got_deltas = True
+                elif kind == "start":
+                    self._active[item[1].rid] = item[1]
+                elif kind == "reject":
+                    self.metrics.finished("rejected")
+                    self._send_error(item[1], item[2], item[3])
+                elif kind == "discard":   # the engine refused it; execute() queued the error response
+                    self._active.pop(item[1].rid, None)
+                elif kind == "stop":
+                    stop = True
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+            taken += 1
+            if taken >= _MAX_BATCH:    # the rest waits for the next pass: a send must come between
+                break
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+        if got_deltas:
+            self._load.wakeups += 1
+        return stop
 
     def _send_error(self, sender, msg, code):
         if sender is None:
