@@ -323,17 +323,7 @@ class SparseDecodeAttention:
         dt = cutlass.BFloat16
         acc_O_mn = mn_view(acc_O)
         n_r = cute.size(tScS_mn, mode=[0])
-        for r in cutlass.range_constexpr(n_r):
-            s = _quad(row_sum[r], lambda x, y: x + y)
-            if lane % 4 == 0:
-                sRed[warp_n, tScS_mn[r, 0][0]] = s
-        cute.arch.barrier()
-        for r in cutlass.range_constexpr(n_r):
-            row = tScS_mn[r, 0][0]
-            s = sRed[0, row]
-            for j in cutlass.range_constexpr(1, self.wn):
-                s = s + sRed[j, row]
-            row_sum[r] = s
+        self._rows_across_slices(row_sum, tScS_mn, sRed, warp_n, lane, lambda x, y: x + y)
 
         if cutlass.const_expr(self.split):
             for r in cutlass.range_constexpr(n_r):
@@ -375,21 +365,17 @@ class SparseDecodeAttention:
         meet in sRed[slot] across a CTA barrier."""
         n_r = cute.size(tScS_mn, mode=[0])
         n_c = cute.size(tScS_mn, mode=[1])
+        tile_max = cute.make_rmem_tensor((n_r,), Float32)
         for r in cutlass.range_constexpr(n_r):
             mx = -Float32.inf
             for c in cutlass.range_constexpr(n_c):
                 v = acc_S_mn[r, c] * scale_log2 + sBias[tScS_mn[0, c][1], stage]
                 acc_S_mn[r, c] = v
                 mx = cute.arch.fmax(mx, v)
-            mx = _quad(mx, cute.arch.fmax)
-            if lane % 4 == 0:
-                sRed[slot, tScS_mn[r, 0][0]] = mx
-        cute.arch.barrier()
+            tile_max[r] = mx
+        self._rows_across_slices(tile_max, tScS_mn, sRed, slot, lane, cute.arch.fmax)
         for r in cutlass.range_constexpr(n_r):
-            row = tScS_mn[r, 0][0]
-            mt = sRed[0, row]
-            for j in cutlass.range_constexpr(1, self.wn):
-                mt = cute.arch.fmax(mt, sRed[j, row])
+            mt = tile_max[r]
             m_old = row_max[r]
             m_new = cute.arch.fmax(m_old, mt)
             alpha = cute.math.exp2(m_old - m_new, fastmath=True)
@@ -401,6 +387,25 @@ class SparseDecodeAttention:
                 ssum = ssum + e
             row_sum[r] = row_sum[r] * alpha + ssum
             acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
+
+    @cute.jit
+    def _rows_across_slices(self, vals: cute.Tensor, tScS_mn: cute.Tensor, sRed: cute.Tensor, slot: Int32,
+                            lane: Int32, op):
+        """vals[r] (this thread's value for its row r) becomes the row's total under `op` over the whole CTA: over
+        the quad of threads sharing the row by shuffles, then over the self.wn column-warps through sRed[slot]
+        across one CTA barrier."""
+        n_r = cute.size(tScS_mn, mode=[0])
+        for r in cutlass.range_constexpr(n_r):
+            v = _quad(vals[r], op)
+            if lane % 4 == 0:
+                sRed[slot, tScS_mn[r, 0][0]] = v
+        cute.arch.barrier()
+        for r in cutlass.range_constexpr(n_r):
+            row = tScS_mn[r, 0][0]
+            v = sRed[0, row]
+            for j in cutlass.range_constexpr(1, self.wn):
+                v = op(v, sRed[j, row])
+            vals[r] = v
 
     @cute.jit
     def _load_tile(self, tile: Int32, stage: Int32, tKsK: cute.Tensor, tKcK: cute.Tensor, sBias: cute.Tensor,
