@@ -27,7 +27,13 @@ backend: "python"
 max_batch_size: 0
 model_transaction_policy { decoupled: true }
 input [ { name: "N", data_type: TYPE_INT32, dims: [1] } ]
-output [ { name: "text_output", data_type: TYPE_STRING, dims: [-1] } ]
+output [
+  { name: "text_output", data_type: TYPE_STRING, dims: [-1] },
+  { name: "finish_reason", data_type: TYPE_STRING, dims: [-1] },
+  { name: "num_input_tokens", data_type: TYPE_UINT32, dims: [-1] },
+  { name: "num_output_tokens", data_type: TYPE_UINT32, dims: [-1] },
+  { name: "logprobs", data_type: TYPE_FP32, dims: [-1] }
+]
 instance_group [ { kind: KIND_CPU, count: 1 } ]
 """
 
@@ -62,6 +68,16 @@ class TritonPythonModel:
             pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_))])
 
     @staticmethod
+    def response5(text):
+        """What a request with every return_* flag gets (client.loadtest's perf_analyzer input asks for them all)."""
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_)),
+            pb_utils.Tensor("finish_reason", np.array([b"None"], dtype=np.object_)),
+            pb_utils.Tensor("num_input_tokens", np.array([190], dtype=np.uint32)),
+            pb_utils.Tensor("num_output_tokens", np.array([5], dtype=np.uint32)),
+            pb_utils.Tensor("logprobs", np.zeros(5, dtype=np.float32))])
+
+    @staticmethod
     def per_call_us(fn, n):
         t = time.perf_counter()
         for _ in range(n):
@@ -74,8 +90,10 @@ class TritonPythonModel:
                          ("metric observe", lambda: self.hist.observe(0.002)),
                          ("metric increment", lambda: self.counter.increment(1)),
                          ("is_cancelled", sender.is_cancelled),
-                         ("response send", lambda: sender.send(self.response("tok")))):
-            rows.append(f"{name:<18} alone: {self.per_call_us(fn, n):8.1f} us/call")
+                         ("response send", lambda: sender.send(self.response("tok"))),
+                         ("build a 5-output response", lambda: self.response5("tok")),
+                         ("5-output send", lambda: sender.send(self.response5("tok")))):
+            rows.append(f"{name:<25} alone: {self.per_call_us(fn, n):8.1f} us/call")
         stop = threading.Event()
 
         def busy(count):
