@@ -3,7 +3,9 @@
 desynchronised (started `--stagger-ms` apart, each resubmitted `--think-ms` after it finishes), so new requests
 arrive one or two at a time instead of in one wave as in gpu_check's direct loop. Prints tokens/s and where the
 engine's steps went: decode-only steps vs steps with prompt tokens (count, ms each, requests admitted per step);
-`--profile`: cProfile of the engine thread's steps with prompt tokens.
+`--profile`: cProfile of the engine thread's steps with prompt tokens; `--trace-steps N`: the torch profiler (CPU and
+CUDA activity) over the first N measured steps, then, for the steps with prompt tokens among them, the host span
+against the GPU time of the kernels they launched (host-bound or GPU-bound?) and the host calls that took the span.
 
     python3 scripts/staggered_load.py --checkpoint /tmp/dsv4-small --device cuda --backend cute --concurrency 32
 """
@@ -24,6 +26,73 @@ sys.path[:0] = [str(REPO / "backend_src"), str(REPO / "kernels")]
 PROMPT = "k73=635,k19=847,k28=519;k19?"
 
 
+class StepTracer:
+    """The torch profiler over the first `steps` engine steps it is handed (started and stopped on the engine
+    thread), each step inside a record_function range named by its index, and the kind schedule() gave it."""
+
+    def __init__(self, steps: int, cuda: bool):
+        self.left = steps
+        self.cuda = cuda
+        self.prof = None
+        self.kinds: dict[int, str] = {}
+        self.n = 0
+
+    def kind(self, kind: str) -> None:
+        if self.prof is not None:
+            self.kinds[self.n] = kind
+
+    def step(self, step) -> None:
+        if self.left <= 0:
+            step()
+            return
+        import torch
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        if self.prof is None:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            self.prof = profile(activities=acts)
+            self.prof.start()
+        with record_function(f"dsv4_step_{self.n}"):
+            step()
+        self.n += 1
+        self.left -= 1
+        if self.left == 0:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.prof.stop()
+
+    def report(self, trace_out: str | None) -> None:
+        if self.prof is None or self.left > 0:
+            return
+        if trace_out:
+            self.prof.export_chrome_trace(trace_out)
+        rows: dict[str, list[tuple[float, float]]] = {"prompt": [], "decode": []}
+        calls: dict[str, float] = {}
+        for e in self.prof.events():
+            if not e.name.startswith("dsv4_step_"):
+                continue
+            kind = self.kinds.get(int(e.name.rsplit("_", 1)[1]), "decode")
+            gpu = getattr(e, "device_time_total", None)
+            gpu = getattr(e, "cuda_time_total", 0.0) if gpu is None else gpu
+            rows[kind].append((e.cpu_time_total / 1e3, gpu / 1e3))
+            if kind == "prompt":
+                stack = list(e.cpu_children)
+                while stack:
+                    c = stack.pop()
+                    calls[c.name] = calls.get(c.name, 0.0) + c.self_cpu_time_total / 1e3
+                    stack.extend(c.cpu_children)
+        print(f"torch profiler over {self.n} steps (host spans inflated by the profiler):")
+        for kind, xs in rows.items():
+            if xs:
+                host = sum(h for h, _ in xs) / len(xs)
+                gpu = sum(g for _, g in xs) / len(xs)
+                print(f"  {kind} steps: {len(xs)}, host span {host:.2f} ms, GPU time of their kernels {gpu:.2f} ms")
+        n_prompt = max(len(rows["prompt"]), 1)
+        print("  host time of the steps with prompt tokens, by call (self time, ms per step):")
+        for name, ms in sorted(calls.items(), key=lambda kv: -kv[1])[:20]:
+            print(f"    {ms / n_prompt:8.3f}  {name[:100]}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "demo"))
@@ -37,6 +106,8 @@ def main() -> int:
     ap.add_argument("--max-waiting-steps", type=int, default=None)
     ap.add_argument("--cuda-graph-max-tokens", type=int, default=None, help="0: steps with prompt tokens eager")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--trace-steps", type=int, default=0)
+    ap.add_argument("--trace-out", default=None, help="also write the chrome trace here")
     args = ap.parse_args()
 
     from dsv4.config import EngineConfig
@@ -54,10 +125,12 @@ def main() -> int:
     schedule, step = engine.scheduler.schedule, engine._step
     last_kind = ["decode"]
     measuring = [False]
+    tracer = StepTracer(args.trace_steps, engine.config.device != "cpu")
 
     def tracked_schedule(*a, **k):
         s = schedule(*a, **k)
         last_kind[0] = "prompt" if any(seq.num_computed < len(seq.prompt_ids) for seq in s.seqs) else "decode"
+        tracer.kind(last_kind[0])
         if measuring[0]:
             admitted[0] += sum(1 for seq in s.seqs if seq.num_computed == 0)
         return s
@@ -67,7 +140,10 @@ def main() -> int:
         prof = cProfile.Profile() if args.profile and measuring[0] else None
         if prof is not None:
             prof.enable()
-        step()
+        if measuring[0]:
+            tracer.step(step)
+        else:
+            step()
         if prof is not None:
             prof.disable()
             if last_kind[0] == "prompt":
@@ -130,6 +206,7 @@ def main() -> int:
         print(f"cProfile of the {len(profiles)} steps with prompt tokens (inflated by the profiler):")
         pstats.Stats(*profiles).sort_stats("tottime").print_stats(35)
         pstats.Stats(*profiles).sort_stats("cumulative").print_stats(40)
+    tracer.report(args.trace_out)
     return 0
 
 
