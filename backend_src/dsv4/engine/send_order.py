@@ -1,10 +1,12 @@
 """Which request's streamed deltas a server sends next, when sending is what limits it.
 
-Triton's Python backend answers every response with one synchronous IPC round trip from one thread (0.2-0.4 ms on
+Triton's Python backend answers every response with one synchronous IPC round trip from one thread (0.15-0.4 ms on
 the H100 hosts, docs/PERF.md). At concurrency 32 a pass over every request with new tokens is ~32 sends, ~10 ms,
 while the engine runs four or five steps. A request's final delta that arrived during such a pass used to wait for
 the pass to end; in a closed loop the client's next request waits on that final response, so the batch ran one
-request short for those steps, every time a request finished.
+request short for those steps, every time a request finished. (Measured against the old order at c = 32 on the
+H100: no difference beyond the run-to-run spread, docs/PERF.md session 23; the order stays because no response
+now waits behind more than one send.)
 
 `Backlog` keeps the deltas not sent yet, per request, and hands out one request at a time:
 * a request whose newest delta is final, first (its response frees a client), oldest such first;
