@@ -37,7 +37,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warp
 
-from dsv4_kernels.cute_utils import mn_view
+from dsv4_kernels.cute_utils import add, mn_view
 
 LOG2_E = 1.4426950408889634
 # Programmatic dependent launch of the split combine: its launch overlaps the attention kernel's tail instead of
@@ -323,7 +323,7 @@ class SparseDecodeAttention:
         dt = cutlass.BFloat16
         acc_O_mn = mn_view(acc_O)
         n_r = cute.size(tScS_mn, mode=[0])
-        self._rows_across_slices(row_sum, tScS_mn, sRed, warp_n, lane, lambda x, y: x + y)
+        self._rows_across_slices(row_sum, tScS_mn, sRed, warp_n, lane, add)
 
         if cutlass.const_expr(self.split):
             for r in cutlass.range_constexpr(n_r):

@@ -34,7 +34,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.cute.nvgpu import cpasync, warp, warpgroup
 
-from dsv4_kernels.attention_decode import LOG2_E, SparseDecodeAttention, _quad
+from dsv4_kernels.attention_decode import LOG2_E, SparseDecodeAttention
 from dsv4_kernels.cute_utils import add, mn_view
 
 HEADS = 64          # wgmma's M: one CTA serves 64 query heads
@@ -273,16 +273,12 @@ class SparseDecodeAttentionWgmma(SparseDecodeAttention):
         out = sum_c 2^(m_c - M) O_c / (2^(sink - M) + sum_c 2^(m_c - M) l_c), M = max(sink, m_c), reading the
         peers' shared memory directly, and writes the bf16 output rows."""
         n_r = cute.size(tScS_mn, mode=[0])
+        self._rows_across_slices(row_sum, tScS_mn, sRed, wg, lane, add)
         for r in cutlass.range_constexpr(n_r):
-            s = _quad(row_sum[r], add)
-            if lane % 4 == 0:
-                sRed[wg, tScS_mn[r, 0][0]] = s
-        cute.arch.barrier()
-        for r in cutlass.range_constexpr(n_r):
-            row = tScS_mn[r, 0][0]
             if wg == 0 and lane % 4 == 0:
+                row = tScS_mn[r, 0][0]
                 sML[row, 0] = row_max[r]
-                sML[row, 1] = sRed[0, row] + sRed[1, row]
+                sML[row, 1] = row_sum[r]
         cute.autovec_copy(acc_O, thr_o.partition_C(sO))
         # release this CTA's stores, acquire the peers'
         cute.arch.cluster_arrive()
