@@ -3,7 +3,9 @@
 desynchronised (started `--stagger-ms` apart, each resubmitted `--think-ms` after it finishes), so new requests
 arrive one or two at a time instead of in one wave as in gpu_check's direct loop. Prints tokens/s and where the
 engine's steps went: decode-only steps vs steps with prompt tokens (count, ms each, requests admitted per step);
-`--profile`: cProfile of the engine thread's steps with prompt tokens; `--trace-steps N`: the torch profiler (CPU and
+`--profile`: cProfile of the engine thread's steps with prompt tokens; `--host-split`: host time per step kind of
+the engine's stages (scheduling, batch building, plans, graph replays, attention cores, logits, sampling), timed
+without a profiler and without synchronising, so it is what the host spends; `--trace-steps N`: the torch profiler (CPU and
 CUDA activity) over the first N measured steps, then, for the steps with prompt tokens among them, the host span
 against the GPU time of the kernels they launched (host-bound or GPU-bound?) and the host calls that took the span.
 
@@ -69,7 +71,8 @@ class StepTracer:
         rows: dict[str, list[tuple[float, float]]] = {"prompt": [], "decode": []}
         calls: dict[str, float] = {}
         for e in self.prof.events():
-            if not e.name.startswith("dsv4_step_"):
+            # CUPTI also reports each range on the GPU side (one event per stream it touched): host ranges only
+            if not e.name.startswith("dsv4_step_") or "CUDA" in str(getattr(e, "device_type", "CPU")):
                 continue
             kind = self.kinds.get(int(e.name.rsplit("_", 1)[1]), "decode")
             gpu = getattr(e, "device_time_total", None)
@@ -93,6 +96,41 @@ class StepTracer:
             print(f"    {ms / n_prompt:8.3f}  {name[:100]}")
 
 
+class HostSplit:
+    """Wall time on the engine thread inside named callables, summed per step kind (inclusive: nested stages count
+    in both). No synchronisation: a stage that waits for the GPU shows the wait."""
+
+    def __init__(self):
+        self.kind = "decode"
+        self.on = False
+        self.ms: dict[tuple[str, str], float] = {}
+        self.calls: dict[tuple[str, str], int] = {}
+
+    def wrap(self, obj, attr: str, label: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **k):
+            if not self.on:
+                return fn(*a, **k)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                key = (self.kind, label)
+                self.ms[key] = self.ms.get(key, 0.0) + 1e3 * (time.perf_counter() - t)
+                self.calls[key] = self.calls.get(key, 0) + 1
+        setattr(obj, attr, timed)
+
+    def report(self, steps: dict[str, list]) -> None:
+        print("host time per step, by stage (inclusive, ms per step; calls per step):")
+        for kind, (n, _) in steps.items():
+            if not n:
+                continue
+            for (k, label), ms in sorted(self.ms.items(), key=lambda kv: -kv[1]):
+                if k == kind:
+                    print(f"  {kind:7s} {ms / n:7.3f}  {self.calls[(k, label)] / n:5.1f}  {label}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "demo"))
@@ -105,7 +143,10 @@ def main() -> int:
     ap.add_argument("--think-ms", type=float, default=1.0)
     ap.add_argument("--max-waiting-steps", type=int, default=None)
     ap.add_argument("--cuda-graph-max-tokens", type=int, default=None, help="0: steps with prompt tokens eager")
+    ap.add_argument("--cuda-graph-full-max-tokens", type=int, default=None,
+                    help="steps with prompt tokens up to this many replay one whole-step graph (0: pieces only)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--host-split", action="store_true")
     ap.add_argument("--trace-steps", type=int, default=0)
     ap.add_argument("--trace-out", default=None, help="also write the chrome trace here")
     args = ap.parse_args()
@@ -116,9 +157,37 @@ def main() -> int:
 
     engine = Engine(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
                                  max_num_seqs=args.concurrency, max_waiting_steps=args.max_waiting_steps,
-                                 cuda_graph_max_tokens=args.cuda_graph_max_tokens))
+                                 cuda_graph_max_tokens=args.cuda_graph_max_tokens,
+                                 **({} if args.cuda_graph_full_max_tokens is None else
+                                    {"cuda_graph_full_max_tokens": args.cuda_graph_full_max_tokens})))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
 
+    split = HostSplit()
+    if args.host_split:
+        runner, model = engine.runner, engine.runner.model
+        stages = [(engine, "_drain", "drain (reads the previous step's tokens)"),
+                  (engine.scheduler, "schedule", "scheduler.schedule"),
+                  (engine.cache, "clear_state", "cache.clear_state"),
+                  (runner, "execute", "runner.execute"),
+                  (runner, "build_batch", "runner.build_batch"),
+                  (runner, "decode_logits", "runner.decode_logits"),
+                  (model, "attn_core", "model.attn_core"),
+                  (model, "logits", "model.logits"),
+                  (model.ops, "store_window_kv", "ops.store_window_kv"),
+                  (model.ops, "indexer_topk", "ops.indexer_topk"),
+                  (model.ops, "sparse_attention", "ops.sparse_attention"),
+                  (model.ops, "compress_and_store", "ops.compress_and_store"),
+                  (engine.sampler, "sample", "sampler.sample")]
+        if runner.mixed is not None:
+            import dsv4.engine.mixed_graphs as mixed_graphs
+            from dsv4.engine.decode_inputs import MixedInputs
+            stages += [(runner.mixed, "forward", "mixed.forward"), (runner.mixed, "_load_plans", "mixed._load_plans"),
+                       (runner.mixed, "forward_whole", "mixed.forward_whole"),
+                       (MixedInputs, "build", "MixedInputs.build"),
+                       (mixed_graphs, "compress_plan", "compress_plan"), (mixed_graphs, "padded_plan", "padded_plan"),
+                       (mixed_graphs, "upload", "mixed_graphs.upload")]
+        for obj, attr, label in stages:
+            split.wrap(obj, attr, label)
     kinds = {"decode": [0, 0.0], "prompt": [0, 0.0]}
     admitted = [0]
     profiles: list[cProfile.Profile] = []       # one per step with prompt tokens
@@ -131,6 +200,7 @@ def main() -> int:
         s = schedule(*a, **k)
         last_kind[0] = "prompt" if any(seq.num_computed < len(seq.prompt_ids) for seq in s.seqs) else "decode"
         tracer.kind(last_kind[0])
+        split.kind = last_kind[0]
         if measuring[0]:
             admitted[0] += sum(1 for seq in s.seqs if seq.num_computed == 0)
         return s
@@ -188,6 +258,7 @@ def main() -> int:
 
     run(args.concurrency, "w")                                  # compile, capture, warm caches
     measuring[0] = True
+    split.on = args.host_split
     before = engine.stats()
     wall, tokens = run(args.requests, "m")
     after = engine.stats()
@@ -196,7 +267,8 @@ def main() -> int:
     print(f"concurrency {args.concurrency}, {args.requests} requests x {args.max_tokens} tokens, stagger "
           f"{args.stagger_ms} ms, think {args.think_ms} ms: {tokens / wall:.0f} tokens/s, "
           f"{(after.steps - before.steps) / wall:.0f} steps/s, graph steps {after.graph_steps - before.graph_steps}, "
-          f"mixed-step graph steps {after.mixed_graph_steps - before.mixed_graph_steps}")
+          f"mixed-step graph steps {after.mixed_graph_steps - before.mixed_graph_steps} (whole-step "
+          f"{after.whole_graph_steps - before.whole_graph_steps})")
     for name, (n, s) in kinds.items():
         if n:
             print(f"  {name} steps: {n}, {1e3 * s / n:.2f} ms each, {100 * s / wall:.0f} % of the wall time")
@@ -206,6 +278,8 @@ def main() -> int:
         print(f"cProfile of the {len(profiles)} steps with prompt tokens (inflated by the profiler):")
         pstats.Stats(*profiles).sort_stats("tottime").print_stats(35)
         pstats.Stats(*profiles).sort_stats("cumulative").print_stats(40)
+    if args.host_split:
+        split.report(kinds)
     tracer.report(args.trace_out)
     return 0
 

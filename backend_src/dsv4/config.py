@@ -313,6 +313,8 @@ class EngineConfig:
     cuda_graph_max_batch: int | None = None  # largest decode batch captured; None: max_num_seqs
     cuda_graph_max_tokens: int | None = None  # largest step with prompt tokens captured (piecewise, see
                                              # engine.mixed_graphs); None: min(1024, max_num_batched_tokens); 0: off
+    cuda_graph_full_max_tokens: int = 256    # steps with prompt tokens up to this many tokens replay one graph of
+                                             # the whole step instead of pieces around eager attention; 0: pieces only
     async_scheduling: bool = True            # decode steps launch before the host reads the previous step's tokens
     max_waiting_steps: int | None = None     # decode steps a new request may wait so that prefills run together;
                                              # None: 8 when decode steps replay CUDA graphs, else 0 (admit at once)
@@ -346,6 +348,8 @@ class EngineConfig:
         need(self.cuda_graph_max_tokens is None or (isinstance(self.cuda_graph_max_tokens, int)
                                                     and self.cuda_graph_max_tokens >= 0),
              "cuda_graph_max_tokens", f"must be an integer >= 0 or None, got {self.cuda_graph_max_tokens!r}")
+        need(isinstance(self.cuda_graph_full_max_tokens, int) and self.cuda_graph_full_max_tokens >= 0,
+             "cuda_graph_full_max_tokens", f"must be an integer >= 0, got {self.cuda_graph_full_max_tokens!r}")
         need(self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be positive")
         need(self.max_waiting_steps is None or (isinstance(self.max_waiting_steps, int) and self.max_waiting_steps >= 0),
              "max_waiting_steps", f"must be an integer >= 0 or None, got {self.max_waiting_steps!r}")

@@ -204,11 +204,13 @@ def test_staggered_arrivals_run_mixed_steps_from_graphs_without_errors(small3, p
         e.shutdown()
 
 
-@pytest.mark.parametrize("graph_compressor", [False, True], ids=["compressor-eager", "compressor-in-graphs"])
-def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3, graph_compressor):
+@pytest.mark.parametrize("graph_compressor,whole", [(False, 0), (True, 0), (True, 64), (True, 256)],
+                         ids=["compressor-eager", "compressor-in-graphs", "whole-up-to-64", "whole-everywhere"])
+def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3, graph_compressor, whole):
     """Lockstep, same model, two caches: prefill chunks next to decode rows in several buckets, padding rows
     scrambled before each step; logits and compressed caches agree (BF16, padded GEMM M: loose tolerance). With
-    `graph_compressor` the compressors run inside the captured pieces from fixed-size padded plans."""
+    `graph_compressor` the compressors run inside the captured pieces from fixed-size padded plans; buckets up to
+    `whole` tokens replay the whole step as one graph (per-token decode tables, MixedInputs)."""
     from dsv4.checkpoint.loader import load_checkpoint
     from dsv4.engine.kv_cache import KVCache
     from dsv4.engine.mixed_graphs import MixedGraphs
@@ -228,7 +230,8 @@ def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3, graph
         graphs = None
         if mixed:
             graphs = MixedGraphs(model, cache.layers, dev, [16, 64, 128, 192, 256],
-                                 graph_compressor=graph_compressor)
+                                 graph_compressor=graph_compressor, whole_max_tokens=whole, max_model_len=2048,
+                                 block_size=128, max_rows=6)
             graphs.prepare()
         runners.append(ModelRunner(model, cache, dev, 2048, mixed=graphs))
     plain, mixed = runners
@@ -269,6 +272,7 @@ def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3, graph
             for ss in seqs:
                 ss[k].output_ids.append(tok)
     assert mixed.mixed_graph_steps == 4
+    assert mixed.whole_graph_steps == {0: 0, 64: 1, 256: 4}[whole]      # buckets 128, 64, 192, 192
     for lp, lm in zip(plain.cache.layers, mixed.cache.layers):
         for name in ("comp_kv", "index_k", "comp_carry_kv", "index_carry_kv"):
             a, b = getattr(lp, name), getattr(lm, name)

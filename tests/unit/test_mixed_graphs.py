@@ -28,7 +28,7 @@ def model(tiny_checkpoint):
     return cpu_model(tiny_checkpoint, MAX_LEN)
 
 
-def new_runner(model, mixed: bool, graph_compressor: bool = False) -> ModelRunner:
+def new_runner(model, mixed: bool, graph_compressor: bool = False, whole_max_tokens: int = 0) -> ModelRunner:
     cache = KVCache(model.cfg, num_blocks=24, block_size=128, max_seqs=6, device=torch.device("cpu"),
                     dtype=torch.float32)
     for t in [cache.window_kv] + [t for lc in cache.layers for t in (lc.comp_kv, lc.index_k) if t is not None]:
@@ -36,7 +36,8 @@ def new_runner(model, mixed: bool, graph_compressor: bool = False) -> ModelRunne
     graphs = None
     if mixed:
         graphs = MixedGraphs(model, cache.layers, torch.device("cpu"), SIZES, capture=False,
-                             graph_compressor=graph_compressor)
+                             graph_compressor=graph_compressor, whole_max_tokens=whole_max_tokens,
+                             max_model_len=MAX_LEN, block_size=128, max_rows=6)
         graphs.prepare()
     return ModelRunner(model, cache, torch.device("cpu"), MAX_LEN, mixed=graphs)
 
@@ -46,7 +47,8 @@ def scramble_padding(runner: ModelRunner, g: torch.Generator) -> None:
     for b in runner.mixed._buckets.values():
         b.token_ids.copy_(torch.randint(0, runner.model.cfg.vocab_size, b.token_ids.shape, generator=g))
         b.positions.copy_(torch.randint(0, MAX_LEN, b.positions.shape, generator=g))
-        b.o.normal_(generator=g)
+        if b.o is not None:
+            b.o.normal_(generator=g)
 
 
 def run_step(runner: ModelRunner, seqs: list[Seq], num_tokens: list[int]) -> torch.Tensor:
@@ -66,16 +68,20 @@ def test_token_buckets_cover_up_to_the_limit_with_kernel_path_boundaries():
         token_buckets(0)
 
 
-@pytest.mark.parametrize("graph_compressor", [False, True], ids=["compressor-eager", "compressor-in-pieces"])
-def test_mixed_steps_through_buckets_equal_the_plain_forward(model, graph_compressor):
+@pytest.mark.parametrize("graph_compressor,whole_max_tokens", [(False, 0), (True, 0), (True, 64), (True, 192)],
+                         ids=["compressor-eager", "compressor-in-pieces", "whole-up-to-64", "whole-everywhere"])
+def test_mixed_steps_through_buckets_equal_the_plain_forward(model, graph_compressor, whole_max_tokens):
     """Prefill chunks next to decode rows, sizes in several buckets, chunked prompts crossing compressed-window
     closings; padding rows scrambled before every step. With the compressors inside the pieces, their padded plans
-    must write exactly what the plain plan writes (padding writes are no-ops)."""
+    must write exactly what the plain plan writes (padding writes are no-ops). Whole-step buckets describe the step
+    one row per token through the decode tables: a prompt token reads its sequence's cache up to its own position,
+    this step's rows included, exactly as the prefill path does."""
     g = torch.Generator().manual_seed(11)
     V = model.cfg.vocab_size
     prompts = {name: torch.randint(2, V, (n,), generator=g).tolist()
                for name, n in (("a", 125), ("b", 3), ("c", 40), ("d", 300), ("e", 9))}
-    plain, mixed = new_runner(model, mixed=False), new_runner(model, mixed=True, graph_compressor=graph_compressor)
+    plain = new_runner(model, mixed=False)
+    mixed = new_runner(model, mixed=True, graph_compressor=graph_compressor, whole_max_tokens=whole_max_tokens)
     seqs = {r: {k: Seq(k, list(p)) for k, p in prompts.items()} for r in ("plain", "mixed")}
     # (sequence, tokens) per step: None = one decode token
     schedule = [
@@ -86,7 +92,7 @@ def test_mixed_steps_through_buckets_equal_the_plain_forward(model, graph_compre
         [("a", None), ("b", None), ("c", None), ("d", None), ("e", None)],  # decode only: not a mixed step
         [("a", None), ("b", None), ("c", None), ("d", None), ("e", None)],
     ]
-    steps_before = mixed.mixed_graph_steps
+    steps_before, whole_before = mixed.mixed_graph_steps, mixed.whole_graph_steps
     for plan in schedule:
         scramble_padding(mixed, g)
         out = {}
@@ -102,6 +108,8 @@ def test_mixed_steps_through_buckets_equal_the_plain_forward(model, graph_compre
             for r in ("plain", "mixed"):
                 seqs[r][k].output_ids.append(tok)
     assert mixed.mixed_graph_steps - steps_before == 4          # the four steps with prompt tokens
+    # buckets 128, 64, 192, 192: whole up to 64 takes one of them, whole everywhere all four
+    assert mixed.whole_graph_steps - whole_before == {0: 0, 64: 1, 192: 4}[whole_max_tokens]
     for lp, lm in zip(plain.cache.layers, mixed.cache.layers):    # and the caches hold the same entries
         for name in ("comp_kv", "index_k", "comp_carry_kv", "index_carry_kv"):
             a, b = getattr(lp, name), getattr(lm, name)
@@ -140,3 +148,30 @@ def test_a_piece_that_replays_differently_from_its_eager_run_disables_the_graphs
     with pytest.raises(RuntimeError, match="replays differently from its eager run"):
         graphs.prepare()
     assert graphs.bucket(10) is None                 # nothing left to replay: those steps run eagerly
+
+
+def test_mixed_inputs_give_every_token_its_sequence_and_pad_with_row_zero(model):
+    """MixedInputs (whole-step buckets): one decode-style row per token with its sequence's block tables, the
+    window slot of its own position, the last token of each sampling sequence as a logits row, and padding rows
+    that repeat row 0 (so they write what row 0 writes)."""
+    from dsv4.engine.decode_inputs import LOGITS_ROW, POSITION, SLOT, STATE, TOKEN, MixedInputs
+
+    cache = KVCache(model.cfg, num_blocks=8, block_size=128, max_seqs=4, device=torch.device("cpu"),
+                    dtype=torch.float32)
+    a, b = Seq("a", list(range(2, 202))), Seq("b", [5, 6, 7], output_ids=[9], num_computed=3)
+    for s, n in ((a, 150), (b, 1)):
+        cache.add(s.request_id)
+        cache.grow(s.request_id, s.num_computed + n)
+    x = MixedInputs.build([a, b], [150, 1], cache, padded=160, width=8)
+    assert x.num_tokens == 151 and x.sampling == [1]                 # a's chunk ends mid-prompt: only b samples
+    assert x.i64[TOKEN, :151].tolist() == list(range(2, 152)) + [9]
+    assert x.i64[POSITION, :151].tolist() == list(range(150)) + [3]
+    want_slots = cache.window_slots("a", 0, 150) + cache.window_slots("b", 3, 4)
+    assert x.i64[SLOT, :151].tolist() == want_slots
+    assert set(x.i64[STATE, :150].tolist()) == {cache.slot("a")} and x.i64[STATE, 150] == cache.slot("b")
+    assert x.i64[LOGITS_ROW].tolist() == [150] + [0] * 159
+    table_a = cache.window.block_table("a")
+    assert x.i32[0, 149, :len(table_a)].tolist() == table_a and (x.i32[0, 149, len(table_a):] == -1).all()
+    assert (x.i64[:LOGITS_ROW, 151:] == x.i64[:LOGITS_ROW, :1]).all() and (x.i32[:, 151:] == x.i32[:, :1]).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        MixedInputs.build([a, b], [150, 1], cache, padded=128, width=8)

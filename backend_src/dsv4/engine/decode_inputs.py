@@ -18,7 +18,7 @@ from dsv4.engine.kv_cache import KVCache
 from dsv4.engine.request import Sequence
 from dsv4.ops.base import DecodeTables, ForwardBatch
 
-TOKEN, POSITION, SLOT, STATE = range(4)
+TOKEN, POSITION, SLOT, STATE, LOGITS_ROW = range(5)
 
 
 @dataclass
@@ -52,6 +52,62 @@ class DecodeInputs:
         while no request holds any block (the writes land in free blocks that their next owner overwrites before
         reading, and `KVCache.add` clears the state slot)."""
         return cls(np.zeros((4, padded), dtype=np.int64), np.zeros((2, padded, width), dtype=np.int32), padded)
+
+
+@dataclass
+class MixedInputs:
+    """A step with prompt tokens in DecodeInputs' layout, one row per token instead of per sequence: each token
+    carries its own copy of its sequence's block tables, so the decode path of every op (a token reads its
+    sequence's cache up to its own position) serves prefill chunks too, and one CUDA graph per token bucket replays
+    the whole step (engine.mixed_graphs). `i64` has a fifth row: the token rows whose logits are needed, first
+    `len(sampling)` entries, the rest 0. Padding token rows repeat row 0 (as in DecodeInputs). `plan_batch` holds
+    the host lists the compressor index plan is built from."""
+
+    i64: np.ndarray             # [5, S]
+    i32: np.ndarray             # [2, S, W]
+    num_tokens: int             # real token rows
+    sampling: list[int]         # indices into the step's sequences whose last token is computed now
+    plan_batch: ForwardBatch    # host description (its tensors are the device inputs' views: set by the caller)
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], num_tokens: list[int], cache: KVCache, padded: int,
+              width: int) -> "MixedInputs":
+        B, bs = len(seqs), cache.block_size
+        ids = [seq.request_id for seq in seqs]
+        n = np.asarray(num_tokens, dtype=np.int64)
+        c = np.asarray([seq.num_computed for seq in seqs], dtype=np.int64)
+        T = int(n.sum())
+        if T > padded:
+            raise ValueError(f"a step of {T} tokens does not fit {padded} rows")
+        swa_lens, swa = cache.window.flat_block_tables(ids)
+        comp_lens, comp = cache.compressed.flat_block_tables(ids)
+        tables = np.full((2, B, width), -1, dtype=np.int32)
+        tables[np.arange(width) < np.array([swa_lens, comp_lens])[..., None]] = swa + comp
+        owner = np.repeat(np.arange(B), n)
+        starts = np.cumsum(n) - n
+        pos = np.arange(T) + np.repeat(c - starts, n)
+        tokens: list[int] = []
+        for seq, k, m in zip(seqs, c.tolist(), num_tokens):
+            tokens += seq.all_ids[k:k + m]
+        done = (c + n) == np.asarray([seq.num_tokens for seq in seqs])
+        sampling = np.flatnonzero(done)
+        i64 = np.zeros((5, padded), dtype=np.int64)
+        i64[TOKEN, :T] = tokens
+        i64[POSITION, :T] = pos
+        i64[SLOT, :T] = tables[0, owner, pos // bs].astype(np.int64) * bs + pos % bs
+        state = cache.slots(ids)
+        i64[STATE, :T] = np.asarray(state, dtype=np.int64)[owner]
+        i64[LOGITS_ROW, :sampling.shape[0]] = (starts + n - 1)[sampling]
+        i32 = np.empty((2, padded, width), dtype=np.int32)
+        i32[:, :T] = tables[:, owner]
+        if padded > T:
+            i64[:LOGITS_ROW, T:] = i64[:LOGITS_ROW, :1]
+            i32[:, T:] = i32[:, :1]
+        plan_batch = ForwardBatch(token_ids=None, positions=None, query_start=[0, *np.cumsum(n).tolist()],
+                                  context_lens=c.tolist(), state_slots=state,
+                                  swa_block_tables=[], comp_block_tables=tables[1], swa_slot_mapping=None,
+                                  logits_indices=None)
+        return cls(i64, i32, T, sampling.tolist(), plan_batch)
 
 
 @dataclass

@@ -64,7 +64,8 @@ class EngineStats:
     num_preemptions: int
     steps: int
     graph_steps: int = 0           # decode steps replayed from a CUDA graph
-    mixed_graph_steps: int = 0     # steps with prompt tokens run through piecewise CUDA graphs
+    mixed_graph_steps: int = 0     # steps with prompt tokens run through CUDA graphs (piecewise or whole)
+    whole_graph_steps: int = 0     # of those, steps replayed as one graph (cuda_graph_full_max_tokens)
     overlapped_steps: int = 0      # steps launched before the previous step's tokens were read
     cuda_graph_sizes: tuple[int, ...] = ()
 
@@ -145,7 +146,9 @@ class Engine:
         limit = min(1024, config.max_num_batched_tokens) if limit is None else min(limit, config.max_num_batched_tokens)
         if limit == 0:
             return None
-        graphs = MixedGraphs(self.model, self.cache.layers, self.device, token_buckets(limit))
+        graphs = MixedGraphs(self.model, self.cache.layers, self.device, token_buckets(limit),
+                             whole_max_tokens=config.cuda_graph_full_max_tokens, max_model_len=config.max_model_len,
+                             block_size=config.block_size, max_rows=config.max_num_seqs)
         try:
             graphs.prepare()
         except Exception as e:  # noqa: BLE001 - serving eagerly beats not serving
@@ -191,6 +194,7 @@ class Engine:
                                kv_blocks_in_use=self.cache.blocks_in_use, kv_blocks_total=self.cache.blocks_total,
                                num_preemptions=self.scheduler.num_preemptions, steps=self._steps,
                                graph_steps=self.runner.graph_steps, mixed_graph_steps=self.runner.mixed_graph_steps,
+                               whole_graph_steps=self.runner.whole_graph_steps,
                                overlapped_steps=self._overlapped_steps,
                                cuda_graph_sizes=tuple(self.runner.graphs.sizes) if self.runner.graphs else ())
 

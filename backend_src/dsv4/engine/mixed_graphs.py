@@ -25,6 +25,18 @@ them), shared by all buckets at the largest bucket's size; the static inputs are
 graphs hold two pieces' outputs plus the pool of intermediates. (The first version kept every piece's outputs of
 every bucket: 842 MiB for `small`'s 10 buckets on the H100, ~18 GB estimated for V4-Flash's 44 pieces.)
 
+Whole-step buckets (`whole_max_tokens`, the engine's `cuda_graph_full_max_tokens`, default 256): a step is a
+decode step whose rows happen to share sequences. `MixedInputs` gives every token its own row of DecodeInputs'
+layout (token, position, window slot, state slot) with its own copy of its sequence's block tables, and the decode
+path of every op is per row: the window write goes to the token's slot, the indexer and the attention read the
+token's sequence up to the token's own position (so this step's earlier rows of that sequence too, written by the
+window write and the in-graph compressors before any read), with launch plans sized for max_model_len. So the
+whole step, attention included, is one graph per bucket, and the host's share of a step is building the inputs and
+the compressor plans and one copy. Padding rows repeat row 0 (they write what row 0 writes); the compressor plans
+are padded as above. On the H100 at c = 32 under staggered arrivals this took a `small` mixed step from 7.1-7.6 to
+4.0-5.0 ms (docs/PERF.md session 24). Larger steps keep the pieces: the indexer and attention plans of the decode
+path grow with the token count times max_model_len.
+
 `capture=False` runs the same pieces eagerly through the same static buffers (CPU tests of the padding and the
 wiring; graph-free debugging).
 
@@ -44,10 +56,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from dsv4.engine.cuda_graphs import smallest_prepared
-from dsv4.engine.decode_inputs import upload
+from dsv4.engine.decode_inputs import LOGITS_ROW, POSITION, TOKEN, MixedInputs, decode_batch, upload
 from dsv4.errors import ConfigError
 from dsv4.model.deepseek_v4 import AttnInputs, DeepseekV4Model
 from dsv4.ops.base import ForwardBatch, LayerCache
@@ -130,15 +143,36 @@ class _Bucket:
     size: int
     token_ids: Tensor                        # [size] long, static input (a view of the shared buffer)
     positions: Tensor                        # [size] long
-    o: Tensor                                # [size, H, head_dim]: the attention output piece k+1 reads
+    o: Tensor | None                         # [size, H, head_dim]: the attention output piece k+1 reads
     pieces: list[_Piece] = field(default_factory=list)
     plans: dict[tuple, _StaticPlan] = field(default_factory=dict)   # graph_compressor: memo key -> plan
     compress_batch: ForwardBatch | None = None                      # what the captured compressors see
+    whole: "_Whole | None" = None                                   # set: one graph of the whole step
+
+
+@dataclass
+class _Whole:
+    """A bucket whose whole step is one graph: static inputs in MixedInputs' layout, logits of the first `rows`
+    entries of the logits-row input. Every input (the two tables and the compressor plans) lives in one device
+    buffer that one copy fills from a pinned host twin (a copy from a fresh pinned tensor cost ~90 us of host
+    time each on the H100 machine, four a step)."""
+
+    buf: Tensor                              # int64 device: i64 | i32's words | the plans' flats
+    host: Tensor                             # the same layout in pinned host memory (plain memory on CPU)
+    i64: Tensor                              # [5, size] long (token ids and positions are the bucket's views)
+    i32: Tensor                              # [2, size, W] int32 per-token block tables
+    rows: int
+    plan_at: dict[tuple, int] = field(default_factory=dict)     # plan key -> offset of its flat in buf
+    copied: torch.cuda.Event | None = None   # recorded after the last copy out of `host`
+    run: Callable[[], None] = lambda: None
+    logits: Tensor | None = None             # [rows, vocab] fp32, the graph's static output
+    graph: torch.cuda.CUDAGraph | None = None
 
 
 class MixedGraphs:
     def __init__(self, model: DeepseekV4Model, layers: list[LayerCache], device: torch.device, sizes: list[int],
-                 capture: bool = True, graph_compressor: bool | None = None):
+                 capture: bool = True, graph_compressor: bool | None = None, whole_max_tokens: int = 0,
+                 max_model_len: int = 0, block_size: int = 128, max_rows: int | None = None):
         if capture and device.type != "cuda":
             raise ConfigError("CUDA graphs need a CUDA device")
         self.model, self.layers, self.device = model, layers, device
@@ -154,6 +188,18 @@ class MixedGraphs:
         self._o = torch.zeros((n, cfg.n_heads, cfg.head_dim), dtype=model.dtype, device=device)
         self._buckets: dict[int, _Bucket] = {}
         self.capture_seconds = 0.0
+        # whole-step graphs need the compressors inside the graph (their decode path takes one token per sequence)
+        # and the decode tables' bounds: block tables of max_model_len, launch plans sized for its last position
+        if whole_max_tokens and not graph_compressor:
+            log.warning("whole-step graphs of steps with prompt tokens need the compressors in the graphs "
+                        "(DSV4_GRAPH_COMPRESSOR=0 was set): pieces only")
+            whole_max_tokens = 0
+        if whole_max_tokens and max_model_len < 1:
+            raise ConfigError("whole-step mixed graphs need max_model_len")
+        self.whole_max_tokens = whole_max_tokens
+        self.width = -(-max_model_len // block_size) if max_model_len else 0
+        self.max_position = max_model_len - 1
+        self.max_rows = max_rows
 
     @property
     def max_tokens(self) -> int:
@@ -162,6 +208,11 @@ class MixedGraphs:
     def bucket(self, num_tokens: int) -> int | None:
         """The smallest prepared size that holds num_tokens (None: run the step eagerly)."""
         return smallest_prepared(self.sizes, self._buckets, num_tokens)
+
+    def whole_bucket(self, num_tokens: int) -> int | None:
+        """bucket(), where that bucket replays the whole step as one graph (forward_whole), else None."""
+        size = self.bucket(num_tokens)
+        return size if size is not None and self._buckets[size].whole is not None else None
 
     # --- building --------------------------------------------------------------------------------------------
     def _stages(self, b: _Bucket, k: int, prev: _Piece | None) -> Callable[[], _Piece]:
@@ -184,14 +235,35 @@ class MixedGraphs:
                               post=slots.put(k, "post", post), comb=slots.put(k, "comb", comb))
         return stages
 
-    def _new_bucket(self, size: int) -> _Bucket:
+    def _new_bucket(self, size: int, whole: bool = False) -> _Bucket:
         z = dict(dtype=torch.long, device=self.device)
-        b = _Bucket(size, self._token_ids[:size], self._positions[:size], self._o[:size])
-        if self.graph_compressor:
-            for key, bounds in self._plan_keys(size).items():
-                empty = bounds.empty()
+        bounds = self._plan_keys(size) if self.graph_compressor else {}
+        empties = {key: bb.empty() for key, bb in bounds.items()}
+        if whole:
+            # the dummy inputs of capture: every row position 0 of a sequence owning block 0 and state slot 0
+            # (DecodeInputs.dummy), logits of rows 0; the plans close no window
+            n64, n32 = 5 * size, size * self.width          # 2 * size * width int32 = size * width int64 words
+            plan_at, at = {}, n64 + n32
+            for key, empty in empties.items():
+                plan_at[key] = at
+                at += empty.flat().size
+            host = torch.zeros(at, dtype=torch.long, pin_memory=self.device.type == "cuda")
+            for key, empty in empties.items():
+                host[plan_at[key]:plan_at[key] + empty.flat().size] = torch.from_numpy(empty.flat())
+            buf = host.to(self.device)
+            w = _Whole(buf=buf, host=host, i64=buf[:n64].view(5, size),
+                       i32=buf[n64:n64 + n32].view(torch.int32).view(2, size, self.width),
+                       rows=min(size, self.max_rows or size), plan_at=plan_at)
+            b = _Bucket(size, w.i64[TOKEN], w.i64[POSITION], None, whole=w)
+        else:
+            b = _Bucket(size, self._token_ids[:size], self._positions[:size], self._o[:size])
+        for key, empty in empties.items():
+            if whole:
+                flat = b.whole.buf[b.whole.plan_at[key]:b.whole.plan_at[key] + empty.flat().size]
+            else:
                 flat = torch.from_numpy(empty.flat()).to(self.device)
-                b.plans[key] = _StaticPlan(bounds, flat, empty.views(flat))
+            b.plans[key] = _StaticPlan(bounds[key], flat, empty.views(flat))
+        if self.graph_compressor:
             e = torch.zeros(0, **z)
             b.compress_batch = ForwardBatch(
                 token_ids=b.token_ids, positions=b.positions, query_start=[0, size], context_lens=[0],
@@ -212,9 +284,9 @@ class MixedGraphs:
                         tokens=size, seqs=seqs, ratio=ratio, carry_pool_rows=seqs * rows)
         return keys
 
-    def _load_plans(self, b: _Bucket, batch: ForwardBatch) -> None:
-        """This step's compressor plans, padded to the bucket's bounds, into its static plan buffers."""
-        T = batch.token_ids.shape[0]
+    def _load_plans(self, b: _Bucket, batch: ForwardBatch, T: int) -> None:
+        """This step's compressor plans (of T token rows), padded to the bucket's bounds, into its static plan
+        buffers."""
         for (_, ratio, block_size, rows, _), sp in b.plans.items():
             plan = padded_plan(compress_plan(batch, ratio, block_size, rows), T, sp.bounds)
             upload(sp.flat, torch.from_numpy(plan.flat()))
@@ -227,7 +299,10 @@ class MixedGraphs:
         n = len(self.model.layers) + 1
         reserved0 = torch.cuda.memory_reserved(self.device) if self.captured else 0
         pool = torch.cuda.graph_pool_handle() if self.captured else None
+        whole = [s for s in self.sizes if s <= self.whole_max_tokens]
         for size in reversed(self.sizes):
+            if size in whole:
+                continue
             b = self._new_bucket(size)
             eager: list[list] = []      # digests: the pieces share their output buffers, so no copies are kept
             prev = None
@@ -257,13 +332,83 @@ class MixedGraphs:
                                            f"its eager run (sum {s_got:.6g} vs {s_want:.6g}, abs sum {a_got:.6g} vs "
                                            f"{a_want:.6g}): mixed-step graphs disabled")
             self._buckets[size] = b
+        self._prepare_whole(whole, pool)
         self.capture_seconds = time.monotonic() - t0
         if self.captured:
-            log.info("captured mixed-step CUDA graphs for %d token counts %s (%d pieces each) in %.1f s, %.0f MiB",
-                     len(self._buckets), self.sizes, n, self.capture_seconds,
-                     (torch.cuda.memory_reserved(self.device) - reserved0) / 2**20)
+            log.info("captured mixed-step CUDA graphs for %d token counts %s (whole steps up to %d tokens, %d pieces "
+                     "each above) in %.1f s, %.0f MiB", len(self._buckets), self.sizes, self.whole_max_tokens, n,
+                     self.capture_seconds, (torch.cuda.memory_reserved(self.device) - reserved0) / 2**20)
+
+    def _whole_forward(self, b: _Bucket) -> Tensor:
+        """The whole step of bucket b from its static inputs: compressors through the bucket's padded plans (in
+        attn_in), window writes, indexer and attention through the per-token decode tables."""
+        w, model, layers = b.whole, self.model, self.layers
+        rows = w.i64[LOGITS_ROW, :w.rows]
+        attn_batch = decode_batch(w.i64, w.i32, self.max_position, rows)
+        with torch.no_grad():
+            h = model.embed_tokens(b.token_ids)
+            for k in range(len(model.layers)):
+                a, post, comb = model.attn_in(h, k, b.positions, layers[k], b.compress_batch)
+                o = model.attn_core(a, k, layers[k], attn_batch)
+                h = model.layer_out(o, h, post, comb, k, b.positions, b.token_ids)
+            return model.logits(h, rows)
+
+    def _prepare_whole(self, sizes: list[int], pool) -> None:
+        """Whole-step buckets: every size run eagerly first (largest first: compiles, sizes the shared scratch),
+        then captured, then each replay checked against its eager logits (uncaptured: rerun on every step)."""
+        eager: dict[int, Tensor] = {}
+        buckets = {size: self._new_bucket(size, whole=True) for size in reversed(sizes)}
+        for size, b in buckets.items():
+            eager[size] = self._whole_forward(b).clone()
+        for size, b in buckets.items():
+            w = b.whole
+            if self.captured:
+                torch.cuda.synchronize(self.device)
+                w.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(w.graph, pool=pool):
+                    w.logits = self._whole_forward(b)
+                w.run = w.graph.replay
+            else:
+                w.run = _whole_rerun(self, b)
+        for size, b in buckets.items():
+            b.whole.run()
+            got, want = b.whole.logits, eager[size]
+            if not (torch.isfinite(got).all() and torch.allclose(got, want, rtol=1e-3, atol=1e-3)):
+                self._buckets.clear()
+                raise RuntimeError(f"whole-step mixed graph of {size} tokens replays differently from its eager run "
+                                   f"(max |diff| {(got - want).abs().max().item():.3g}): mixed-step graphs disabled")
+            self._buckets[size] = b
 
     # --- running ---------------------------------------------------------------------------------------------
+    def forward_whole(self, inputs: MixedInputs) -> Tensor:
+        """FP32 logits [len(inputs.sampling), vocab] (a view of the graph's static output: consume it before the
+        next replay) of a step built for a whole-step bucket (MixedInputs.build at whole_bucket()'s size)."""
+        S = inputs.i64.shape[1]
+        b = self._buckets.get(S)
+        if b is None or b.whole is None:
+            raise ValueError(f"no whole-step mixed graph of {S} token rows")
+        w = b.whole
+        if len(inputs.sampling) > w.rows:
+            raise ValueError(f"{len(inputs.sampling)} sampling rows exceed the {w.rows} of the {S}-token graph")
+        if w.copied is not None:
+            w.copied.synchronize()      # the last step's copy out of `host` (done by now: such steps drain first)
+        host = w.host.numpy()
+        n64, n32 = w.i64.numel(), w.i32.numel() // 2
+        host[:n64] = inputs.i64.ravel()
+        host[n64:n64 + n32].view(np.int32)[:] = inputs.i32.ravel()
+        for key, sp in b.plans.items():
+            flat = padded_plan(compress_plan(inputs.plan_batch, key[1], key[2], key[3]), inputs.num_tokens,
+                               sp.bounds).flat()
+            host[w.plan_at[key]:w.plan_at[key] + flat.size] = flat
+        if self.device.type == "cuda":
+            w.buf.copy_(w.host, non_blocking=True)
+            w.copied = torch.cuda.Event()
+            w.copied.record()
+        else:
+            w.buf.copy_(w.host)
+        w.run()
+        return w.logits[:len(inputs.sampling)]
+
     def forward(self, batch: ForwardBatch) -> Tensor:
         """FP32 logits [len(batch.logits_indices), vocab] of a step of at most max_tokens tokens."""
         T = batch.token_ids.shape[0]
@@ -274,7 +419,7 @@ class MixedGraphs:
         b.token_ids[:T].copy_(batch.token_ids)
         b.positions[:T].copy_(batch.positions)
         if b.plans:
-            self._load_plans(b, batch)
+            self._load_plans(b, batch, T)
         model = self.model
         with torch.no_grad():
             for k, piece in enumerate(b.pieces):
@@ -282,6 +427,12 @@ class MixedGraphs:
                 if piece.attn is not None:
                     b.o[:T].copy_(model.attn_core(piece.attn.rows(T), k, self.layers[k], batch))
             return model.logits(b.pieces[-1].h[:T], batch.logits_indices)
+
+
+def _whole_rerun(graphs: MixedGraphs, b: _Bucket) -> Callable[[], None]:
+    def run() -> None:
+        b.whole.logits = graphs._whole_forward(b)
+    return run
 
 
 def _rebinder(piece: _Piece, stages: Callable[[], _Piece]) -> Callable[[], None]:

@@ -7,7 +7,7 @@ import torch
 
 from dsv4.config import ceil_div
 from dsv4.engine.cuda_graphs import DecodeGraphs
-from dsv4.engine.decode_inputs import TOKEN, DecodeInputs, PendingTokens, decode_batch, to_device
+from dsv4.engine.decode_inputs import TOKEN, DecodeInputs, MixedInputs, PendingTokens, decode_batch, to_device
 from dsv4.engine.kv_cache import KVCache
 from dsv4.engine.mixed_graphs import MixedGraphs
 from dsv4.engine.scheduler import ScheduledStep
@@ -18,7 +18,9 @@ from dsv4.ops.base import ForwardBatch
 class ModelRunner:
     """Decode-only steps (one token per sequence) go through `DecodeInputs`: replayed from a CUDA graph when one of
     their size was captured, else run eagerly over the same device-side tables. Steps with prefill tokens build a
-    general ForwardBatch, run through piecewise CUDA graphs (`mixed`) when one holds their token count."""
+    general ForwardBatch, run through piecewise CUDA graphs (`mixed`) when one holds their token count; small ones
+    (`mixed.whole_bucket`) are described like a decode step, one row per token (`MixedInputs`), and replay one
+    graph of the whole step."""
 
     def __init__(self, model: DeepseekV4Model, cache: KVCache, device: torch.device, max_model_len: int,
                  graphs: DecodeGraphs | None = None, mixed: MixedGraphs | None = None):
@@ -29,6 +31,7 @@ class ModelRunner:
         self.graphs, self.mixed = graphs, mixed
         self.graph_steps = 0
         self.mixed_graph_steps = 0
+        self.whole_graph_steps = 0       # of mixed_graph_steps: one graph of the whole step
         self.eager_steps = 0
 
     def build_batch(self, step: ScheduledStep) -> tuple[ForwardBatch, list[int]]:
@@ -92,11 +95,19 @@ class ModelRunner:
         else:
             if pending is not None:
                 raise ValueError("pending device tokens are only taken by decode-only steps")
-            batch, sampling = self.build_batch(step)
-            if self.mixed is not None and self.mixed.bucket(sum(step.num_tokens)) is not None:
+            T = sum(step.num_tokens)
+            whole = self.mixed.whole_bucket(T) if self.mixed is not None else None
+            if whole is not None:
+                inputs = MixedInputs.build(step.seqs, step.num_tokens, self.cache, whole, self.table_width)
+                self.mixed_graph_steps += 1
+                self.whole_graph_steps += 1
+                logits, sampling = self.mixed.forward_whole(inputs), inputs.sampling
+            elif self.mixed is not None and self.mixed.bucket(T) is not None:
+                batch, sampling = self.build_batch(step)
                 self.mixed_graph_steps += 1
                 logits = self.mixed.forward(batch)
             else:
+                batch, sampling = self.build_batch(step)
                 self.eager_steps += 1
                 logits = self.model.forward(batch, self.cache.layers)
         for seq, n in zip(step.seqs, step.num_tokens):

@@ -178,8 +178,11 @@ def compress_plan(batch: ForwardBatch, ratio: int, block_size: int, carry_rows: 
     cur_rows = source(rows, win[:, None]).reshape(-1, ratio)
     prev_rows = source(rows - ratio, win[:, None]).reshape(-1, ratio) if overlap else np.zeros((0, ratio), np.int64)
     tables = batch.comp_block_tables
-    entry_block = np.asarray([tables[live[k]][s // block_size] for k, s in zip(win.tolist(), starts.tolist())],
-                             dtype=np.int64)
+    if isinstance(tables, np.ndarray):         # [B, W] (engine.decode_inputs.MixedInputs)
+        entry_block = tables[live[win], starts // block_size].astype(np.int64)
+    else:
+        entry_block = np.asarray([tables[live[k]][s // block_size] for k, s in zip(win.tolist(), starts.tolist())],
+                                 dtype=np.int64)
     entry_index = (starts % block_size) // ratio
 
     dst, src = [], []

@@ -447,5 +447,7 @@ class TorchOps(Ops):
                 kc = self._entries_by_number(cache.comp_kv, t.comp_block_tables, entries, ratio, bs, rows)
                 lc = torch.einsum("bhd,bkd->bhk", qf, kc) * scale
                 parts_l.append(lc.masked_fill(~seen[:, None, :], -math.inf))
-                parts_v.append(kc)
+                # entries a row cannot see yet may never have been written: weight 0 times whatever they hold
+                # (NaN in a fresh pool) must stay 0
+                parts_v.append(kc.masked_fill(~seen[:, :, None], 0.0))
         return _attend_with_sink(parts_l, parts_v, ["bhk,bkd->bhd"] * len(parts_v), sink).to(q.dtype)

@@ -96,6 +96,7 @@ _ENGINE_PARAMS = {
     "enforce_eager": ("enforce_eager", "DSV4_ENFORCE_EAGER", bool),
     "cuda_graph_max_batch": ("cuda_graph_max_batch", "DSV4_CUDA_GRAPH_MAX_BATCH", int),
     "cuda_graph_max_tokens": ("cuda_graph_max_tokens", "DSV4_CUDA_GRAPH_MAX_TOKENS", int),
+    "cuda_graph_full_max_tokens": ("cuda_graph_full_max_tokens", "DSV4_CUDA_GRAPH_FULL_MAX_TOKENS", int),
     "kv_cache_dtype": ("kv_cache_dtype", "DSV4_KV_CACHE_DTYPE", str),
     "async_scheduling": ("async_scheduling", "DSV4_ASYNC_SCHEDULING", bool),
     "max_waiting_steps": ("max_waiting_steps", "DSV4_MAX_WAITING_STEPS", int),
