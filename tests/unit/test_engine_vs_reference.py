@@ -290,3 +290,39 @@ def test_async_scheduling_changes_no_output(tiny_checkpoint, prompts, expected):
     assert results[False][1][3:5] == ("stop", first_stop)
     assert results[False][4][3] == "stop" and stop_text not in results[False][4][1]
     assert all(-1 not in r[0] for r in results[True])
+
+
+@pytest.mark.parametrize("chunk", [1024, 48], ids=["whole-prompts", "chunked-prefill"])
+def test_requests_arriving_while_others_decode_match_reference(tiny_checkpoint, prompts, expected, chunk):
+    """The server's load shape: each request arrives when the one before it has streamed its third token, so it is
+    admitted next to decoding sequences (run one step ahead of the host) and, with a small token budget, prefilled
+    in chunks beside them. Every stream equals the reference, and no block leaks."""
+    engine = make_engine(tiny_checkpoint, max_num_batched_tokens=chunk)
+    order = [1, 4, 0, 6, 2, 5]
+    tokens: dict[int, list[int]] = {}
+    errors: list[str] = []
+    finished = threading.Semaphore(0)
+
+    def arrive(k: int) -> None:
+        tokens[k] = []
+
+        def on_output(out) -> None:          # on the engine's thread: record, assert in the test
+            if out.error is not None:
+                errors.append(out.error)
+            tokens[k] += out.token_ids
+            if k + 1 < len(order) and len(tokens[k]) >= 3 and (k + 1) not in tokens:
+                arrive(k + 1)
+            if out.finished:
+                finished.release()
+        engine.add_request(f"r{k}", prompt_token_ids=prompts[order[k]], params=greedy(), on_output=on_output)
+
+    try:
+        arrive(0)
+        for _ in order:
+            assert finished.acquire(timeout=120), f"only {len(tokens)} requests started"
+        assert not errors
+        assert tokens == {k: expected[i] for k, i in enumerate(order)}
+        wait_until_idle(engine)
+        assert engine.stats().kv_blocks_in_use == 0
+    finally:
+        engine.shutdown()
