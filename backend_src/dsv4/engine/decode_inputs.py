@@ -60,14 +60,14 @@ class MixedInputs:
     carries its own copy of its sequence's block tables, so the decode path of every op (a token reads its
     sequence's cache up to its own position) serves prefill chunks too, and one CUDA graph per token bucket replays
     the whole step (engine.mixed_graphs). `i64` has a fifth row: the token rows whose logits are needed, first
-    `len(sampling)` entries, the rest 0. Padding token rows repeat row 0 (as in DecodeInputs). `plan_batch` holds
-    the host lists the compressor index plan is built from."""
+    `len(sampling)` entries, the rest 0. Padding token rows repeat row 0 (as in DecodeInputs). `plan_batch` is the
+    host description the compressor index plan is built from (ops.compress_plan reads its lists only)."""
 
     i64: np.ndarray             # [5, S]
     i32: np.ndarray             # [2, S, W]
     num_tokens: int             # real token rows
     sampling: list[int]         # indices into the step's sequences whose last token is computed now
-    plan_batch: ForwardBatch    # host description (its tensors are the device inputs' views: set by the caller)
+    plan_batch: ForwardBatch    # host lists only: tensors None, comp_block_tables the [B, W] array
 
     @classmethod
     def build(cls, seqs: list[Sequence], num_tokens: list[int], cache: KVCache, padded: int,
