@@ -41,7 +41,8 @@ log = logging.getLogger("dsv4.engine")
 
 # Decode steps a request waits (at most) to be admitted with others while CUDA graphs serve the decode steps: a
 # step with prompt tokens cost ~10 decode steps of the `small` model on an H100 eagerly, 3-5 through the piecewise
-# graphs (docs/PERF.md); with those, 0/2/4/8 measured alike at c=32 under desynchronised arrivals and 8 best at c=64
+# graphs (docs/PERF.md); with those, 0/2/4/8 measured alike at c=32 under desynchronised arrivals and 8 best at c=64.
+# Whole-step graphs (session 24) brought such a step to ~2-3 decode steps; not re-tuned since
 AUTO_MAX_WAITING_STEPS = 8
 
 
