@@ -1,6 +1,6 @@
-"""Steps with prompt tokens run piecewise through per-token-count buckets (engine.mixed_graphs) compute what the
-plain forward computes: the same logits and the same cache contents, step after step, whatever the padding rows
-of a bucket hold.
+"""Steps with prompt tokens run through per-token-count buckets (engine.mixed_graphs), piecewise or as one
+whole-step graph, compute what the plain forward computes: the same logits and the same cache contents, step after
+step, whatever the padding rows of a bucket hold.
 
 On CPU the pieces run eagerly through the same static buffers (`capture=False`); tests/gpu/test_cuda_graphs.py
 replays them from captured graphs.
