@@ -33,14 +33,12 @@ class DecodeInputs:
         n, bs = len(seqs), cache.block_size
         ids = [seq.request_id for seq in seqs]
         pos = [seq.num_computed for seq in seqs]
-        swa_lens, swa = cache.window.flat_block_tables(ids)
-        comp_lens, comp = cache.compressed.flat_block_tables(ids)
+        i32 = np.full((2, padded, width), -1, dtype=np.int32)
+        swa_lens, swa = _fill_block_tables(i32[:, :n], cache, ids)
         starts = accumulate(swa_lens, initial=0)           # of each sequence's window table in `swa`
         slots = [swa[s + c // bs] * bs + c % bs for s, c in zip(starts, pos)]
         i64 = np.empty((4, padded), dtype=np.int64)
         i64[:, :n] = [[seq.token_at(c) for seq, c in zip(seqs, pos)], pos, slots, cache.slots(ids)]
-        i32 = np.full((2, padded, width), -1, dtype=np.int32)
-        i32[:, :n][np.arange(width) < np.array([swa_lens, comp_lens])[..., None]] = swa + comp
         if padded > n:
             i64[:, n:] = i64[:, :1]
             i32[:, n:] = i32[:, :1]
@@ -52,6 +50,15 @@ class DecodeInputs:
         while no request holds any block (the writes land in free blocks that their next owner overwrites before
         reading, and `KVCache.add` clears the state slot)."""
         return cls(np.zeros((4, padded), dtype=np.int64), np.zeros((2, padded, width), dtype=np.int32), padded)
+
+
+def _fill_block_tables(out: np.ndarray, cache: KVCache, ids: list) -> tuple[list[int], list[int]]:
+    """Write the window and compressed block tables of sequences `ids` into the rows of `out` [2, len(ids), W]
+    (prefilled with -1) in one numpy write; -> (window table lengths, window tables end to end)."""
+    swa_lens, swa = cache.window.flat_block_tables(ids)
+    comp_lens, comp = cache.compressed.flat_block_tables(ids)
+    out[np.arange(out.shape[-1]) < np.array([swa_lens, comp_lens])[..., None]] = swa + comp
+    return swa_lens, swa
 
 
 @dataclass
@@ -79,10 +86,8 @@ class MixedInputs:
         T = int(n.sum())
         if T > padded:
             raise ValueError(f"a step of {T} tokens does not fit {padded} rows")
-        swa_lens, swa = cache.window.flat_block_tables(ids)
-        comp_lens, comp = cache.compressed.flat_block_tables(ids)
         tables = np.full((2, B, width), -1, dtype=np.int32)
-        tables[np.arange(width) < np.array([swa_lens, comp_lens])[..., None]] = swa + comp
+        _fill_block_tables(tables, cache, ids)
         owner = np.repeat(np.arange(B), n)
         starts = np.cumsum(n) - n
         pos = np.arange(T) + np.repeat(c - starts, n)

@@ -284,12 +284,18 @@ class MixedGraphs:
                         tokens=size, seqs=seqs, ratio=ratio, carry_pool_rows=seqs * rows)
         return keys
 
+    @staticmethod
+    def _padded_plans(b: _Bucket, batch: ForwardBatch, T: int):
+        """(plan key, static plan, flat host array) of this step's compressor plans (of T token rows), padded to
+        the bucket's bounds."""
+        for key, sp in b.plans.items():
+            _, ratio, block_size, rows, _ = key
+            yield key, sp, padded_plan(compress_plan(batch, ratio, block_size, rows), T, sp.bounds).flat()
+
     def _load_plans(self, b: _Bucket, batch: ForwardBatch, T: int) -> None:
-        """This step's compressor plans (of T token rows), padded to the bucket's bounds, into its static plan
-        buffers."""
-        for (_, ratio, block_size, rows, _), sp in b.plans.items():
-            plan = padded_plan(compress_plan(batch, ratio, block_size, rows), T, sp.bounds)
-            upload(sp.flat, torch.from_numpy(plan.flat()))
+        """This step's padded compressor plans into the bucket's static plan buffers."""
+        for _, sp, flat in self._padded_plans(b, batch, T):
+            upload(sp.flat, torch.from_numpy(flat))
 
     def prepare(self) -> None:
         """For each bucket, largest first: run its stages eagerly (compiles kernels, sizes the shared scratch and
@@ -396,9 +402,7 @@ class MixedGraphs:
         n64, n32 = w.i64.numel(), w.i32.numel() // 2
         host[:n64] = inputs.i64.ravel()
         host[n64:n64 + n32].view(np.int32)[:] = inputs.i32.ravel()
-        for key, sp in b.plans.items():
-            flat = padded_plan(compress_plan(inputs.plan_batch, key[1], key[2], key[3]), inputs.num_tokens,
-                               sp.bounds).flat()
+        for key, _, flat in self._padded_plans(b, inputs.plan_batch, inputs.num_tokens):
             host[w.plan_at[key]:w.plan_at[key] + flat.size] = flat
         if self.device.type == "cuda":
             w.buf.copy_(w.host, non_blocking=True)
