@@ -131,6 +131,66 @@ class HostSplit:
                     print(f"  {kind:7s} {ms / n:7.3f}  {self.calls[(k, label)] / n:5.1f}  {label}")
 
 
+def closed_loop(engine, args, params, total: int, tag: str) -> tuple[float, int]:
+    """`total` requests from args.concurrency clients started args.stagger_ms apart, each resubmitting
+    args.think_ms after its request finishes -> (wall seconds, tokens streamed)."""
+    lock = threading.Lock()
+    state = {"submitted": 0, "finished": 0, "tokens": 0}
+    done = threading.Event()
+
+    def submit() -> None:
+        with lock:
+            if state["submitted"] >= total:
+                return
+            i = state["submitted"]
+            state["submitted"] += 1
+        engine.add_request(f"{tag}{i}", prompt=PROMPT, params=params, on_output=on_output)
+
+    def on_output(out):
+        if out.token_ids:
+            with lock:
+                state["tokens"] += len(out.token_ids)
+        if out.finished:
+            with lock:
+                state["finished"] += 1
+                if state["finished"] == total:
+                    done.set()
+            threading.Timer(args.think_ms / 1e3, submit).start()
+
+    t0 = time.perf_counter()
+    for c in range(args.concurrency):
+        threading.Timer(c * args.stagger_ms / 1e3, submit).start()
+    done.wait(1800)
+    return time.perf_counter() - t0, state["tokens"]
+
+
+def describe(args, wall: float, tokens: int, before, after) -> str:
+    return (f"concurrency {args.concurrency}, {args.requests} requests x {args.max_tokens} tokens, stagger "
+            f"{args.stagger_ms} ms, think {args.think_ms} ms: {tokens / wall:.0f} tokens/s, "
+            f"{(after.steps - before.steps) / wall:.0f} steps/s, graph steps {after.graph_steps - before.graph_steps}, "
+            f"mixed-step graph steps {after.mixed_graph_steps - before.mixed_graph_steps} (whole-step "
+            f"{after.whole_graph_steps - before.whole_graph_steps}), steps with prompt tokens run ahead "
+            f"{after.overlapped_prompt_steps - before.overlapped_prompt_steps}")
+
+
+def engine_process_load(config, args, params) -> int:
+    """The same load against the engine in its own process, as model.py serves it: the prompts are tokenised and
+    the clients woken in this process, so the engine's thread shares its interpreter with nothing else. Only the
+    engine's counters cross the process boundary, so this reports throughput and step counts, not step times."""
+    from dsv4.engine.process import EngineProcess
+
+    engine = EngineProcess(config)
+    try:
+        closed_loop(engine, args, params, args.concurrency, "w")
+        before = engine.stats()
+        wall, tokens = closed_loop(engine, args, params, args.requests, "m")
+        after = engine.stats()
+    finally:
+        engine.shutdown()
+    print("engine process:", describe(args, wall, tokens, before, after))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "demo"))
@@ -145,6 +205,11 @@ def main() -> int:
     ap.add_argument("--cuda-graph-max-tokens", type=int, default=None, help="0: steps with prompt tokens eager")
     ap.add_argument("--cuda-graph-full-max-tokens", type=int, default=None,
                     help="steps with prompt tokens up to this many replay one whole-step graph (0: pieces only)")
+    ap.add_argument("--sync-prefill", action="store_true",
+                    help="steps with prompt tokens wait for the previous step's tokens (async_prefill off)")
+    ap.add_argument("--engine-process", action="store_true",
+                    help="run the engine in its own process, as the Triton model does (throughput and step counts "
+                         "only)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--host-split", action="store_true")
     ap.add_argument("--trace-steps", type=int, default=0)
@@ -155,12 +220,15 @@ def main() -> int:
     from dsv4.engine.engine import Engine
     from dsv4.engine.params import SamplingParams
 
-    engine = Engine(EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
-                                 max_num_seqs=args.concurrency, max_waiting_steps=args.max_waiting_steps,
-                                 cuda_graph_max_tokens=args.cuda_graph_max_tokens,
-                                 **({} if args.cuda_graph_full_max_tokens is None else
-                                    {"cuda_graph_full_max_tokens": args.cuda_graph_full_max_tokens})))
+    config = EngineConfig(checkpoint=args.checkpoint, device=args.device, ops_backend=args.backend,
+                          max_num_seqs=args.concurrency, max_waiting_steps=args.max_waiting_steps,
+                          cuda_graph_max_tokens=args.cuda_graph_max_tokens, async_prefill=not args.sync_prefill,
+                          **({} if args.cuda_graph_full_max_tokens is None else
+                             {"cuda_graph_full_max_tokens": args.cuda_graph_full_max_tokens}))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    if args.engine_process:
+        return engine_process_load(config, args, params)
+    engine = Engine(config)
 
     split = HostSplit()
     if args.host_split:
@@ -184,7 +252,7 @@ def main() -> int:
             stages += [(runner.mixed, "forward", "mixed.forward"), (runner.mixed, "_load_plans", "mixed._load_plans"),
                        (runner.mixed, "forward_whole", "mixed.forward_whole"),
                        (MixedInputs, "build", "MixedInputs.build"),
-                       (mixed_graphs, "compress_plan", "compress_plan"), (mixed_graphs, "padded_plan", "padded_plan"),
+                       (mixed_graphs, "compress_plan", "compress_plan"), (mixed_graphs, "padded_flat", "padded_flat"),
                        (mixed_graphs, "upload", "mixed_graphs.upload")]
         for obj, attr, label in stages:
             split.wrap(obj, attr, label)
@@ -226,36 +294,7 @@ def main() -> int:
     engine.scheduler.schedule = tracked_schedule
     engine._step = timed_step
 
-    def run(total: int, tag: str) -> tuple[float, int]:
-        lock = threading.Lock()
-        state = {"submitted": 0, "finished": 0, "tokens": 0}
-        done = threading.Event()
-
-        def submit() -> None:
-            with lock:
-                if state["submitted"] >= total:
-                    return
-                i = state["submitted"]
-                state["submitted"] += 1
-            engine.add_request(f"{tag}{i}", prompt=PROMPT, params=params, on_output=on_output)
-
-        def on_output(out):
-            if out.token_ids:
-                with lock:
-                    state["tokens"] += len(out.token_ids)
-            if out.finished:
-                with lock:
-                    state["finished"] += 1
-                    if state["finished"] == total:
-                        done.set()
-                threading.Timer(args.think_ms / 1e3, submit).start()
-
-        t0 = time.perf_counter()
-        for c in range(args.concurrency):
-            threading.Timer(c * args.stagger_ms / 1e3, submit).start()
-        done.wait(1800)
-        return time.perf_counter() - t0, state["tokens"]
-
+    run = lambda total, tag: closed_loop(engine, args, params, total, tag)      # noqa: E731
     run(args.concurrency, "w")                                  # compile, capture, warm caches
     measuring[0] = True
     split.on = args.host_split
@@ -264,11 +303,7 @@ def main() -> int:
     after = engine.stats()
     measuring[0] = False
     engine.shutdown()
-    print(f"concurrency {args.concurrency}, {args.requests} requests x {args.max_tokens} tokens, stagger "
-          f"{args.stagger_ms} ms, think {args.think_ms} ms: {tokens / wall:.0f} tokens/s, "
-          f"{(after.steps - before.steps) / wall:.0f} steps/s, graph steps {after.graph_steps - before.graph_steps}, "
-          f"mixed-step graph steps {after.mixed_graph_steps - before.mixed_graph_steps} (whole-step "
-          f"{after.whole_graph_steps - before.whole_graph_steps})")
+    print(describe(args, wall, tokens, before, after))
     for name, (n, s) in kinds.items():
         if n:
             print(f"  {name} steps: {n}, {1e3 * s / n:.2f} ms each, {100 * s / wall:.0f} % of the wall time")

@@ -316,6 +316,8 @@ class EngineConfig:
     cuda_graph_full_max_tokens: int = 256    # steps with prompt tokens up to this many tokens replay one graph of
                                              # the whole step instead of pieces around eager attention; 0: pieces only
     async_scheduling: bool = True            # decode steps launch before the host reads the previous step's tokens
+    async_prefill: bool = True               # ... and so do steps with prompt tokens (admissions, prefill chunks):
+                                             # their decode rows take the pending tokens on the device
     max_waiting_steps: int | None = None     # decode steps a new request may wait so that prefills run together;
                                              # None: 8 when decode steps replay CUDA graphs, else 0 (admit at once)
     waiting_served_ratio: float = 0.25       # ... unless this many waiting per running request

@@ -37,7 +37,7 @@ def prefill(runner: ModelRunner, seqs: list[Seq]) -> list[int]:
     for s in seqs:
         runner.cache.add(s.request_id)
         runner.cache.grow(s.request_id, s.num_tokens)
-    logits, _ = runner.execute(ScheduledStep(seqs=seqs, num_tokens=[s.num_tokens for s in seqs]))
+    logits = runner.execute(ScheduledStep(seqs=seqs, num_tokens=[s.num_tokens for s in seqs])).logits
     return logits.argmax(-1).tolist()
 
 
@@ -91,6 +91,6 @@ def test_runner_routes_decode_only_steps_through_the_decode_path(model):
     for s in seqs:
         s.output_ids.append(3)
         runner.cache.grow(s.request_id, s.num_tokens)
-    logits, sampling = runner.execute(ScheduledStep(seqs=seqs, num_tokens=[1, 1]))
+    logits, sampling, _ = runner.execute(ScheduledStep(seqs=seqs, num_tokens=[1, 1]))
     assert sampling == [0, 1] and logits.shape == (2, model.cfg.vocab_size)
     assert runner.eager_steps == eager_before + 1 and runner.graph_steps == 0   # no graphs on CPU

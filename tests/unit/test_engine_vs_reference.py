@@ -292,12 +292,15 @@ def test_async_scheduling_changes_no_output(tiny_checkpoint, prompts, expected):
     assert all(-1 not in r[0] for r in results[True])
 
 
+@pytest.mark.parametrize("async_prefill", [True, False], ids=["run-ahead", "wait-for-tokens"])
 @pytest.mark.parametrize("chunk", [1024, 48], ids=["whole-prompts", "chunked-prefill"])
-def test_requests_arriving_while_others_decode_match_reference(tiny_checkpoint, prompts, expected, chunk):
+def test_requests_arriving_while_others_decode_match_reference(tiny_checkpoint, prompts, expected, chunk,
+                                                               async_prefill):
     """The server's load shape: each request arrives when the one before it has streamed its third token, so it is
-    admitted next to decoding sequences (run one step ahead of the host) and, with a small token budget, prefilled
-    in chunks beside them. Every stream equals the reference, and no block leaks."""
-    engine = make_engine(tiny_checkpoint, max_num_batched_tokens=chunk)
+    admitted next to decoding sequences whose last token is still on the device and, with a small token budget,
+    prefilled in chunks beside them. With `async_prefill` that step is launched before the host reads those tokens
+    (its decode rows take them on the device). Every stream equals the reference, and no block leaks."""
+    engine = make_engine(tiny_checkpoint, max_num_batched_tokens=chunk, async_prefill=async_prefill)
     order = [1, 4, 0, 6, 2, 5]
     tokens: dict[int, list[int]] = {}
     errors: list[str] = []
@@ -323,6 +326,12 @@ def test_requests_arriving_while_others_decode_match_reference(tiny_checkpoint, 
         assert not errors
         assert tokens == {k: expected[i] for k, i in enumerate(order)}
         wait_until_idle(engine)
-        assert engine.stats().kv_blocks_in_use == 0
+        st = engine.stats()
+        assert st.kv_blocks_in_use == 0
+        # every admission but the first (nothing in flight) and prompts[0]'s (one token: a decode-shaped step)
+        if async_prefill:
+            assert st.overlapped_prompt_steps >= len(order) - 2, st
+        else:
+            assert st.overlapped_prompt_steps == 0, st
     finally:
         engine.shutdown()

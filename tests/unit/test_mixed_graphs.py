@@ -56,7 +56,7 @@ def run_step(runner: ModelRunner, seqs: list[Seq], num_tokens: list[int]) -> tor
         if s.request_id not in runner.cache:
             runner.cache.add(s.request_id)
         runner.cache.grow(s.request_id, s.num_computed + n)
-    logits, _ = runner.execute(ScheduledStep(seqs=seqs, num_tokens=num_tokens))
+    logits = runner.execute(ScheduledStep(seqs=seqs, num_tokens=num_tokens)).logits
     return logits
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dsv4.engine.params import SamplingParams as SP
-from dsv4.engine.sampler import Sampler, SamplerOutput, make_generator
+from dsv4.engine.sampler import Sampler, SamplerOutput, greedy_head, make_generator
 
 LOGITS = [2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0]
 V = len(LOGITS)
@@ -97,6 +97,24 @@ def test_mixed_batch_greedy_rows_exact():
     out = sampler.sample(logits, params, [None] * 8)
     for i in range(0, 8, 2):
         assert out.token_ids[i].item() == logits[i].argmax().item()
+
+
+def test_a_greedy_head_from_a_cuda_graph_is_taken_only_when_every_row_is_greedy_and_suppresses_nothing():
+    torch.manual_seed(4)
+    logits = torch.randn(3, 50)
+    marker = SamplerOutput(torch.tensor([7, 8, 9]), torch.zeros(3))     # not what these logits give
+    greedy = [SP(temperature=0), SP(top_k=1), SP(temperature=0, seed=5)]
+    assert sampler.sample(logits, greedy, [None] * 3, precomputed=marker) is marker
+    head, own = greedy_head(logits), sampler.sample(logits, greedy, [None] * 3)
+    assert torch.equal(head.token_ids, own.token_ids) and torch.equal(head.logprobs, own.logprobs)
+    assert head.token_ids.tolist() == logits.argmax(-1).tolist()
+
+    one_random = [SP(temperature=0), SP(temperature=1.0), SP(temperature=0)]
+    out = sampler.sample(logits, one_random, [None] * 3, precomputed=marker)
+    assert out is not marker and out.token_ids[0].item() == logits[0].argmax().item()
+    banned = int(logits[1].argmax())
+    out = sampler.sample(logits, greedy, [None] * 3, suppress_token_ids=[None, [banned], None], precomputed=marker)
+    assert out is not marker and out.token_ids[1].item() != banned
 
 
 # ---------------------------------------------------------------------------- logprobs

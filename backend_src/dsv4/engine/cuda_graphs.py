@@ -3,6 +3,9 @@
 A decode step launches a few hundred small kernels per layer; launched one by one from Python the GPU waits on the
 host. Captured once per bucket size and replayed, a step costs two small host-to-device copies and one launch.
 
+The graph ends with the greedy head (argmax and raw logprob of every row, `sampler.greedy_head`), so a step whose
+rows are all greedy samples inside the replay; others sample from the logits.
+
 What makes a decode step capturable: its inputs live in static device buffers (`DecodeInputs` copied in), the ops
 read only device tables (`ForwardBatch.decode`), no op synchronises with the host (RoPE tables are reserved up to
 max_model_len, the compressor runs branch-free), and every launch plan is sized for the bound max_model_len rather
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.engine.decode_inputs import TOKEN, DecodeInputs, PendingTokens, decode_batch, upload
+from dsv4.engine.sampler import SamplerOutput, greedy_head
 from dsv4.errors import ConfigError
 from dsv4.model.deepseek_v4 import DeepseekV4Model
 from dsv4.ops.base import LayerCache
@@ -53,6 +57,7 @@ class _Graph:
     i64: torch.Tensor          # static inputs, [4, size]
     i32: torch.Tensor          # [2, size, W]
     logits: torch.Tensor       # static output, [size, vocab] fp32
+    greedy: SamplerOutput      # static output: greedy_head(logits)
 
 
 class DecodeGraphs:
@@ -99,7 +104,8 @@ class DecodeGraphs:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
                 logits = self._forward(i64, i32)
-            self._graphs[size] = _Graph(size, g, i64, i32, logits)
+                greedy = greedy_head(logits)
+            self._graphs[size] = _Graph(size, g, i64, i32, logits, greedy)
         for size, g in self._graphs.items():
             g.graph.replay()
             torch.cuda.synchronize(self.device)
@@ -113,10 +119,10 @@ class DecodeGraphs:
         log.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self._graphs), self.sizes,
                  self.capture_seconds)
 
-    def run(self, inputs: DecodeInputs, pending: PendingTokens | None = None) -> torch.Tensor:
-        """Replay the graph of inputs' padded size -> fp32 logits [inputs.num_seqs, vocab] (a view into the
-        graph's static output: consume it before the next replay). No host sync: the inputs go up from pinned
-        memory, and `pending` tokens are copied on the device."""
+    def run(self, inputs: DecodeInputs, pending: PendingTokens | None = None) -> tuple[torch.Tensor, SamplerOutput]:
+        """Replay the graph of inputs' padded size -> (fp32 logits [inputs.num_seqs, vocab], their greedy_head),
+        views into the graph's static outputs: consume them before the next replay. No host sync: the inputs go up
+        from pinned memory, and `pending` tokens are copied on the device."""
         g = self._graphs[inputs.i64.shape[1]]
         upload(g.i64, torch.from_numpy(inputs.i64))
         upload(g.i32, torch.from_numpy(inputs.i32))
@@ -127,4 +133,5 @@ class DecodeGraphs:
             if padded > n:   # padding rows repeat row 0, its token included (they write what row 0 writes)
                 tok[n:].copy_(tok[:1].expand(padded - n))
         g.graph.replay()
-        return g.logits[:inputs.num_seqs]
+        n = inputs.num_seqs
+        return g.logits[:n], SamplerOutput(g.greedy.token_ids[:n], g.greedy.logprobs[:n])

@@ -67,6 +67,7 @@ class EngineStats:
     graph_steps: int = 0           # decode steps replayed from a CUDA graph
     mixed_graph_steps: int = 0     # steps with prompt tokens run through CUDA graphs (piecewise or whole)
     whole_graph_steps: int = 0     # of those, steps replayed as one graph (cuda_graph_full_max_tokens)
+    overlapped_prompt_steps: int = 0  # steps with prompt tokens launched before the previous step was read
     overlapped_steps: int = 0      # steps launched before the previous step's tokens were read
     cuda_graph_sizes: tuple[int, ...] = ()
 
@@ -116,6 +117,7 @@ class Engine:
         self._dead: BaseException | None = None
         self._steps = 0
         self._overlapped_steps = 0
+        self._overlapped_prompt_steps = 0
         self._inflight: _InFlight | None = None
         self._readback = TokenReadback(self.device, config.max_num_seqs)
         self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
@@ -197,6 +199,7 @@ class Engine:
                                graph_steps=self.runner.graph_steps, mixed_graph_steps=self.runner.mixed_graph_steps,
                                whole_graph_steps=self.runner.whole_graph_steps,
                                overlapped_steps=self._overlapped_steps,
+                               overlapped_prompt_steps=self._overlapped_prompt_steps,
                                cuda_graph_sizes=tuple(self.runner.graphs.sizes) if self.runner.graphs else ())
 
     def shutdown(self) -> None:
@@ -259,9 +262,10 @@ class Engine:
     # A decode step is launched before the host reads the tokens of the step before it: those tokens stay on the
     # GPU and the new step takes them from there (PendingTokens), while the host turns the previous step's tokens
     # into text, stop checks and deltas. Each sequence's slot for a token still on the GPU holds PENDING_TOKEN.
-    # Steps that prefill, admit or might preempt wait for the previous step's results first (they read token ids
-    # on the host), so only the steady decode phase overlaps. A sequence that turns out to have finished in the
-    # step being read has one extra token computed in the step already launched; it is dropped.
+    # Steps with prompt tokens (admissions, prefill chunks) run ahead too (`async_prefill`): their decode rows take
+    # the pending tokens on the device like a decode step's. Steps that might preempt wait for the previous step's
+    # results first (a preempted sequence is recomputed from its tokens on the host). A sequence that turns out to
+    # have finished in the step being read has one extra token computed in the step already launched; it is dropped.
     def _step(self) -> None:
         if self._inflight is not None and not (self.config.async_scheduling and self._can_run_ahead()):
             self._drain()
@@ -270,13 +274,14 @@ class Engine:
             self._drain()
             return
         launched = None
+        prompt = step.num_tokens.count(1) != len(step.num_tokens)
         try:
-            logits, sampling = self.runner.execute(step, self._pending_inputs(step))
-            seqs = [step.seqs[k] for k in sampling]
+            ran = self.runner.execute(step, self._pending_inputs(step))
+            seqs = [step.seqs[k] for k in ran.sampling]
             if seqs:
-                out = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                out = self.sampler.sample(ran.logits, [s.params for s in seqs], [s.generator for s in seqs],
                                           suppress_token_ids=[s.stop.suppressed_token_ids(s.num_pending)
-                                                              for s in seqs])
+                                                              for s in seqs], precomputed=ran.greedy)
                 launched = _InFlight(seqs, [len(s.output_ids) for s in seqs], out.token_ids,
                                      self._readback.start(out.token_ids, out.logprobs))
                 for s in seqs:
@@ -289,19 +294,26 @@ class Engine:
                     self._finish(seq, "error", error=f"internal error while running the model: {e}")
         if self._inflight is not None:
             self._overlapped_steps += 1
+            self._overlapped_prompt_steps += prompt
         self._drain()
         self._inflight = launched
         self._steps += 1
 
     def _can_run_ahead(self) -> bool:
-        """Whether the next schedule() can only be a decode step of every running sequence, with no admission and
-        no preemption (both need the host to know every token)."""
+        """Whether the next schedule() may run before the host has read the in-flight step's tokens: it must not
+        preempt (a preempted sequence is recomputed from its tokens on the host), and every running sequence must
+        fit the token budget. Without `async_prefill` it must also be a decode step of every running sequence with
+        no admission. (The tokens still on the GPU are only ever inputs of decode rows: runner.execute takes them
+        there, for steps with prompt tokens too.)"""
         sch = self.scheduler
-        if sch.admission_due() or len(sch.running) > sch.max_num_batched_tokens:
+        if len(sch.running) > sch.max_num_batched_tokens:
+            return False
+        mixed = self.config.async_prefill
+        if not mixed and sch.admission_due():
             return False
         need = 0
         for seq in sch.running:
-            if seq.num_uncomputed != 1:
+            if seq.num_uncomputed != 1 and not mixed:
                 return False
             need += self.cache.blocks_needed(seq.request_id, seq.num_tokens)
         return need <= min(self.cache.window.num_free, self.cache.compressed.num_free)

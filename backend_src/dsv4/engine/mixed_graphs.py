@@ -42,7 +42,7 @@ wiring; graph-free debugging).
 
 `graph_compressor` (default on; env DSV4_GRAPH_COMPRESSOR=0 turns it off for A/B runs) moves the prefill
 compressors out of attn_core into the captured pieces: each step's compressor index plan is padded to fixed sizes
-per bucket (`ops.compress_plan.padded_plan`, padding writes are no-ops by construction) and copied into the
+per bucket (`ops.compress_plan.padded_flat`, padding writes are no-ops by construction) and copied into the
 bucket's static plan buffers. Their host time was ~6 ms of a ~8 ms mixed step of `small` on an H100; inside the
 pieces, mixed steps went from 11.7-13.6 to 8.3-9.6 ms (H100, c=32 staggered load, docs/PERF.md session 15).
 """
@@ -60,11 +60,12 @@ import numpy as np
 import torch
 
 from dsv4.engine.cuda_graphs import smallest_prepared
-from dsv4.engine.decode_inputs import LOGITS_ROW, POSITION, TOKEN, MixedInputs, decode_batch, upload
+from dsv4.engine.decode_inputs import LOGITS_ROW, POSITION, TOKEN, MixedInputs, PendingTokens, decode_batch, upload
+from dsv4.engine.sampler import SamplerOutput, greedy_head
 from dsv4.errors import ConfigError
 from dsv4.model.deepseek_v4 import AttnInputs, DeepseekV4Model
 from dsv4.ops.base import ForwardBatch, LayerCache
-from dsv4.ops.compress_plan import CompressPlan, PlanBounds, compress_plan, padded_plan
+from dsv4.ops.compress_plan import CompressPlan, PlanBounds, compress_plan, padded_flat
 
 log = logging.getLogger("dsv4.engine")
 Tensor = torch.Tensor
@@ -166,6 +167,7 @@ class _Whole:
     copied: torch.cuda.Event | None = None   # recorded after the last copy out of `host`
     run: Callable[[], None] = lambda: None
     logits: Tensor | None = None             # [rows, vocab] fp32, the graph's static output
+    greedy: SamplerOutput | None = None      # greedy_head(logits), static output too
     graph: torch.cuda.CUDAGraph | None = None
 
 
@@ -285,12 +287,14 @@ class MixedGraphs:
         return keys
 
     @staticmethod
-    def _padded_plans(b: _Bucket, batch: ForwardBatch, T: int):
+    def _padded_plans(b: _Bucket, batch: ForwardBatch, T: int, host: np.ndarray | None = None,
+                      plan_at: dict[tuple, int] | None = None):
         """(plan key, static plan, flat host array) of this step's compressor plans (of T token rows), padded to
-        the bucket's bounds."""
+        the bucket's bounds; written straight into `host` at `plan_at[key]` when given."""
         for key, sp in b.plans.items():
             _, ratio, block_size, rows, _ = key
-            yield key, sp, padded_plan(compress_plan(batch, ratio, block_size, rows), T, sp.bounds).flat()
+            out = None if host is None else host[plan_at[key]:plan_at[key] + sp.bounds.flat_size]
+            yield key, sp, padded_flat(compress_plan(batch, ratio, block_size, rows), T, sp.bounds, out)
 
     def _load_plans(self, b: _Bucket, batch: ForwardBatch, T: int) -> None:
         """This step's padded compressor plans into the bucket's static plan buffers."""
@@ -373,6 +377,7 @@ class MixedGraphs:
                 w.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(w.graph, pool=pool):
                     w.logits = self._whole_forward(b)
+                    w.greedy = greedy_head(w.logits)
                 w.run = w.graph.replay
             else:
                 w.run = _whole_rerun(self, b)
@@ -386,9 +391,12 @@ class MixedGraphs:
             self._buckets[size] = b
 
     # --- running ---------------------------------------------------------------------------------------------
-    def forward_whole(self, inputs: MixedInputs) -> Tensor:
-        """FP32 logits [len(inputs.sampling), vocab] (a view of the graph's static output: consume it before the
-        next replay) of a step built for a whole-step bucket (MixedInputs.build at whole_bucket()'s size)."""
+    def forward_whole(self, inputs: MixedInputs,
+                      pending: PendingTokens | None = None) -> tuple[Tensor, SamplerOutput]:
+        """(FP32 logits [len(inputs.sampling), vocab], their greedy_head) of a step built for a whole-step bucket
+        (MixedInputs.build at whole_bucket()'s size): views of the graph's static outputs, to consume before the
+        next replay. `pending`: input tokens still on the device, by token row (their rows in `inputs` hold
+        placeholders)."""
         S = inputs.i64.shape[1]
         b = self._buckets.get(S)
         if b is None or b.whole is None:
@@ -402,16 +410,22 @@ class MixedGraphs:
         n64, n32 = w.i64.numel(), w.i32.numel() // 2
         host[:n64] = inputs.i64.ravel()
         host[n64:n64 + n32].view(np.int32)[:] = inputs.i32.ravel()
-        for key, _, flat in self._padded_plans(b, inputs.plan_batch, inputs.num_tokens):
-            host[w.plan_at[key]:w.plan_at[key] + flat.size] = flat
+        for _ in self._padded_plans(b, inputs.plan_batch, inputs.num_tokens, host, w.plan_at):
+            pass
         if self.device.type == "cuda":
             w.buf.copy_(w.host, non_blocking=True)
             w.copied = torch.cuda.Event()
             w.copied.record()
         else:
             w.buf.copy_(w.host)
+        if pending is not None:
+            tok = w.i64[TOKEN]
+            pending.apply(tok)
+            if S > inputs.num_tokens:   # padding rows repeat row 0, its token included
+                tok[inputs.num_tokens:].copy_(tok[:1].expand(S - inputs.num_tokens))
         w.run()
-        return w.logits[:len(inputs.sampling)]
+        n = len(inputs.sampling)
+        return w.logits[:n], SamplerOutput(w.greedy.token_ids[:n], w.greedy.logprobs[:n])
 
     def forward(self, batch: ForwardBatch) -> Tensor:
         """FP32 logits [len(batch.logits_indices), vocab] of a step of at most max_tokens tokens."""
@@ -436,6 +450,7 @@ class MixedGraphs:
 def _whole_rerun(graphs: MixedGraphs, b: _Bucket) -> Callable[[], None]:
     def run() -> None:
         b.whole.logits = graphs._whole_forward(b)
+        b.whole.greedy = greedy_head(b.whole.logits)
     return run
 
 

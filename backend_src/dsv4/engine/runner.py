@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from itertools import accumulate
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -10,9 +13,16 @@ from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.decode_inputs import TOKEN, DecodeInputs, MixedInputs, PendingTokens, decode_batch, to_device
 from dsv4.engine.kv_cache import KVCache
 from dsv4.engine.mixed_graphs import MixedGraphs
+from dsv4.engine.sampler import SamplerOutput
 from dsv4.engine.scheduler import ScheduledStep
 from dsv4.model.deepseek_v4 import DeepseekV4Model
 from dsv4.ops.base import ForwardBatch
+
+
+class StepLogits(NamedTuple):
+    logits: torch.Tensor                 # fp32 [len(sampling), vocab]
+    sampling: list[int]                  # indices into step.seqs of the sequences that sample
+    greedy: SamplerOutput | None         # greedy_head(logits) where a CUDA graph computed it (Sampler's shortcut)
 
 
 class ModelRunner:
@@ -69,8 +79,9 @@ class ModelRunner:
         )
         return batch, sampling
 
-    def decode_logits(self, step: ScheduledStep, pending: PendingTokens | None = None) -> torch.Tensor:
-        """fp32 logits [B, vocab] of a decode-only step."""
+    def decode_logits(self, step: ScheduledStep,
+                      pending: PendingTokens | None = None) -> tuple[torch.Tensor, SamplerOutput | None]:
+        """fp32 logits [B, vocab] of a decode-only step, with their greedy head where a graph computed it."""
         n = len(step.seqs)
         size = self.graphs.bucket(n) if self.graphs is not None else None
         inputs = DecodeInputs.build(step.seqs, self.cache, size or n, self.table_width)
@@ -83,34 +94,48 @@ class ModelRunner:
         if pending is not None:
             pending.apply(i64[TOKEN])
         batch = decode_batch(i64, i32, self.max_position, torch.arange(n, device=self.device), host=inputs)
-        return self.model.forward(batch, self.cache.layers)
+        return self.model.forward(batch, self.cache.layers), None
 
-    def execute(self, step: ScheduledStep, pending: PendingTokens | None = None) -> tuple[torch.Tensor, list[int]]:
-        """Run `step`; `pending` (decode-only steps) supplies input tokens still on the device."""
+    @staticmethod
+    def _token_rows(step: ScheduledStep, pending: PendingTokens | None) -> PendingTokens | None:
+        """`pending` (rows = indices into step.seqs) with rows of the step's flat token batch instead. Only decode
+        rows take pending tokens: a sequence whose last token is still on the GPU has nothing else to compute."""
+        if pending is None:
+            return None
+        ends = list(accumulate(step.num_tokens))
+        if any(step.num_tokens[r] != 1 for r in pending.rows):
+            raise ValueError("a pending device token can only be the input of a decode row")
+        return PendingTokens([ends[r] - 1 for r in pending.rows], pending.src, pending.tokens)
+
+    def execute(self, step: ScheduledStep, pending: PendingTokens | None = None) -> StepLogits:
+        """Run `step`; `pending` supplies the input tokens of decode rows that are still on the device."""
+        greedy = None
         if step.num_tokens.count(1) == len(step.num_tokens):     # decode-only
-            logits = self.decode_logits(step, pending)
+            logits, greedy = self.decode_logits(step, pending)
             sampling = [k for k, s in enumerate(step.seqs) if s.num_computed + 1 == s.num_tokens]
             if len(sampling) < len(step.seqs):
                 logits = logits[torch.tensor(sampling, dtype=torch.long, device=logits.device)]
+                greedy = None
         else:
-            if pending is not None:
-                raise ValueError("pending device tokens are only taken by decode-only steps")
             T = sum(step.num_tokens)
+            pending = self._token_rows(step, pending)
             whole = self.mixed.whole_bucket(T) if self.mixed is not None else None
             if whole is not None:
                 inputs = MixedInputs.build(step.seqs, step.num_tokens, self.cache, whole, self.table_width)
                 self.mixed_graph_steps += 1
                 self.whole_graph_steps += 1
-                logits, sampling = self.mixed.forward_whole(inputs), inputs.sampling
-            elif self.mixed is not None and self.mixed.bucket(T) is not None:
-                batch, sampling = self.build_batch(step)
-                self.mixed_graph_steps += 1
-                logits = self.mixed.forward(batch)
+                (logits, greedy), sampling = self.mixed.forward_whole(inputs, pending), inputs.sampling
             else:
                 batch, sampling = self.build_batch(step)
-                self.eager_steps += 1
-                logits = self.model.forward(batch, self.cache.layers)
+                if pending is not None:
+                    pending.apply(batch.token_ids)
+                if self.mixed is not None and self.mixed.bucket(T) is not None:
+                    self.mixed_graph_steps += 1
+                    logits = self.mixed.forward(batch)
+                else:
+                    self.eager_steps += 1
+                    logits = self.model.forward(batch, self.cache.layers)
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
             self.cache.release_window(seq.request_id, seq.num_computed)
-        return logits, sampling
+        return StepLogits(logits, sampling, greedy)

@@ -99,6 +99,7 @@ _ENGINE_PARAMS = {
     "cuda_graph_full_max_tokens": ("cuda_graph_full_max_tokens", "DSV4_CUDA_GRAPH_FULL_MAX_TOKENS", int),
     "kv_cache_dtype": ("kv_cache_dtype", "DSV4_KV_CACHE_DTYPE", str),
     "async_scheduling": ("async_scheduling", "DSV4_ASYNC_SCHEDULING", bool),
+    "async_prefill": ("async_prefill", "DSV4_ASYNC_PREFILL", bool),
     "max_waiting_steps": ("max_waiting_steps", "DSV4_MAX_WAITING_STEPS", int),
     "waiting_served_ratio": ("waiting_served_ratio", "DSV4_WAITING_SERVED_RATIO", float),
 }
