@@ -145,14 +145,13 @@ def padded_flat(plan: CompressPlan, num_tokens: int, bounds: PlanBounds, out: np
         if shift and S > T:
             seg[seg >= T] += S - T
         pad = out[at + k:at + n * width]
-        if not pad.size:
-            pass
-        elif fill is not None:
-            pad[:] = fill
-        elif width == 1:
-            pad[:] = seg[-1]
-        else:
-            pad.reshape(-1, width)[:] = seg[k - width:]
+        if pad.size:
+            if fill is not None:
+                pad[:] = fill
+            elif width == 1:
+                pad[:] = seg[-1]
+            else:
+                pad.reshape(-1, width)[:] = seg[k - width:]
         at += n * width
 
     n_prev = e_max if r == 4 else 0
