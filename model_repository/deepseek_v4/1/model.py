@@ -592,8 +592,10 @@ class TritonPythonModel:
             print(f"[deepseek_v4] engine.stats failed: {e!r}", flush=True)
             return
         self._engine_steps = getattr(s, "steps", 0)
-        for metric, attr in ((self.metrics.kv_in_use, "kv_blocks_in_use"), (self.metrics.kv_total, "kv_blocks_total"),
-                             (self.metrics.waiting, "num_waiting"), (self.metrics.running, "num_running")):
+        # the request gauges before the block gauges: a scrape can land between two sets, and one that already
+        # sees a pass's block count must see that pass's request counts too (0 blocks in use -> 0 running)
+        for metric, attr in ((self.metrics.waiting, "num_waiting"), (self.metrics.running, "num_running"),
+                             (self.metrics.kv_in_use, "kv_blocks_in_use"), (self.metrics.kv_total, "kv_blocks_total")):
             v = getattr(s, attr, None)
             if v is not None:
                 metric.set(float(v))
