@@ -127,11 +127,7 @@ class DecodeGraphs:
         upload(g.i64, torch.from_numpy(inputs.i64))
         upload(g.i32, torch.from_numpy(inputs.i32))
         if pending is not None:
-            tok = g.i64[TOKEN]
-            pending.apply(tok)
-            n, padded = inputs.num_seqs, tok.shape[0]
-            if padded > n:   # padding rows repeat row 0, its token included (they write what row 0 writes)
-                tok[n:].copy_(tok[:1].expand(padded - n))
+            pending.apply(g.i64[TOKEN], inputs.num_seqs)
         g.graph.replay()
         n = inputs.num_seqs
         return g.logits[:n], SamplerOutput(g.greedy.token_ids[:n], g.greedy.logprobs[:n])

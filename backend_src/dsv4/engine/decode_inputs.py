@@ -124,10 +124,14 @@ class PendingTokens:
     src: list[int]
     tokens: torch.Tensor
 
-    def apply(self, token_row: torch.Tensor) -> None:
-        """Write them into the step's device token ids (stream-ordered after the sampling that produced them)."""
+    def apply(self, token_row: torch.Tensor, num_rows: int | None = None) -> None:
+        """Write them into the step's device token ids (stream-ordered after the sampling that produced them).
+        `num_rows`: the real rows of a padded graph input, whose padding rows repeat row 0, its token included
+        (they write what row 0 writes)."""
         idx = to_device(torch.tensor([self.rows, self.src], dtype=torch.long), token_row.device)
         token_row.index_copy_(0, idx[0], self.tokens.index_select(0, idx[1]))
+        if num_rows is not None and token_row.shape[0] > num_rows:
+            token_row[num_rows:].copy_(token_row[:1].expand(token_row.shape[0] - num_rows))
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -240,18 +240,18 @@ class MixedGraphs:
     def _new_bucket(self, size: int, whole: bool = False) -> _Bucket:
         z = dict(dtype=torch.long, device=self.device)
         bounds = self._plan_keys(size) if self.graph_compressor else {}
-        empties = {key: bb.empty() for key, bb in bounds.items()}
+        empties = {key: torch.from_numpy(bb.empty().flat()) for key, bb in bounds.items()}   # flat, padded
         if whole:
             # the dummy inputs of capture: every row position 0 of a sequence owning block 0 and state slot 0
             # (DecodeInputs.dummy), logits of rows 0; the plans close no window
             n64, n32 = 5 * size, size * self.width          # 2 * size * width int32 = size * width int64 words
             plan_at, at = {}, n64 + n32
-            for key, empty in empties.items():
+            for key, bb in bounds.items():
                 plan_at[key] = at
-                at += empty.flat().size
+                at += bb.flat_size
             host = torch.zeros(at, dtype=torch.long, pin_memory=self.device.type == "cuda")
             for key, empty in empties.items():
-                host[plan_at[key]:plan_at[key] + empty.flat().size] = torch.from_numpy(empty.flat())
+                host[plan_at[key]:plan_at[key] + empty.numel()] = empty
             buf = host.to(self.device)
             w = _Whole(buf=buf, host=host, i64=buf[:n64].view(5, size),
                        i32=buf[n64:n64 + n32].view(torch.int32).view(2, size, self.width),
@@ -261,10 +261,10 @@ class MixedGraphs:
             b = _Bucket(size, self._token_ids[:size], self._positions[:size], self._o[:size])
         for key, empty in empties.items():
             if whole:
-                flat = b.whole.buf[b.whole.plan_at[key]:b.whole.plan_at[key] + empty.flat().size]
+                flat = b.whole.buf[b.whole.plan_at[key]:b.whole.plan_at[key] + empty.numel()]
             else:
-                flat = torch.from_numpy(empty.flat()).to(self.device)
-            b.plans[key] = _StaticPlan(bounds[key], flat, empty.views(flat))
+                flat = empty.to(self.device)
+            b.plans[key] = _StaticPlan(bounds[key], flat, bounds[key].views(flat))
         if self.graph_compressor:
             e = torch.zeros(0, **z)
             b.compress_batch = ForwardBatch(
@@ -287,19 +287,16 @@ class MixedGraphs:
         return keys
 
     @staticmethod
-    def _padded_plans(b: _Bucket, batch: ForwardBatch, T: int, host: np.ndarray | None = None,
-                      plan_at: dict[tuple, int] | None = None):
-        """(plan key, static plan, flat host array) of this step's compressor plans (of T token rows), padded to
-        the bucket's bounds; written straight into `host` at `plan_at[key]` when given."""
-        for key, sp in b.plans.items():
-            _, ratio, block_size, rows, _ = key
-            out = None if host is None else host[plan_at[key]:plan_at[key] + sp.bounds.flat_size]
-            yield key, sp, padded_flat(compress_plan(batch, ratio, block_size, rows), T, sp.bounds, out)
+    def _step_plan(batch: ForwardBatch, key: tuple) -> CompressPlan:
+        """This step's compressor plan for a plan key (ratio, block size, carry rows)."""
+        _, ratio, block_size, rows, _ = key
+        return compress_plan(batch, ratio, block_size, rows)
 
     def _load_plans(self, b: _Bucket, batch: ForwardBatch, T: int) -> None:
-        """This step's padded compressor plans into the bucket's static plan buffers."""
-        for _, sp, flat in self._padded_plans(b, batch, T):
-            upload(sp.flat, torch.from_numpy(flat))
+        """This step's compressor plans (of T token rows), padded to the bucket's bounds, into its static plan
+        buffers."""
+        for key, sp in b.plans.items():
+            upload(sp.flat, torch.from_numpy(padded_flat(self._step_plan(batch, key), T, sp.bounds)))
 
     def prepare(self) -> None:
         """For each bucket, largest first: run its stages eagerly (compiles kernels, sizes the shared scratch and
@@ -410,8 +407,10 @@ class MixedGraphs:
         n64, n32 = w.i64.numel(), w.i32.numel() // 2
         host[:n64] = inputs.i64.ravel()
         host[n64:n64 + n32].view(np.int32)[:] = inputs.i32.ravel()
-        for _ in self._padded_plans(b, inputs.plan_batch, inputs.num_tokens, host, w.plan_at):
-            pass
+        for key, sp in b.plans.items():       # the padded plans straight into their place in `host`
+            at = w.plan_at[key]
+            padded_flat(self._step_plan(inputs.plan_batch, key), inputs.num_tokens, sp.bounds,
+                        host[at:at + sp.bounds.flat_size])
         if self.device.type == "cuda":
             w.buf.copy_(w.host, non_blocking=True)
             w.copied = torch.cuda.Event()
@@ -419,10 +418,7 @@ class MixedGraphs:
         else:
             w.buf.copy_(w.host)
         if pending is not None:
-            tok = w.i64[TOKEN]
-            pending.apply(tok)
-            if S > inputs.num_tokens:   # padding rows repeat row 0, its token included
-                tok[inputs.num_tokens:].copy_(tok[:1].expand(S - inputs.num_tokens))
+            pending.apply(w.i64[TOKEN], inputs.num_tokens)
         w.run()
         n = len(inputs.sampling)
         return w.logits[:n], SamplerOutput(w.greedy.token_ids[:n], w.greedy.logprobs[:n])

@@ -36,7 +36,7 @@ import torch
 
 from dsv4.engine.decode_inputs import to_device
 
-from dsv4.engine.params import SAMPLING_EPS, SamplingParams
+from dsv4.engine.params import SamplingParams
 
 __all__ = ["Sampler", "SamplerOutput", "greedy_head", "make_generator"]
 

@@ -53,11 +53,7 @@ class CompressPlan:
 
     def views(self, flat: torch.Tensor) -> "CompressPlan":
         """This plan's shapes as views into `flat` (the concatenation of its arrays, in field order)."""
-        moved, at = {}, 0
-        for name, a in self.arrays():
-            moved[name] = flat[at:at + a.size].view(a.shape)
-            at += a.size
-        return CompressPlan(**moved, padded=self.padded)
+        return _plan_views(flat, [(name, a.shape) for name, a in self.arrays()], self.padded)
 
     def flat(self) -> np.ndarray:
         return np.concatenate([a.ravel() for _, a in self.arrays()])
@@ -98,12 +94,7 @@ class PlanBounds:
 
     def views(self, flat):
         """The padded plan held in `flat` (numpy array or tensor, field order) as a CompressPlan of views."""
-        moved, at = {}, 0
-        for name, shape in self.shapes:
-            size = math.prod(shape)
-            moved[name] = flat[at:at + size].reshape(shape)
-            at += size
-        return CompressPlan(**moved, padded=True)
+        return _plan_views(flat, self.shapes, padded=True)
 
     def empty(self) -> CompressPlan:
         """The padded plan of a step that closes no window and writes no carry row (all padding)."""
@@ -112,6 +103,16 @@ class PlanBounds:
                             entry_block=z, entry_index=z, carry_dst=z, carry_src=z, new_rows=z, carry_gather=z,
                             entry_valid=z)
         return padded_plan(none, 0, self)
+
+
+def _plan_views(flat, shapes: list[tuple[str, tuple[int, ...]]], padded: bool) -> CompressPlan:
+    """A CompressPlan whose arrays are consecutive views of `flat` with these (name, shape)s, in field order."""
+    moved, at = {}, 0
+    for name, shape in shapes:
+        size = math.prod(shape)
+        moved[name] = flat[at:at + size].reshape(shape)
+        at += size
+    return CompressPlan(**moved, padded=padded)
 
 
 def padded_plan(plan: CompressPlan, num_tokens: int, bounds: PlanBounds) -> CompressPlan:
