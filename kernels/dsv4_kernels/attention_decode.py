@@ -38,6 +38,7 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warp
 
 from dsv4_kernels.cute_utils import add, mn_view
+from dsv4_kernels.pdl import chain_entry
 
 LOG2_E = 1.4426950408889634
 # Programmatic dependent launch of the split combine: its launch overlaps the attention kernel's tail instead of
@@ -63,9 +64,10 @@ class SparseDecodeAttention:
 
     def __init__(self, head_dim: int, heads_per_cta: int, mode: int, window: int, block_size: int, ratio: int,
                  topk: int, split: bool, block_n: int = 64, stages: int = 2, part_bf16: bool = True,
-                 topk_i64: bool = False, row_table: bool = True, table_tiles: int = 16):
+                 topk_i64: bool = False, row_table: bool = True, table_tiles: int = 16, pdl: bool = False):
         assert head_dim % 64 == 0 and heads_per_cta in (16, 32, 64)
         self.d = head_dim
+        self.pdl = pdl
         self.M = heads_per_cta
         self.wm = heads_per_cta // 16
         self.wn = 4 if heads_per_cta <= 32 else 2
@@ -125,7 +127,7 @@ class SparseDecodeAttention:
         grid = (cute.size(mQ.shape[1]) // self.M, num_splits, cute.size(mQ.shape[0]))
         self.kernel(mQ, mSwa, mComp, mPos, mSeq, mSwaBT, mCompBT, mTopk, mSink, mOut, mOpart, mML, scale_log2,
                     tiles_per_split, sQ_layout, sK_layout, sP_layout, tiled_g2s, tiled_mma, Storage).launch(
-            grid=grid, block=[self.threads, 1, 1], smem=Storage.size_in_bytes(), stream=stream)
+            grid=grid, block=[self.threads, 1, 1], smem=Storage.size_in_bytes(), stream=stream, use_pdl=self.pdl)
 
     @cute.jit
     def _row_list(self, t: Int32, split_idx: Int32, tiles_per_split: Int32, mPos: cute.Tensor, mSeq: cute.Tensor,
@@ -184,6 +186,7 @@ class SparseDecodeAttention:
                scale_log2: Float32, tiles_per_split: Int32, sQ_layout: cute.ComposedLayout,
                sK_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout, tiled_g2s: cute.TiledCopy,
                tiled_mma: cute.TiledMma, Storage: cutlass.Constexpr):
+        chain_entry(self.pdl)
         dt = cutlass.BFloat16
         tidx, _, _ = cute.arch.thread_idx()
         g, split_idx, t = cute.arch.block_idx()
@@ -465,6 +468,8 @@ class SplitCombine:
                num_splits: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         h, t, _ = cute.arch.block_idx()
+        if cutlass.const_expr(self.pdl):
+            cute.arch.griddepcontrol_launch_dependents()     # the inverse RoPE may wait resident (dsv4_kernels.pdl)
         # launched as a programmatic dependent: the partials are complete only after this (a no-op otherwise)
         cute.arch.griddepcontrol_wait()
         sink2 = mSink[h] * LOG2_E

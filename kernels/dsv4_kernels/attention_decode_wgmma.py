@@ -36,6 +36,7 @@ from cutlass.cute.nvgpu import cpasync, warp, warpgroup
 
 from dsv4_kernels.attention_decode import LOG2_E, SparseDecodeAttention
 from dsv4_kernels.cute_utils import add, mn_view
+from dsv4_kernels.pdl import chain_entry
 
 HEADS = 64          # wgmma's M: one CTA serves 64 query heads
 MAX_CLUSTER = 8     # portable cluster size: the most splits merged through distributed shared memory
@@ -69,7 +70,7 @@ class SparseDecodeAttentionWgmma(SparseDecodeAttention):
 
     def __init__(self, head_dim: int, mode: int, window: int, block_size: int, ratio: int, topk: int, split: bool,
                  block_n: int = 64, stages: int = 2, part_bf16: bool = False, topk_i64: bool = False,
-                 table_tiles: int = 16, cluster: int = 1):
+                 table_tiles: int = 16, cluster: int = 1, pdl: bool = False):
         assert 2 <= stages <= table_tiles
         # cluster > 1: the token's `cluster` splits run as one thread-block cluster and merge their partials through
         # distributed shared memory (no fp32 partials through global memory, no second kernel); split then is False
@@ -79,7 +80,7 @@ class SparseDecodeAttentionWgmma(SparseDecodeAttention):
         self.cluster = cluster
         super().__init__(head_dim, HEADS, mode, window, block_size, ratio, topk, split, block_n=block_n,
                          stages=stages, part_bf16=part_bf16, topk_i64=topk_i64, row_table=True,
-                         table_tiles=table_tiles)
+                         table_tiles=table_tiles, pdl=pdl)
         # wgmma n of the P V product is d / 2 per warpgroup (at most 256), of Q Kᵀ BN / 2 (a multiple of 8)
         assert head_dim // 2 <= 256
         self.threads = 256
@@ -121,7 +122,7 @@ class SparseDecodeAttentionWgmma(SparseDecodeAttention):
         self.kernel(mQ, mSwa, mComp, mPos, mSeq, mSwaBT, mCompBT, mTopk, mSink, mOut, mOpart, mML, scale_log2,
                     tiles_per_split, sQ_layout, sK_layout, sP_layout, tiled_g2s, mma_s, mma_o, Storage).launch(
             grid=grid, block=[self.threads, 1, 1], cluster=[1, self.cluster, 1], smem=Storage.size_in_bytes(),
-            stream=stream)
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mSwa: cute.Tensor, mComp: cute.Tensor, mPos: cute.Tensor,
@@ -130,6 +131,7 @@ class SparseDecodeAttentionWgmma(SparseDecodeAttention):
                scale_log2: Float32, tiles_per_split: Int32, sQ_layout: cute.ComposedLayout,
                sK_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout, tiled_g2s: cute.TiledCopy,
                mma_s: cute.TiledMma, mma_o: cute.TiledMma, Storage: cutlass.Constexpr):
+        chain_entry(self.pdl)
         dt = cutlass.BFloat16
         tidx, _, _ = cute.arch.thread_idx()
         g, split_idx, t = cute.arch.block_idx()

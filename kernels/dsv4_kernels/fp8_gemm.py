@@ -88,6 +88,7 @@ from dsv4_kernels.nvfp4_gemm import (GEMV_MAX_M, _bf16x2_to_f32, _call, _f32x2_t
                                      _options, _stream_arg, compile_split_reduce)
 from dsv4_kernels.nvfp4_gemm import (_TVM_FFI, DEQUANT_WORKSPACE_ELEMS, PackedWeight, dequant_matmul,
                                      gemm_workspace)
+from dsv4_kernels.pdl import chain
 
 import cutlass
 import cutlass.cute as cute
@@ -281,8 +282,9 @@ class _Gemv:
     """Decode GEMM: y = x @ W^T for M <= 64, K split `splits` ways (partials in fp32 when splits > 1)."""
 
     def __init__(self, n: int, k: int, mt: int, splits: int, unroll: int, prefetch: int, block: tuple[int, int],
-                 groups: int = 1):
+                 groups: int = 1, pdl: bool = False, early_trigger: bool = False):
         self.n, self.k, self.mt, self.splits, self.unroll, self.prefetch = n, k, mt, splits, unroll, prefetch
+        self.pdl, self.early_trigger = pdl, pdl and early_trigger
         self.group_tiles = n // groups // ROWTILE          # 16-row tiles per group (x K-slice per group)
         self.groups = groups
         self.tiles_per_sblock = block[0] // ROWTILE        # 16-row tiles per scale block row
@@ -323,15 +325,24 @@ class _Gemv:
                 wbase = mW.iterator.toint() + Int64(tile * self.nchunk + c0) * CHUNK_BYTES   # this warp's split
                 if lane == 0:
                     _prefetch_l2(wbase, Int32(min(self.prefetch, self.iters) * step))
+
+            if cutlass.const_expr(self.early_trigger):
+                cute.arch.griddepcontrol_launch_dependents()
+            if cutlass.const_expr(self.pdl):
+                # launched while the kernel that writes x still runs: the first iteration's weights and scales
+                # depend on nothing it writes, so they are in flight before griddepcontrol.wait (dsv4_kernels.pdl)
+                self._load(mW, mS, wreg, sreg, tile, srow, lane, c0)
+                cute.arch.griddepcontrol_wait()
             for it in cutlass.range(self.iters):
                 cb = c0 + it * U
                 if cutlass.const_expr(self.prefetch > 0):
                     if lane == 0 and it + self.prefetch < self.iters:
                         _prefetch_l2(wbase + Int64(it + self.prefetch) * step, Int32(step))
-                for u in cutlass.range_constexpr(U):
-                    cute.autovec_copy(mW[tile, cb + u, 0, lane, None], wreg[None, 2 * u])
-                    cute.autovec_copy(mW[tile, cb + u, 1, lane, None], wreg[None, 2 * u + 1])
-                    sreg[u] = mS[srow, (cb + u) // self.chunks_per_sblock]
+                if cutlass.const_expr(self.pdl):
+                    if it > 0:
+                        self._load(mW, mS, wreg, sreg, tile, srow, lane, cb)
+                else:
+                    self._load(mW, mS, wreg, sreg, tile, srow, lane, cb)
                 for u in cutlass.range_constexpr(U):
                     a = _chunk_fragments(wreg, u)
                     kx = xoff + (cb + u) * 4 + t                   # group of 16 bf16 = 8 u32
@@ -345,6 +356,9 @@ class _Gemv:
                                           d[0], d[1], d[2], d[3])
                         for q in cutlass.range_constexpr(4):
                             acc[j * 4 + q] = _fma_f32(d[q], sreg[u], acc[j * 4 + q])
+            if cutlass.const_expr(self.pdl and not self.early_trigger):
+                # the next kernel (split reduce, norm) may launch once every CTA is past its loads
+                cute.arch.griddepcontrol_launch_dependents()
             n0 = tile * ROWTILE + g
             for j in cutlass.range_constexpr(MT):
                 for q in cutlass.range_constexpr(4):
@@ -356,12 +370,19 @@ class _Gemv:
                         else:
                             mP[by, m, nn] = acc[j * 4 + q]
 
+    def _load(self, mW: cute.Tensor, mS: cute.Tensor, wreg: cute.Tensor, sreg: cute.Tensor, tile, srow, lane, cb):
+        """One unrolled iteration's weight words and chunk scales into registers (traced inline: a Python loop)."""
+        for u in range(self.unroll):
+            cute.autovec_copy(mW[tile, cb + u, 0, lane, None], wreg[None, 2 * u])
+            cute.autovec_copy(mW[tile, cb + u, 1, lane, None], wreg[None, 2 * u + 1])
+            sreg[u] = mS[srow, (cb + u) // self.chunks_per_sblock]
+
     @cute.jit
     def launch(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mP: cute.Tensor,
                m_rows: Int32, stream):
         grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
         self.kernel(mW, mS, mX, mY, mP, m_rows).launch(grid=[grid_x, self.splits, 1], block=[WARPS * 32, 1, 1],
-                                                       stream=stream)
+                                                       stream=stream, use_pdl=self.pdl)
 
 
 class _Dequant:
@@ -427,11 +448,12 @@ def _weight_fakes(n: int, k: int, block: tuple[int, int]):
 
 
 def compile_gemv(n: int, k: int, mt: int, splits: int, unroll: int, prefetch: int = 0,
-                 block: tuple[int, int] = (128, 128), groups: int = 1):
-    key = ("fp8-gemv", n, k, mt, splits, unroll, prefetch, tuple(block), groups, _TVM_FFI)
+                 block: tuple[int, int] = (128, 128), groups: int = 1, pdl: bool = False,
+                 early_trigger: bool = False):
+    key = ("fp8-gemv", n, k, mt, splits, unroll, prefetch, tuple(block), groups, pdl, early_trigger, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _Gemv(n, k, mt, splits, unroll, prefetch, tuple(block), groups)
+        obj = _Gemv(n, k, mt, splits, unroll, prefetch, tuple(block), groups, pdl, early_trigger)
         m = cute.sym_int()
         fn = cute.compile(obj.launch, *_weight_fakes(n, k, block),
                           _fake(Int32, (m, groups * k // 16, 8)), _fake(cutlass.BFloat16, (m, n), 2),
@@ -451,6 +473,12 @@ def compile_dequant(n: int, k: int, block: tuple[int, int] = (128, 128)):
         _COMPILED[key] = fn
     return fn
 
+
+# In the PDL chain (dsv4_kernels.pdl), GEMVs of weights up to this many bytes let the next kernel launch at their
+# start instead of after their weight loads: the kernels after it (split reduce, norm) and the next GEMV then wait
+# resident, and that GEMV's first loads overlap this one's (e.g. wq_b's behind wq_a's). 0 = none; an option to
+# measure (scripts/decode_ab.py two_early4 / two_early8 / two_gemv_early).
+CHAIN_EARLY_TRIGGER_MAX_BYTES = 0
 
 # L2 prefetch distance of the decode kernel in unrolled iterations (0 = off). Off until measured: the NVFP4 GEMV
 # reaches 96 % of HBM without it; `dsv4 bench gemm --fmt fp8 --fp8-plans auto,8x2x2,...` compares.
@@ -537,12 +565,14 @@ def _gemv(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:
     if m > GEMV_MAX_M:
         raise ValueError(f"fp8_linear: the decode kernel takes M <= {GEMV_MAX_M}, got {m}")
     splits, unroll, prefetch = _plan(pw)
-    fn = compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, prefetch, pw.block, pw.groups)
+    pdl = chain(m)
+    fn = compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, prefetch, pw.block, pw.groups, pdl,
+                      pw.n * pw.k <= CHAIN_EARLY_TRIGGER_MAX_BYTES)
     xi = x2.view(torch.int32).view(m, pw.groups * pw.k // 16, 8)
     part = gemm_workspace("part", splits * m * pw.n, torch.float32, x2.device).view(splits, m, pw.n)  # 1: unused
     _call(fn, pw.codes, pw.scales, xi, y, part, m)
     if splits > 1:
-        _call(compile_split_reduce(pw.n, splits), part, y, m * pw.n, 1.0)
+        _call(compile_split_reduce(pw.n, splits, pdl), part, y, m * pw.n, 1.0)
 
 
 def _dequant_matmul(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:

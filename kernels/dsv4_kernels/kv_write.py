@@ -11,25 +11,29 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64
 
 from dsv4_kernels.cute_utils import butterfly
+from dsv4_kernels.pdl import chain_entry
 
 
 class _RowScatter:
     """The launch both scatters share: one CTA of `self.threads` per token row."""
 
+    pdl = False         # an instance sets it (dsv4_kernels.pdl)
+
     @cute.jit
     def __call__(self, mKV: cute.Tensor, mSlot: cute.Tensor, mPool: cute.Tensor, stream):
         self.kernel(mKV, mSlot, mPool).launch(grid=(cute.size(mKV.shape[0]), 1, 1), block=[self.threads, 1, 1],
-                                              stream=stream)
+                                              stream=stream, use_pdl=self.pdl)
 
 
 class KVScatter(_RowScatter):
-    def __init__(self, head_dim: int):
+    def __init__(self, head_dim: int, pdl: bool = False):
         assert head_dim % 8 == 0
-        self.d = head_dim
+        self.d, self.pdl = head_dim, pdl
         self.threads = head_dim // 8
 
     @cute.kernel
     def kernel(self, mKV: cute.Tensor, mSlot: cute.Tensor, mPool: cute.Tensor):
+        chain_entry(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
         t, _, _ = cute.arch.block_idx()
         slot = Int64(mSlot[t])

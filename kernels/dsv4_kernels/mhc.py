@@ -28,6 +28,7 @@ import cutlass.cute as cute
 from cutlass import Float32
 
 from dsv4_kernels.cute_utils import add, butterfly, partial_sum
+from dsv4_kernels.pdl import chain_entry
 
 LOG2_E = 1.4426950408889634
 THREADS = 128
@@ -46,14 +47,14 @@ def rms_factor(mean_square, norm_eps: float):
 
 class HcCoefficients:
     def __init__(self, n: int, iters: int, eps: float, norm_eps: float, partials: bool = False,
-                 num_partials: int = 0):
+                 num_partials: int = 0, pdl: bool = False):
         if n * n not in (4, 16):
             raise ValueError(f"HcCoefficients: hc_mult must be 2 or 4 (n*n lanes per token), got {n}")
         if partials and num_partials < 1:
             raise ValueError(f"HcCoefficients: partials=True needs num_partials >= 1, got {num_partials}")
         self.n, self.iters, self.eps, self.norm_eps = n, iters, eps, norm_eps
         self.partials = partials
-        self.num_partials = num_partials
+        self.num_partials, self.pdl = num_partials, pdl
         self.g = n * n
         self.row_offsets = tuple(1 << k for k in range((n - 1).bit_length()))          # lanes of one row
         self.col_offsets = tuple(n << k for k in range((n - 1).bit_length()))          # lanes of one column
@@ -64,11 +65,12 @@ class HcCoefficients:
         T = cute.size(mMix.shape[0])
         per_cta = THREADS // self.g
         self.kernel(mMix, mSq, mScale, mBase, mPre, mPost, mComb, inv_k).launch(
-            grid=((T + per_cta - 1) // per_cta, 1, 1), block=[THREADS, 1, 1], stream=stream)
+            grid=((T + per_cta - 1) // per_cta, 1, 1), block=[THREADS, 1, 1], stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mMix: cute.Tensor, mSq: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
                mPre: cute.Tensor, mPost: cute.Tensor, mComb: cute.Tensor, inv_k: Float32):
+        chain_entry(self.pdl)
         n, g = self.n, self.g
         eps = Float32(self.eps)
         tidx, _, _ = cute.arch.thread_idx()
@@ -124,10 +126,10 @@ class HcPost:
     coefficients of its token are broadcast loads. fp32 math, one rounding to out's dtype, as TorchOps.
     """
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, pdl: bool = False):
         if not 1 <= n <= 8:
             raise ValueError(f"HcPost: hc_mult must be in [1, 8], got {n}")
-        self.n = n
+        self.n, self.pdl = n, pdl
 
     @cute.jit
     def __call__(self, mY: cute.Tensor, mStreams: cute.Tensor, mPost: cute.Tensor, mComb: cute.Tensor,
@@ -135,11 +137,12 @@ class HcPost:
         nv = cute.size(mY.shape[1]) // VEC
         self.kernel(mY, mStreams, mPost, mComb, mOut).launch(
             grid=(cute.size(mY.shape[0]), (nv + POST_THREADS - 1) // POST_THREADS, 1), block=[POST_THREADS, 1, 1],
-            stream=stream)
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mY: cute.Tensor, mStreams: cute.Tensor, mPost: cute.Tensor, mComb: cute.Tensor,
                mOut: cute.Tensor):
+        chain_entry(self.pdl)
         n = self.n
         tidx, _, _ = cute.arch.thread_idx()
         t, c, _ = cute.arch.block_idx()

@@ -23,6 +23,7 @@ from cutlass import Float32
 
 from dsv4_kernels.cute_utils import add, butterfly, norm_fits, partial_sum, rms_normalize
 from dsv4_kernels.mhc import pre_weight, rms_factor
+from dsv4_kernels.pdl import chain_entry
 
 VEC = 8
 THREADS = 128
@@ -31,13 +32,20 @@ WARPS = THREADS // 32
 GROUP = 4            # outputs (mixes or the sum of squares) per CTA
 
 
+# In the PDL chain, HcMix loads its fn rows before griddepcontrol.wait (off: after it, for A/B runs:
+# scripts/decode_ab.py two_mix_late).
+MIX_PREFETCH = True
+
+
 def num_chunks(k: int) -> int:
     return (k + CHUNK - 1) // CHUNK
 
 
 class HcMix:
-    def __init__(self, m: int):
-        self.m = m
+    def __init__(self, m: int, pdl: bool = False, prefetch: bool = True):
+        """pdl: launched as a programmatic dependent (dsv4_kernels.pdl); with `prefetch` its fn rows are loaded before
+        it waits for the kernel that writes x."""
+        self.m, self.pdl, self.prefetch = m, pdl, pdl and prefetch
         self.acc = m + 1
         self.group = min(GROUP, self.acc)
         self.groups = (self.acc + self.group - 1) // self.group
@@ -51,19 +59,27 @@ class HcMix:
         T = cute.size(mX.shape[0])
         S = cute.size(mPart.shape[1])
         self.kernel(mX, mFn, mPart, Storage).launch(grid=(S, T, self.groups), block=[THREADS, 1, 1],
-                                                    smem=Storage.size_in_bytes(), stream=stream)
+                                                    smem=Storage.size_in_bytes(), stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mFn: cute.Tensor, mPart: cute.Tensor, Storage: cutlass.Constexpr):
         tidx, _, _ = cute.arch.thread_idx()
         s, t, grp = cute.arch.block_idx()
         K = cute.size(mX.shape[1])
+        j0 = grp * self.group
+        k0 = s * CHUNK + tidx * VEC
+        w = cute.make_rmem_tensor((self.group, VEC), Float32)
+        if cutlass.const_expr(self.prefetch):
+            # the mixing weights depend on nothing the previous kernel writes: in flight before the wait
+            if k0 < K:
+                for i in cutlass.range_constexpr(self.group):
+                    if j0 + i < self.m:
+                        cute.autovec_copy(cute.local_tile(mFn[j0 + i, None], (VEC,), (k0 // VEC,)), w[i, None])
+        chain_entry(self.pdl)
         smem = cutlass.memory.SmemAllocator()
         red = smem.allocate(Storage).red.get_tensor(cute.make_layout((WARPS, self.group), stride=(self.group, 1)))
         acc = cute.make_rmem_tensor((self.group,), Float32)
         acc.fill(0.0)
-        j0 = grp * self.group
-        k0 = s * CHUNK + tidx * VEC
         if k0 < K:
             xf = cute.make_rmem_tensor((VEC,), mX.element_type)
             cute.autovec_copy(cute.local_tile(mX[t, None], (VEC,), (k0 // VEC,)), xf)
@@ -73,14 +89,14 @@ class HcMix:
             sq = Float32(0.0)
             for e in cutlass.range_constexpr(VEC):
                 sq = sq + xs[e] * xs[e]
-            w = cute.make_rmem_tensor((VEC,), Float32)
             for i in cutlass.range_constexpr(self.group):
                 j = j0 + i
                 if j < self.m:
-                    cute.autovec_copy(cute.local_tile(mFn[j, None], (VEC,), (k0 // VEC,)), w)
+                    if cutlass.const_expr(not self.prefetch):
+                        cute.autovec_copy(cute.local_tile(mFn[j, None], (VEC,), (k0 // VEC,)), w[i, None])
                     a = Float32(0.0)
                     for e in cutlass.range_constexpr(VEC):
-                        a = a + xs[e] * w[e]
+                        a = a + xs[e] * w[i, e]
                     acc[i] = a
                 if j == self.m:
                     acc[i] = sq
@@ -110,14 +126,14 @@ class HcCollapse:
     RmsNorm's bits: one launch less on every sub-layer's critical path."""
 
     def __init__(self, n: int, dim: int, num_partials: int, eps: float, norm_eps: float,
-                 out_norm_eps: float | None = None):
+                 out_norm_eps: float | None = None, pdl: bool = False):
         assert dim % VEC == 0 and num_partials >= 1
         if out_norm_eps is not None and not norm_fits(dim):
             raise ValueError(f"HcCollapse: a fused RMSNorm needs dim % 256 == 0 (whole warps), got {dim}")
         self.n, self.d, self.s = n, dim, num_partials
         self.m = 2 * n + n * n
         self.eps, self.norm_eps = eps, norm_eps
-        self.out_norm_eps = out_norm_eps
+        self.out_norm_eps, self.pdl = out_norm_eps, pdl
         self.threads = dim // VEC
 
     @cute.jit
@@ -130,11 +146,12 @@ class HcCollapse:
 
         self.kernel(mStreams, mPart, mScale, mBase, mNormW, mOut, inv_k, Storage).launch(
             grid=(cute.size(mStreams.shape[0]), 1, 1), block=[self.threads, 1, 1], smem=Storage.size_in_bytes(),
-            stream=stream)
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mStreams: cute.Tensor, mPart: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
                mNormW: cute.Tensor, mOut: cute.Tensor, inv_k: Float32, Storage: cutlass.Constexpr):
+        chain_entry(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
         t, _, _ = cute.arch.block_idx()
         smem = cutlass.memory.SmemAllocator()

@@ -21,6 +21,7 @@ import cutlass.cute as cute
 from cutlass import Boolean, Float32, Int32, Int64
 
 from dsv4_kernels.cute_utils import WARP_OFFSETS, add, butterfly, partial_sum
+from dsv4_kernels.pdl import chain_entry
 
 WARPS = 4                         # tokens per CTA
 MAX_EXPERTS = 1024                # E / 32 scores and keys per lane stay in registers
@@ -45,23 +46,24 @@ class MoeRoute:
     last column unused), summed here in a fixed order: the gate GEMV at decode without a cast and a cuBLAS launch."""
 
     def __init__(self, n_experts: int, topk: int, score_func: str, route_scale: float, hashed: bool,
-                 num_partials: int = 0):
+                 num_partials: int = 0, pdl: bool = False):
         if not supported(n_experts, topk, score_func) or topk > n_experts:
             raise ValueError(f"MoeRoute: unsupported E={n_experts} topk={topk} score_func={score_func!r}")
         self.e, self.k, self.func, self.scale, self.hashed = n_experts, topk, score_func, route_scale, hashed
         self.n = n_experts // 32
-        self.num_partials = num_partials
+        self.num_partials, self.pdl = num_partials, pdl
 
     @cute.jit
     def __call__(self, mLogits: cute.Tensor, mBias: cute.Tensor, mTid2eid: cute.Tensor, mTokenIds: cute.Tensor,
                  mIds: cute.Tensor, mWeights: cute.Tensor, stream):
         T = cute.size(mLogits.shape[0])
         self.kernel(mLogits, mBias, mTid2eid, mTokenIds, mIds, mWeights).launch(
-            grid=((T + WARPS - 1) // WARPS, 1, 1), block=[WARPS * 32, 1, 1], stream=stream)
+            grid=((T + WARPS - 1) // WARPS, 1, 1), block=[WARPS * 32, 1, 1], stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mLogits: cute.Tensor, mBias: cute.Tensor, mTid2eid: cute.Tensor, mTokenIds: cute.Tensor,
                mIds: cute.Tensor, mWeights: cute.Tensor):
+        chain_entry(self.pdl)
         n, k = self.n, self.k
         softmax = self.func == "softmax"
         tidx, _, _ = cute.arch.thread_idx()

@@ -16,6 +16,7 @@ import cutlass.cute as cute
 from cutlass import Float32
 
 from dsv4_kernels.cute_utils import add, butterfly
+from dsv4_kernels.pdl import chain_entry
 
 VEC = 8
 CTA = 128            # threads a CTA gets at least when rows are narrow (several rows per CTA)
@@ -29,10 +30,10 @@ def _row_threads(vectors: int) -> int:
 
 
 class RmsNorm:
-    def __init__(self, dim: int, eps: float, has_weight: bool):
+    def __init__(self, dim: int, eps: float, has_weight: bool, pdl: bool = False):
         if dim % VEC or not 0 < dim <= MAX_DIM:
             raise ValueError(f"RmsNorm: dim must be a multiple of {VEC} in [{VEC}, {MAX_DIM}], got {dim}")
-        self.d, self.eps, self.has_weight = dim, eps, has_weight
+        self.d, self.eps, self.has_weight, self.pdl = dim, eps, has_weight, pdl
         self.nv = dim // VEC
         self.tpr = _row_threads(self.nv)
         self.rows = max(1, CTA // self.tpr)
@@ -49,10 +50,11 @@ class RmsNorm:
         R = cute.size(mX.shape[0])
         self.kernel(mX, mW, mOut, Storage).launch(
             grid=((R + self.rows - 1) // self.rows, 1, 1), block=[self.threads, 1, 1],
-            smem=Storage.size_in_bytes(), stream=stream)
+            smem=Storage.size_in_bytes(), stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, Storage: cutlass.Constexpr):
+        chain_entry(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         R = cute.size(mX.shape[0])

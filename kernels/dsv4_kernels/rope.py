@@ -13,6 +13,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from dsv4_kernels.cute_utils import norm_fits, rms_normalize
+from dsv4_kernels.pdl import chain_entry
 
 VEC = 8
 
@@ -25,12 +26,13 @@ class RopeTail:
     rounded to x's dtype, as CuteOps.rms_norm writes it, then rotated: the norm and RoPE of the attention's
     queries and keys in one launch instead of two, with the same bits (the row sum in RmsNorm's order)."""
 
-    def __init__(self, dim: int, rope_dim: int, inverse: bool, norm: str = "none", eps: float = 0.0):
+    def __init__(self, dim: int, rope_dim: int, inverse: bool, norm: str = "none", eps: float = 0.0,
+                 pdl: bool = False):
         assert dim % VEC == 0 and rope_dim % VEC == 0 and rope_dim <= dim
         if norm not in NORMS or (norm != "none" and not norm_fits(dim)):
             raise ValueError(f"RopeTail: norm {norm!r} with dim {dim} (norms {NORMS}; a norm needs dim % 256 == 0)")
         self.d, self.rd, self.inverse = dim, rope_dim, inverse
-        self.norm, self.eps = norm, eps
+        self.norm, self.eps, self.pdl = norm, eps, pdl
         self.threads = dim // VEC
 
     @cute.jit
@@ -42,11 +44,12 @@ class RopeTail:
 
         self.kernel(mX, mPos, mCos, mSin, mW, mOut, heads, Storage).launch(
             grid=(cute.size(mX.shape[0]), 1, 1), block=[self.threads, 1, 1], smem=Storage.size_in_bytes(),
-            stream=stream)
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mPos: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mW: cute.Tensor,
                mOut: cute.Tensor, heads: Int32, Storage: cutlass.Constexpr):
+        chain_entry(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
         r, _, _ = cute.arch.block_idx()
         frag = cute.make_rmem_tensor((VEC,), mX.element_type)

@@ -13,23 +13,26 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
+from dsv4_kernels.pdl import chain_entry
+
 VEC = 8
 THREADS = 128
 LOG2_E = 1.4426950408889634
 
 
 class Swiglu:
-    def __init__(self, limit: float):
-        self.limit = limit
+    def __init__(self, limit: float, pdl: bool = False):
+        self.limit, self.pdl = limit, pdl
 
     @cute.jit
     def __call__(self, mGate: cute.Tensor, mUp: cute.Tensor, mOut: cute.Tensor, stream):
         total = cute.size(mGate.shape[0]) * (cute.size(mGate.shape[1]) // VEC)
         self.kernel(mGate, mUp, mOut).launch(grid=((total + THREADS - 1) // THREADS, 1, 1), block=[THREADS, 1, 1],
-                                             stream=stream)
+                                             stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mGate: cute.Tensor, mUp: cute.Tensor, mOut: cute.Tensor):
+        chain_entry(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         per_row = cute.size(mGate.shape[1]) // VEC

@@ -296,3 +296,71 @@ def test_side_streams_decode_what_one_stream_decodes(small3, prompts, monkeypatc
     for (ids0, lp0), (ids2, lp2) in zip(results["0"], results["2"]):
         assert ids0 == ids2
         assert max(abs(a - b) for a, b in zip(lp0, lp2)) <= 1e-4
+
+
+def test_the_pdl_chain_computes_the_bits_of_kernels_launched_one_after_another(small3):
+    """Programmatic dependent launch along the decode chain (dsv4_kernels.pdl: each kernel launched while its
+    predecessor runs, waiting in griddepcontrol.wait before it reads or writes) changes when kernels start, not what
+    they compute. Lockstep, one model, two caches: decode graphs captured with the chain and without it, the same
+    steps (eager prompt steps, then 24 decode steps of 5 sequences: the 8-row graph), and the logits bit-equal at
+    every step. A kernel that read its input before the wait would race with its predecessor and differ.
+    (Engines cannot show this: their steps batch by arrival timing, and a different batch rounds differently.)"""
+    import dsv4_kernels.pdl as pdl
+    from dsv4.checkpoint.loader import load_checkpoint
+    from dsv4.engine.cuda_graphs import DecodeGraphs
+    from dsv4.engine.kv_cache import KVCache
+    from dsv4.engine.runner import ModelRunner
+    from dsv4.engine.scheduler import ScheduledStep
+    from dsv4.model.deepseek_v4 import DeepseekV4Model
+    from dsv4.ops import select_ops
+
+    assert pdl.MAX_TOKENS >= 8, "the 8-row graph must take the chain for this test to mean anything"
+    dev = torch.device("cuda")
+    ckpt = load_checkpoint(str(small3), progress=False)
+    ops = select_ops("cute", dev, torch.bfloat16)
+    ops.reserve_positions(2048)
+    model = DeepseekV4Model(ckpt.config, ckpt.tensors, ops, dev, torch.bfloat16)
+    runners = {}
+    for chain in (True, False):
+        pdl.CHAIN = chain
+        try:
+            cache = KVCache(model.cfg, 64, 128, 6, dev, torch.bfloat16)
+            graphs = DecodeGraphs(model, cache.layers, dev, [1, 2, 4, 8], 2048, 128)
+            graphs.capture()
+            runners[chain] = ModelRunner(model, cache, dev, 2048, graphs=graphs)
+        finally:
+            pdl.CHAIN = True
+
+    class S:
+        def __init__(self, rid, ids):
+            self.request_id, self.prompt_ids, self.output_ids, self.num_computed = rid, ids, [], 0
+
+        all_ids = property(lambda self: self.prompt_ids + self.output_ids)
+        token_at = lambda self, i: self.all_ids[i]          # noqa: E731
+        num_tokens = property(lambda self: len(self.prompt_ids) + len(self.output_ids))
+
+    g = torch.Generator().manual_seed(7)
+    prompts = {f"r{i}": torch.randint(2, 500, (n,), generator=g).tolist() for i, n in enumerate(PROMPT_LENGTHS)}
+    seqs = {chain: {k: S(k, list(p)) for k, p in prompts.items()} for chain in runners}
+    schedule = [[(k, len(p))] for k, p in prompts.items()] + [[(k, 1) for k in prompts]] * 24
+    for n, plan in enumerate(schedule):
+        logits = {}
+        for chain, r in runners.items():
+            pdl.CHAIN = chain          # eager steps read it at launch; the graphs were captured with it
+            try:
+                step = ScheduledStep(seqs=[seqs[chain][k] for k, _ in plan], num_tokens=[m for _, m in plan])
+                for s_, m in zip(step.seqs, step.num_tokens):
+                    if s_.request_id not in r.cache:
+                        r.cache.add(s_.request_id)
+                    r.cache.grow(s_.request_id, s_.num_computed + m)
+                logits[chain] = r.execute(step)[0].float()
+            finally:
+                pdl.CHAIN = True
+        torch.cuda.synchronize()
+        assert torch.isfinite(logits[False]).all()
+        assert torch.equal(logits[True], logits[False]), (
+            f"step {n} ({len(plan)} rows): max |diff| {(logits[True] - logits[False]).abs().max().item()}")
+        for k, tok in zip([k for k, _ in plan], logits[False].argmax(-1).tolist(), strict=True):
+            for chain in runners:
+                seqs[chain][k].output_ids.append(tok)
+    assert runners[True].graph_steps == runners[False].graph_steps >= 20

@@ -91,7 +91,7 @@ def test_rms_norm_writes_every_element(R, D, weighted):
     x = torch.randn((R, D), device="cuda").to(BF)
     w = torch.rand(D, device="cuda") + 0.5
     out = torch.full_like(x, float("nan"))
-    _rms_launcher(D, 1e-6, weighted, x, w, out)(x, w, out)
+    _rms_launcher(D, 1e-6, weighted, x.shape[0], x, w, out)(x, w, out)
     torch.cuda.synchronize()
     _close(out, TorchOps("cuda", BF).rms_norm(x, w if weighted else None, 1e-6))
 

@@ -27,7 +27,7 @@ import torch
 from dsv4.checkpoint.formats import FP8BlockTensor, NVFP4Tensor
 from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch
-from dsv4.ops.cute_attention import CuteAttentionMixin, Launcher, placeholder
+from dsv4.ops.cute_attention import CuteAttentionMixin, Launcher, chain_pdl, placeholder
 from dsv4.ops.cute_glue import CuteGlueMixin
 from dsv4.ops.cute_route import CuteRouteMixin
 from dsv4.ops.torch_ops import TorchOps
@@ -280,15 +280,17 @@ _COMPRESS_SPEC = (("t", True), ("t", True)) + (("t", False),) * 9 + (("t", True)
 def _hc_launcher(n: int, iters: int, eps: float, norm_eps: float, num_partials: int, *example: Tensor) -> Launcher:
     """num_partials: 0 for (mixes, mean square) inputs, else the number of HcMix partials per token."""
     from dsv4_kernels.mhc import HcCoefficients
-    return Launcher(("mhc", n, iters, eps, norm_eps, num_partials),
-                    lambda: HcCoefficients(n, iters, eps, norm_eps, num_partials > 0, num_partials), _HC_SPEC,
+    pdl = chain_pdl(example[0].shape[0])
+    return Launcher(("mhc", n, iters, eps, norm_eps, num_partials, pdl),
+                    lambda: HcCoefficients(n, iters, eps, norm_eps, num_partials > 0, num_partials, pdl), _HC_SPEC,
                     list(example) + [1.0])
 
 
 def _mix_launcher(m: int, *example: Tensor) -> Launcher:
-    from dsv4_kernels.mhc_pre import HcMix
-    return Launcher(("hc_mix", m, example[0].dtype), lambda: HcMix(m), (("t", True), ("t", True), ("t", False)),
-                    list(example))
+    from dsv4_kernels import mhc_pre
+    pdl, prefetch = chain_pdl(example[0].shape[0]), mhc_pre.MIX_PREFETCH
+    return Launcher(("hc_mix", m, example[0].dtype, pdl, prefetch), lambda: mhc_pre.HcMix(m, pdl, prefetch),
+                    (("t", True), ("t", True), ("t", False)), list(example))
 
 
 def _collapse_launcher(n: int, dim: int, num_partials: int, eps: float, norm_eps: float, out_norm: bool,
@@ -296,8 +298,9 @@ def _collapse_launcher(n: int, dim: int, num_partials: int, eps: float, norm_eps
     """out_norm: x also gets the sub-layer's RMSNorm (with norm_eps, as the model's)."""
     from dsv4_kernels.mhc_pre import HcCollapse
     out_eps = norm_eps if out_norm else None
-    return Launcher(("hc_collapse", n, dim, num_partials, eps, norm_eps, out_eps, example[0].dtype),
-                    lambda: HcCollapse(n, dim, num_partials, eps, norm_eps, out_eps),
+    pdl = chain_pdl(example[0].shape[0])
+    return Launcher(("hc_collapse", n, dim, num_partials, eps, norm_eps, out_eps, example[0].dtype, pdl),
+                    lambda: HcCollapse(n, dim, num_partials, eps, norm_eps, out_eps, pdl),
                     (("t", True), ("t", False), ("t", False), ("t", False), ("t", True), ("t", True), ("f",)),
                     list(example) + [1.0])
 
@@ -307,8 +310,9 @@ _ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t", True)
 
 def _rope_launcher(dim: int, rope_dim: int, inverse: bool, norm: str, eps: float, *example: Tensor) -> Launcher:
     from dsv4_kernels.rope import RopeTail
-    return Launcher(("rope", dim, rope_dim, inverse, norm, eps, example[0].dtype),
-                    lambda: RopeTail(dim, rope_dim, inverse, norm, eps), _ROPE_SPEC, list(example) + [1])
+    pdl = chain_pdl(example[1].shape[0])          # positions: one per token
+    return Launcher(("rope", dim, rope_dim, inverse, norm, eps, example[0].dtype, pdl),
+                    lambda: RopeTail(dim, rope_dim, inverse, norm, eps, pdl), _ROPE_SPEC, list(example) + [1])
 
 
 def _side_streams_setting() -> int:

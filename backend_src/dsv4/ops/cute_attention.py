@@ -81,6 +81,13 @@ def _fake(t: Tensor, row_align: bool = True):
                                     assumed_align=16 if row_align else t.element_size())
 
 
+def chain_pdl(tokens: int) -> bool:
+    """Whether a chain kernel of a step with `tokens` tokens launches as a programmatic dependent
+    (dsv4_kernels.pdl)."""
+    from dsv4_kernels.pdl import chain
+    return chain(tokens)
+
+
 def _stream():
     import cuda.bindings.driver as cuda
     return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
@@ -320,7 +327,8 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
     wg = M == 64 and wgmma
     Hp = -(-H // M) * M
     ck = (H, d, ratio, window, cache.block_size, topk_entries.shape[1] if csa else 0,
-          topk_entries.dtype if csa else None, num_splits, M, part_bf16, block_n, stages, wg, cluster)
+          topk_entries.dtype if csa else None, num_splits, M, part_bf16, block_n, stages, wg, cluster,
+          chain_pdl(T))
     cfg = plan.launch_cfg.get(ck)
     if cfg is None:
         cfg = plan.launch_cfg[ck] = _launch_config(T, H, d, M, ratio, window, cache.block_size, csa,
@@ -408,17 +416,20 @@ def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, pla
           torch.empty(1, dtype=torch.float32, device=dev), bf, torch.empty((1, 1, 1, 8), dtype=pdt, device=dev),
           torch.empty((1, 1, 1, 2), dtype=torch.float32, device=dev), 1.0, 1, 1]
     n_cluster = splits if in_cluster else 1
+    pdl = chain_pdl(T)
     key = ("attn", d, M, mode, window, block_size, ratio, topk, split, part_bf16, i64, block_n, stages,
-           ROW_TABLE or wgmma, wgmma, n_cluster)
+           ROW_TABLE or wgmma, wgmma, n_cluster, pdl)
     r = ratio if ratio else 1
     if wgmma:
         def make():
             return SparseDecodeAttentionWgmma(d, mode, window, block_size, r, topk, split, block_n=block_n,
-                                              stages=stages, part_bf16=part_bf16, topk_i64=i64, cluster=n_cluster)
+                                              stages=stages, part_bf16=part_bf16, topk_i64=i64, cluster=n_cluster,
+                                              pdl=pdl)
     else:
         def make():
             return SparseDecodeAttention(d, M, mode, window, block_size, r, topk, split, block_n=block_n,
-                                         stages=stages, part_bf16=part_bf16, topk_i64=i64, row_table=ROW_TABLE)
+                                         stages=stages, part_bf16=part_bf16, topk_i64=i64, row_table=ROW_TABLE,
+                                         pdl=pdl)
     fn = Launcher(key, make, _ATTN_SPEC, ex)
     cfn = None
     if split:
@@ -483,10 +494,11 @@ def store_window_kv(kv: Tensor, cache: LayerCache, batch: ForwardBatch) -> None:
     if slots.dtype != torch.int64 or slots.device != kv.device or not slots.is_contiguous():
         slots = slots.to(device=kv.device, dtype=torch.int64).contiguous()
     pool = cache.swa_kv.view(-1, d)
-    fn = _LAUNCHERS.get(("kvw", d))
+    key = ("kvw", d, chain_pdl(src.shape[0]))
+    fn = _LAUNCHERS.get(key)
     if fn is None:
-        fn = _LAUNCHERS[("kvw", d)] = Launcher(("kvw", d), lambda: KVScatter(d),
-                                               (("t", True), ("t", False), ("t", True)), [src, slots, pool])
+        fn = _LAUNCHERS[key] = Launcher(key, lambda: KVScatter(d, key[2]), (("t", True), ("t", False), ("t", True)),
+                                        [src, slots, pool])
     fn(src, slots, pool)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dsv4.ops.cute_attention import Launcher, placeholder
+from dsv4.ops.cute_attention import Launcher, chain_pdl, placeholder
 
 Tensor = torch.Tensor
 
@@ -64,7 +64,8 @@ class CuteGlueMixin:
             w = weight if weight.dtype == torch.float32 else weight.float()
             w = _compact(w)
         out = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-        _rms_launcher(D, float(eps), weight is not None, x2, w, out)(x2, w, out)
+        tokens = x.shape[0] if x.dim() > 1 else 1
+        _rms_launcher(D, float(eps), weight is not None, tokens, x2, w, out)(x2, w, out)
         return out.view(x.shape)
 
     # --- swiglu_mlp --------------------------------------------------------------------------------------------
@@ -110,22 +111,28 @@ _SWIGLU_SPEC = (("t", True), ("t", True), ("t", True))
 _HC_POST_SPEC = (("t", True), ("t", True), ("t", False), ("t", False), ("t", True))
 
 
-def _rms_launcher(dim: int, eps: float, has_weight: bool, *example: Tensor) -> Launcher:
+def _rms_launcher(dim: int, eps: float, has_weight: bool, tokens: int, *example: Tensor) -> Launcher:
     def make():
         from dsv4_kernels.rmsnorm import RmsNorm
-        return RmsNorm(dim, eps, has_weight)
-    return Launcher(("glue-rms", dim, eps, has_weight, example[0].dtype), make, _RMS_SPEC, list(example))
+        return RmsNorm(dim, eps, has_weight, pdl)
+    pdl = chain_pdl(tokens)
+    return Launcher(("glue-rms", dim, eps, has_weight, example[0].dtype, pdl), make, _RMS_SPEC, list(example))
 
 
 def _swiglu_launcher(limit: float, *example: Tensor) -> Launcher:
     def make():
         from dsv4_kernels.swiglu import Swiglu
-        return Swiglu(limit)
-    return Launcher(("glue-swiglu", limit, example[0].dtype, example[2].dtype), make, _SWIGLU_SPEC, list(example))
+        return Swiglu(limit, pdl)
+    pdl = chain_pdl(example[0].shape[0])
+    return Launcher(("glue-swiglu", limit, example[0].dtype, example[2].dtype, pdl), make, _SWIGLU_SPEC,
+                    list(example))
 
 
 def _hc_post_launcher(n: int, *example: Tensor) -> Launcher:
     def make():
         from dsv4_kernels.mhc import HcPost
-        return HcPost(n)
-    return Launcher(("glue-hc-post", n, example[0].dtype, example[1].dtype), make, _HC_POST_SPEC, list(example))
+        return HcPost(n, pdl)
+    pdl = chain_pdl(example[0].shape[0])
+    return Launcher(("glue-hc-post", n, example[0].dtype, example[1].dtype, pdl), make, _HC_POST_SPEC,
+                    list(example))
+

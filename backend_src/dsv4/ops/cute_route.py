@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.ops.cute_attention import Launcher, placeholder
+from dsv4.ops.cute_attention import Launcher, chain_pdl, placeholder
 
 Tensor = torch.Tensor
 
@@ -27,8 +27,9 @@ GATE_MIX_MAX_TOKENS = 16
 def _launcher(E: int, topk: int, score_func: str, route_scale: float, hashed: bool, num_partials: int,
               example: list) -> Launcher:
     from dsv4_kernels.moe_route import MoeRoute
-    return Launcher(("moe_route", E, topk, score_func, float(route_scale), hashed, num_partials),
-                    lambda: MoeRoute(E, topk, score_func, float(route_scale), hashed, num_partials), _ROUTE_SPEC,
+    pdl = chain_pdl(example[0].shape[0])
+    return Launcher(("moe_route", E, topk, score_func, float(route_scale), hashed, num_partials, pdl),
+                    lambda: MoeRoute(E, topk, score_func, float(route_scale), hashed, num_partials, pdl), _ROUTE_SPEC,
                     example)
 
 

@@ -1,0 +1,148 @@
+"""Decode's chain kernels keep the programmatic-dependent-launch protocol (dsv4_kernels.pdl), read off the sm_90a PTX
+compiled on the CPU (CUTE_DSL_ARCH=sm_90a):
+- compiled for PDL, a kernel touches no global memory before `griddepcontrol.wait`, except the kernels that read
+  constant weights there (the FP8 GEMV's first iteration, HcMix's mixing weights), and those only load;
+- compiled without PDL, the kernel never waits (griddepcontrol.wait), as before the chain: a split attention kernel
+  still lets its combine launch early, as it always has."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+import cutlass  # noqa: E402  - a hard requirement: CI must compile every kernel, never skip
+import cutlass.cute as cute  # noqa: E402
+from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
+
+from dsv4_kernels import fp8_gemm  # noqa: E402
+from dsv4_kernels.attention_decode import MODE_WINDOW, SparseDecodeAttention  # noqa: E402
+from dsv4_kernels.attention_decode_wgmma import SparseDecodeAttentionWgmma  # noqa: E402
+from dsv4_kernels.kv_write import KVScatter  # noqa: E402
+from dsv4_kernels.mhc import HcCoefficients, HcPost  # noqa: E402
+from dsv4_kernels.mhc_pre import HcCollapse, HcMix  # noqa: E402
+from dsv4_kernels.moe_route import MoeRoute  # noqa: E402
+from dsv4_kernels.rmsnorm import RmsNorm  # noqa: E402
+from dsv4_kernels.rope import RopeTail  # noqa: E402
+from dsv4_kernels.swiglu import Swiglu  # noqa: E402
+
+BF, I32, I64, F32 = cutlass.BFloat16, cutlass.Int32, cutlass.Int64, cutlass.Float32
+GLOBAL_ACCESS = re.compile(r"\b(ld|st|cp\.async|red|atom)\.[\w.]*global")
+GLOBAL_WRITE = re.compile(r"\b(st|red|atom)\.[\w.]*global")
+PREFETCH_WEIGHTS = {"hc_mix"}          # its fn rows go out before the wait
+
+
+def _t(dtype, rank, rows=True):
+    shape = tuple(cute.sym_int(divisibility=8 if (rows and i == rank - 1) else 1) for i in range(rank))
+    return make_fake_compact_tensor(dtype, shape, stride_order=tuple(range(rank - 1, -1, -1)),
+                                    assumed_align=16 if rows else dtype.width // 8)
+
+
+def _chain_kernels(pdl: bool):
+    """(name, kernel object, fake arguments) of every chain kernel a window layer's decode step launches."""
+    s = make_fake_stream()
+    return [
+        ("rmsnorm", RmsNorm(512, 1e-6, True, pdl), (_t(BF, 2), _t(F32, 1), _t(BF, 2), s)),
+        ("rope", RopeTail(512, 64, False, "weight", 1e-6, pdl),
+         (_t(BF, 2), _t(I64, 1, False), _t(F32, 2, False), _t(F32, 2, False), _t(F32, 1, False), _t(BF, 2), I32(1),
+          s)),
+        ("kv_scatter", KVScatter(512, pdl), (_t(BF, 2), _t(I64, 1, False), _t(BF, 2), s)),
+        ("swiglu", Swiglu(10.0, pdl), (_t(BF, 2), _t(BF, 2), _t(BF, 2), s)),
+        ("route", MoeRoute(256, 6, "sqrtsoftplus", 2.5, False, 4, pdl),
+         (_t(F32, 3, False), _t(F32, 1, False), _t(I64, 2, False), _t(I64, 1, False), _t(I64, 2, False),
+          _t(F32, 2, False), s)),
+        ("hc_coefficients", HcCoefficients(4, 20, 1e-6, 1e-6, True, 4, pdl),
+         (_t(F32, 3, False), _t(F32, 1, False), _t(F32, 1, False), _t(F32, 1, False), _t(F32, 2, False),
+          _t(F32, 2, False), _t(F32, 2, False), F32(1.0), s)),
+        ("hc_post", HcPost(4, pdl), (_t(BF, 2), _t(BF, 3), _t(F32, 2, False), _t(F32, 2, False), _t(BF, 3), s)),
+        ("hc_mix", HcMix(24, pdl), (_t(BF, 2), _t(F32, 2), _t(F32, 3, False), s)),
+        ("hc_collapse", HcCollapse(4, 4096, 16, 1e-6, 1e-6, 1e-6, pdl),
+         (_t(BF, 2), _t(F32, 3, False), _t(F32, 1, False), _t(F32, 1, False), _t(F32, 1, False), _t(BF, 2),
+          F32(1.0), s)),
+        ("attention", SparseDecodeAttention(512, 64, MODE_WINDOW, 128, 128, 128, 64, True, pdl=pdl),
+         (_t(BF, 3), _t(BF, 2), _t(BF, 2), _t(I32, 1, False), _t(I32, 1, False), _t(I32, 2, False),
+          _t(I32, 2, False), _t(I32, 2, False), _t(F32, 1, False), _t(BF, 3), _t(BF, 4), _t(F32, 4, False),
+          F32(0.1), I32(1), I32(1), s)),
+        ("attention_wgmma", SparseDecodeAttentionWgmma(512, MODE_WINDOW, 128, 128, 128, 64, False, cluster=2, pdl=pdl),
+         (_t(BF, 3), _t(BF, 2), _t(BF, 2), _t(I32, 1, False), _t(I32, 1, False), _t(I32, 2, False),
+          _t(I32, 2, False), _t(I32, 2, False), _t(F32, 1, False), _t(BF, 3), _t(F32, 4), _t(F32, 4, False),
+          F32(0.1), I32(1), I32(1), s)),
+    ]
+
+
+def _ptx(tmp_path, kernel, args) -> str:
+    return cute.compile(kernel, *args, options=f"--keep-ptx --dump-dir={tmp_path}").artifacts.PTX
+
+
+def _before_wait(ptx: str) -> str:
+    assert ptx.count("griddepcontrol.wait") >= 1, "a PDL kernel must wait for its predecessor"
+    return ptx.split("griddepcontrol.wait")[0]
+
+
+@pytest.mark.parametrize("index", range(len(_chain_kernels(False))))
+def test_a_chain_kernel_waits_before_it_touches_memory(index, tmp_path):
+    name, kernel, args = _chain_kernels(True)[index]
+    head = _before_wait(_ptx(tmp_path, kernel, args))
+    if name in PREFETCH_WEIGHTS:
+        assert "ld.global" in head and not GLOBAL_WRITE.search(head), f"{name}: weight loads only, before the wait"
+    else:
+        assert not GLOBAL_ACCESS.search(head), f"{name}: global memory access before griddepcontrol.wait"
+    assert "griddepcontrol.launch_dependents" in head, f"{name}: the next kernel should launch while this one runs"
+
+
+@pytest.mark.parametrize("index", range(len(_chain_kernels(False))))
+def test_without_pdl_a_chain_kernel_never_waits(index, tmp_path):
+    name, kernel, args = _chain_kernels(False)[index]
+    ptx = _ptx(tmp_path, kernel, args)
+    assert "griddepcontrol.wait" not in ptx, name
+    if name != "attention":
+        assert "griddepcontrol" not in ptx, name
+
+
+def _gemv_ptx(tmp_path, pdl: bool, groups: int = 1) -> str:
+    n, k = 4096, 1024
+    splits, unroll, prefetch = fp8_gemm.fp8_gemv_plan(n, k)
+    obj = fp8_gemm._Gemv(n, k, 1, splits, unroll, prefetch, (128, 128), groups, pdl)
+    m = cute.sym_int()
+    args = (*fp8_gemm._weight_fakes(n, k, (128, 128)), fp8_gemm._fake(I32, (m, groups * k // 16, 8)),
+            fp8_gemm._fake(BF, (m, n), 2), fp8_gemm._fake(F32, (splits, m, n), 4), I32(1), make_fake_stream())
+    return cute.compile(obj.launch, *args, options=f"--keep-ptx --dump-dir={tmp_path}").artifacts.PTX
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_the_fp8_gemv_loads_weights_before_it_waits_and_x_after(groups, tmp_path):
+    ptx = _gemv_ptx(tmp_path, True, groups)
+    head = _before_wait(ptx)
+    loads = re.findall(r"ld\.global[\w.]*", head)
+    assert loads, "the weight loads should be in flight before griddepcontrol.wait"
+    # x is read only after the wait; before it there are only the weight (v4) and scale loads
+    assert "st.global" not in head
+    tail = ptx.split("griddepcontrol.wait")[1]
+    assert "griddepcontrol.launch_dependents" in tail and re.search(r"ld\.global", tail)
+
+
+def test_the_fp8_gemv_without_pdl_has_no_griddepcontrol(tmp_path):
+    assert "griddepcontrol" not in _gemv_ptx(tmp_path, False)
+
+
+def test_the_token_limit_comes_from_the_environment_or_says_what_is_wrong(monkeypatch):
+    from dsv4_kernels import pdl
+    monkeypatch.setenv("DSV4_CHAIN_PDL_MAX_TOKENS", "16")
+    assert pdl.max_tokens_setting() == 16
+    monkeypatch.delenv("DSV4_CHAIN_PDL_MAX_TOKENS")
+    assert pdl.max_tokens_setting() == 8
+    for bad in ("eight", "-1", "2.5"):
+        monkeypatch.setenv("DSV4_CHAIN_PDL_MAX_TOKENS", bad)
+        with pytest.raises(ValueError, match="DSV4_CHAIN_PDL_MAX_TOKENS"):
+            pdl.max_tokens_setting()
+
+
+def test_only_steps_up_to_the_limit_take_the_chain(monkeypatch):
+    from dsv4_kernels import pdl
+    monkeypatch.setattr(pdl, "MAX_TOKENS", 8)
+    monkeypatch.setattr(pdl, "CHAIN", True)
+    assert pdl.chain(1) and pdl.chain(8) and not pdl.chain(9)
+    monkeypatch.setattr(pdl, "CHAIN", False)
+    assert not pdl.chain(1)
