@@ -68,7 +68,9 @@ Regimes
   iterations ahead, an option to measure (`PREFETCH`, default off: slower in every plan tried on the H100). With more
   than one K split the kernel writes FP32 partials and nvfp4_gemm's `_SplitReduce` sums them (fixed order:
   deterministic). A grouped weight (`groups` > 1, V4's wo_a) is the same kernel with each row group's tiles
-  reading their own K-slice of x.
+  reading their own K-slice of x. In decode's PDL chain (dsv4_kernels.pdl, steps of up to 8 tokens) the kernel is
+  launched while its predecessor runs: a lane's first unrolled iteration of weights and scales is loaded before
+  griddepcontrol.wait (all of them before ACQBULK in the sm_90a SASS, 128 registers), x after it.
 * M > 64 ("prefill"): `_Dequant` writes BF16 row blocks of a reusable workspace (bit-equal to torch's BF16 weight)
   and cuBLAS multiplies.
 
