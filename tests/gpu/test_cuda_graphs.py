@@ -22,6 +22,7 @@ from dsv4.checkpoint.writer import make_checkpoint  # noqa: E402
 from dsv4.config import EngineConfig  # noqa: E402
 from dsv4.engine.engine import Engine  # noqa: E402
 from dsv4.engine.params import SamplingParams  # noqa: E402
+from tests.unit.engine_runs import Seq  # noqa: E402  (the sequence fields ModelRunner reads)
 
 PROMPT_LENGTHS = (1, 17, 126, 300, 700)   # 126: the first ratio-128 window closes while decoding
 NEW_TOKENS = 40
@@ -52,6 +53,30 @@ def collect(outputs) -> tuple[list[int], list[float]]:
         ids += o.token_ids
         lps += o.logprobs or []
     return ids, lps
+
+
+def cute_model(path):
+    """The checkpoint's model on CuteOps, for runners of its own."""
+    from dsv4.checkpoint.loader import load_checkpoint
+    from dsv4.model.deepseek_v4 import DeepseekV4Model
+    from dsv4.ops import select_ops
+
+    dev = torch.device("cuda")
+    ckpt = load_checkpoint(str(path), progress=False)
+    ops = select_ops("cute", dev, torch.bfloat16)
+    ops.reserve_positions(2048)
+    return DeepseekV4Model(ckpt.config, ckpt.tensors, ops, dev, torch.bfloat16), dev
+
+
+def execute(runner, seqs: dict, plan: list[tuple[str, int]]) -> torch.Tensor:
+    """One step of `plan` ((sequence, tokens) pairs) on `runner`, its cache grown first -> fp32 logits."""
+    from dsv4.engine.scheduler import ScheduledStep
+    step = ScheduledStep(seqs=[seqs[k] for k, _ in plan], num_tokens=[n for _, n in plan])
+    for s, n in zip(step.seqs, step.num_tokens):
+        if s.request_id not in runner.cache:
+            runner.cache.add(s.request_id)
+        runner.cache.grow(s.request_id, s.num_computed + n)
+    return runner.execute(step)[0].float()
 
 
 @pytest.fixture(scope="module")
@@ -211,19 +236,11 @@ def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3, graph
     scrambled before each step; logits and compressed caches agree (BF16, padded GEMM M: loose tolerance). With
     `graph_compressor` the compressors run inside the captured pieces from fixed-size padded plans; buckets up to
     `whole` tokens replay the whole step as one graph (per-token decode tables, MixedInputs)."""
-    from dsv4.checkpoint.loader import load_checkpoint
     from dsv4.engine.kv_cache import KVCache
     from dsv4.engine.mixed_graphs import MixedGraphs
     from dsv4.engine.runner import ModelRunner
-    from dsv4.engine.scheduler import ScheduledStep
-    from dsv4.model.deepseek_v4 import DeepseekV4Model
-    from dsv4.ops import select_ops
 
-    dev = torch.device("cuda")
-    ckpt = load_checkpoint(str(small3), progress=False)
-    ops = select_ops("cute", dev, torch.bfloat16)
-    ops.reserve_positions(2048)
-    model = DeepseekV4Model(ckpt.config, ckpt.tensors, ops, dev, torch.bfloat16)
+    model, dev = cute_model(small3)
     runners = []
     for mixed in (False, True):
         cache = KVCache(model.cfg, 32, 128, 6, dev, torch.bfloat16)
@@ -235,33 +252,17 @@ def test_mixed_step_pieces_compute_what_the_plain_forward_computes(small3, graph
             graphs.prepare()
         runners.append(ModelRunner(model, cache, dev, 2048, mixed=graphs))
     plain, mixed = runners
-
-    class S:
-        def __init__(self, rid, ids):
-            self.request_id, self.prompt_ids, self.output_ids, self.num_computed = rid, ids, [], 0
-
-        all_ids = property(lambda self: self.prompt_ids + self.output_ids)
-        token_at = lambda self, i: self.all_ids[i]          # noqa: E731
-        num_tokens = property(lambda self: len(self.prompt_ids) + len(self.output_ids))
-
     g = torch.Generator().manual_seed(5)
     lens = {"a": 125, "b": 3, "c": 40, "d": 300, "e": 9}
     prompts = {k: torch.randint(2, 500, (n,), generator=g).tolist() for k, n in lens.items()}
-    seqs = [{k: S(k, list(p)) for k, p in prompts.items()} for _ in runners]
+    seqs = [{k: Seq(k, list(p)) for k, p in prompts.items()} for _ in runners]
     schedule = [[("a", 125), ("b", 3)], [("a", 1), ("b", 1), ("c", 40)], [("a", 1), ("b", 1), ("c", 1), ("d", 150)],
                 [("a", 1), ("b", 1), ("c", 1), ("d", 150), ("e", 9)], [("a", 1), ("d", 1), ("e", 1)]]
     for plan in schedule:
         for b in mixed.mixed._buckets.values():
             b.token_ids.random_(0, 500)
             b.positions.random_(0, 2048)
-        outs = []
-        for r, ss in zip(runners, seqs):
-            step = ScheduledStep(seqs=[ss[k] for k, _ in plan], num_tokens=[n for _, n in plan])
-            for s, n in zip(step.seqs, step.num_tokens):
-                if s.request_id not in r.cache:
-                    r.cache.add(s.request_id)
-                r.cache.grow(s.request_id, s.num_computed + n)
-            outs.append(r.execute(step)[0].float())
+        outs = [execute(r, ss, plan) for r, ss in zip(runners, seqs)]
         torch.cuda.synchronize()
         want, got = outs
         assert torch.isfinite(got).all()
@@ -306,20 +307,12 @@ def test_the_pdl_chain_computes_the_bits_of_kernels_launched_one_after_another(s
     every step. A kernel that read its input before the wait would race with its predecessor and differ.
     (Engines cannot show this: their steps batch by arrival timing, and a different batch rounds differently.)"""
     import dsv4_kernels.pdl as pdl
-    from dsv4.checkpoint.loader import load_checkpoint
     from dsv4.engine.cuda_graphs import DecodeGraphs
     from dsv4.engine.kv_cache import KVCache
     from dsv4.engine.runner import ModelRunner
-    from dsv4.engine.scheduler import ScheduledStep
-    from dsv4.model.deepseek_v4 import DeepseekV4Model
-    from dsv4.ops import select_ops
 
     assert pdl.MAX_TOKENS >= 8, "the 8-row graph must take the chain for this test to mean anything"
-    dev = torch.device("cuda")
-    ckpt = load_checkpoint(str(small3), progress=False)
-    ops = select_ops("cute", dev, torch.bfloat16)
-    ops.reserve_positions(2048)
-    model = DeepseekV4Model(ckpt.config, ckpt.tensors, ops, dev, torch.bfloat16)
+    model, dev = cute_model(small3)
     runners = {}
     for chain in (True, False):
         pdl.CHAIN = chain
@@ -330,30 +323,16 @@ def test_the_pdl_chain_computes_the_bits_of_kernels_launched_one_after_another(s
             runners[chain] = ModelRunner(model, cache, dev, 2048, graphs=graphs)
         finally:
             pdl.CHAIN = True
-
-    class S:
-        def __init__(self, rid, ids):
-            self.request_id, self.prompt_ids, self.output_ids, self.num_computed = rid, ids, [], 0
-
-        all_ids = property(lambda self: self.prompt_ids + self.output_ids)
-        token_at = lambda self, i: self.all_ids[i]          # noqa: E731
-        num_tokens = property(lambda self: len(self.prompt_ids) + len(self.output_ids))
-
     g = torch.Generator().manual_seed(7)
     prompts = {f"r{i}": torch.randint(2, 500, (n,), generator=g).tolist() for i, n in enumerate(PROMPT_LENGTHS)}
-    seqs = {chain: {k: S(k, list(p)) for k, p in prompts.items()} for chain in runners}
+    seqs = {chain: {k: Seq(k, list(p)) for k, p in prompts.items()} for chain in runners}
     schedule = [[(k, len(p))] for k, p in prompts.items()] + [[(k, 1) for k in prompts]] * 24
     for n, plan in enumerate(schedule):
         logits = {}
         for chain, r in runners.items():
             pdl.CHAIN = chain          # eager steps read it at launch; the graphs were captured with it
             try:
-                step = ScheduledStep(seqs=[seqs[chain][k] for k, _ in plan], num_tokens=[m for _, m in plan])
-                for s_, m in zip(step.seqs, step.num_tokens):
-                    if s_.request_id not in r.cache:
-                        r.cache.add(s_.request_id)
-                    r.cache.grow(s_.request_id, s_.num_computed + m)
-                logits[chain] = r.execute(step)[0].float()
+                logits[chain] = execute(r, seqs[chain], plan)
             finally:
                 pdl.CHAIN = True
         torch.cuda.synchronize()
