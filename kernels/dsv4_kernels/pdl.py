@@ -9,10 +9,12 @@ predecessor has completed and its writes are visible.
 The protocol every kernel launched with `use_pdl=True` keeps (`chain_entry` for kernels that need nothing early):
 - it calls `griddepcontrol.wait` before it reads anything an earlier kernel writes and before it writes anything
   (a later-launched kernel must not overwrite what a running one still reads), in every thread that reads or writes;
-- only constant data (weights, scales) is read before the wait;
+- only constant data (weights, scales) is read before the wait. "Constant" means no kernel of the step writes it:
+  a kernel two launches back may still be running, since the predecessor let this one launch at its own start;
 - `griddepcontrol.launch_dependents` says when the next kernel may be launched: at the start for small kernels
   (their dependents are resident and waiting by the time they finish), after the weight loads for GEMVs (at their
-  start, back-to-back GEMVs would all prefetch at once; measured slower in session 16).
+  start, back-to-back GEMVs would all prefetch at once: slower in session 16, and in session 26 it undid the
+  chain's whole gain at batch 1).
 Since a kernel completes only after its own wait returned, completion is transitive along the chain: a kernel's
 wait also covers every earlier kernel in the stream. Kernels launched without PDL (torch's, cuBLAS) wait for full
 completion as usual, and a PDL kernel after them starts when they end.
