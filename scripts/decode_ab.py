@@ -11,8 +11,6 @@ replays are timed in alternating rounds, so that the machine's drift hits every 
 - two_gate_cublas: two side streams, but the MoE gate GEMV as a cast + cuBLAS for every batch, as before session 22;
 - two_norms_apart: two side streams, but the sub-layer RMSNorms and the q / kv norms as kernels of their own, not
   fused into the mHC collapse and the RoPE kernel;
-- two_gemv_early / two_early8 / two_early4: two side streams, the FP8 GEMVs of the chain (all of them / weights up
-  to 8 MiB / up to 4 MiB) letting the next kernel launch at their start (fp8_gemm.CHAIN_EARLY_TRIGGER_MAX_BYTES);
 - two_mix_late: two side streams, HcMix (mHC mixes, MoE gate) reading its weights after griddepcontrol.wait
   (mhc_pre.MIX_PREFETCH off);
 - two_no_pdl: two side streams, but the chain kernels launched without programmatic dependent launch
@@ -28,7 +26,6 @@ import types
 import torch
 
 import dsv4.ops.cute_route as cute_route
-import dsv4_kernels.fp8_gemm as fp8_gemm
 import dsv4_kernels.mhc_pre as mhc_pre
 import dsv4_kernels.pdl as pdl
 from dsv4.bench_cmd import hbm_bandwidth
@@ -68,9 +65,7 @@ def norm_rope_apart(self, x, weight, eps, positions, rope, rope_dim):
 
 VARIANTS = {"serial": dict(streams=0), "two": dict(streams=2), "two_hc_eager": dict(streams=2, hc_eager=True),
             "two_gate_cublas": dict(streams=2, gate_cublas=True), "two_norms_apart": dict(streams=2, norms_apart=True),
-            "two_no_pdl": dict(streams=2, no_pdl=True), "two_gemv_early": dict(streams=2, early=1 << 40),
-            "two_early8": dict(streams=2, early=8 << 20), "two_early4": dict(streams=2, early=4 << 20),
-            "two_mix_late": dict(streams=2, mix_late=True)}
+            "two_no_pdl": dict(streams=2, no_pdl=True), "two_mix_late": dict(streams=2, mix_late=True)}
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1 32").split()]
 if sys.argv[1:]:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k == "two" or k in sys.argv[1:]}
@@ -79,7 +74,6 @@ if sys.argv[1:]:
 def apply(v: dict) -> None:
     ops.side_streams = sides[:v["streams"]]
     pdl.CHAIN = not v.get("no_pdl")
-    fp8_gemm.CHAIN_EARLY_TRIGGER_MAX_BYTES = v.get("early", 0)
     mhc_pre.MIX_PREFETCH = not v.get("mix_late")
     cute_route.GATE_MIX_MAX_TOKENS = 0 if v.get("gate_cublas") else gate_max
     ops.__dict__.pop("hc_pre_split", None)

@@ -284,9 +284,9 @@ class _Gemv:
     """Decode GEMM: y = x @ W^T for M <= 64, K split `splits` ways (partials in fp32 when splits > 1)."""
 
     def __init__(self, n: int, k: int, mt: int, splits: int, unroll: int, prefetch: int, block: tuple[int, int],
-                 groups: int = 1, pdl: bool = False, early_trigger: bool = False):
+                 groups: int = 1, pdl: bool = False):
         self.n, self.k, self.mt, self.splits, self.unroll, self.prefetch = n, k, mt, splits, unroll, prefetch
-        self.pdl, self.early_trigger = pdl, pdl and early_trigger
+        self.pdl = pdl
         self.group_tiles = n // groups // ROWTILE          # 16-row tiles per group (x K-slice per group)
         self.groups = groups
         self.tiles_per_sblock = block[0] // ROWTILE        # 16-row tiles per scale block row
@@ -328,8 +328,6 @@ class _Gemv:
                 if lane == 0:
                     _prefetch_l2(wbase, Int32(min(self.prefetch, self.iters) * step))
 
-            if cutlass.const_expr(self.early_trigger):
-                cute.arch.griddepcontrol_launch_dependents()
             if cutlass.const_expr(self.pdl):
                 # launched while the kernel that writes x still runs: the first iteration's weights and scales
                 # depend on nothing it writes, so they are in flight before griddepcontrol.wait (dsv4_kernels.pdl)
@@ -358,8 +356,10 @@ class _Gemv:
                                           d[0], d[1], d[2], d[3])
                         for q in cutlass.range_constexpr(4):
                             acc[j * 4 + q] = _fma_f32(d[q], sreg[u], acc[j * 4 + q])
-            if cutlass.const_expr(self.pdl and not self.early_trigger):
-                # the next kernel (split reduce, norm) may launch once every CTA is past its loads
+            if cutlass.const_expr(self.pdl):
+                # the next kernel (split reduce, norm) may launch once every CTA is past its loads; at the start
+                # instead, the next GEMV's CTAs would wait resident beside this one (docs/PERF.md session 26: the
+                # chain's whole gain lost at batch 1)
                 cute.arch.griddepcontrol_launch_dependents()
             n0 = tile * ROWTILE + g
             for j in cutlass.range_constexpr(MT):
@@ -450,12 +450,11 @@ def _weight_fakes(n: int, k: int, block: tuple[int, int]):
 
 
 def compile_gemv(n: int, k: int, mt: int, splits: int, unroll: int, prefetch: int = 0,
-                 block: tuple[int, int] = (128, 128), groups: int = 1, pdl: bool = False,
-                 early_trigger: bool = False):
-    key = ("fp8-gemv", n, k, mt, splits, unroll, prefetch, tuple(block), groups, pdl, early_trigger, _TVM_FFI)
+                 block: tuple[int, int] = (128, 128), groups: int = 1, pdl: bool = False):
+    key = ("fp8-gemv", n, k, mt, splits, unroll, prefetch, tuple(block), groups, pdl, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _Gemv(n, k, mt, splits, unroll, prefetch, tuple(block), groups, pdl, early_trigger)
+        obj = _Gemv(n, k, mt, splits, unroll, prefetch, tuple(block), groups, pdl)
         m = cute.sym_int()
         fn = cute.compile(obj.launch, *_weight_fakes(n, k, block),
                           _fake(Int32, (m, groups * k // 16, 8)), _fake(cutlass.BFloat16, (m, n), 2),
@@ -475,12 +474,6 @@ def compile_dequant(n: int, k: int, block: tuple[int, int] = (128, 128)):
         _COMPILED[key] = fn
     return fn
 
-
-# In the PDL chain (dsv4_kernels.pdl), GEMVs of weights up to this many bytes let the next kernel launch at their
-# start instead of after their weight loads: the kernels after it (split reduce, norm) and the next GEMV then wait
-# resident, and that GEMV's first loads overlap this one's (e.g. wq_b's behind wq_a's). 0 = none; an option to
-# measure (scripts/decode_ab.py two_early4 / two_early8 / two_gemv_early).
-CHAIN_EARLY_TRIGGER_MAX_BYTES = 0
 
 # L2 prefetch distance of the decode kernel in unrolled iterations (0 = off). Off until measured: the NVFP4 GEMV
 # reaches 96 % of HBM without it; `dsv4 bench gemm --fmt fp8 --fp8-plans auto,8x2x2,...` compares.
@@ -568,8 +561,7 @@ def _gemv(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:
         raise ValueError(f"fp8_linear: the decode kernel takes M <= {GEMV_MAX_M}, got {m}")
     splits, unroll, prefetch = _plan(pw)
     pdl = chain(m)
-    fn = compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, prefetch, pw.block, pw.groups, pdl,
-                      pw.n * pw.k <= CHAIN_EARLY_TRIGGER_MAX_BYTES)
+    fn = compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, prefetch, pw.block, pw.groups, pdl)
     xi = x2.view(torch.int32).view(m, pw.groups * pw.k // 16, 8)
     part = gemm_workspace("part", splits * m * pw.n, torch.float32, x2.device).view(splits, m, pw.n)  # 1: unused
     _call(fn, pw.codes, pw.scales, xi, y, part, m)
