@@ -14,7 +14,13 @@ replays are timed in alternating rounds, so that the machine's drift hits every 
 - two_mix_late: two side streams, HcMix (mHC mixes, MoE gate) reading its weights after griddepcontrol.wait
   (mhc_pre.MIX_PREFETCH off);
 - two_no_pdl: two side streams, but the chain kernels launched without programmatic dependent launch
-  (dsv4_kernels.pdl.CHAIN off: each waits for its predecessor's end before it is launched, as before session 26).
+  (dsv4_kernels.pdl.CHAIN off: each waits for its predecessor's end before it is launched, as before session 26);
+- two_gate_late: the MoE ring gate_up launched after the routing kernel ends (nvfp4_moe.GATE_PDL off, as before
+  session 27);
+- two_add_apart: the MoE's routed + shared sum as a torch add before HcPost (as before session 27), not inside it;
+- two_bf16_cublas: the BF16 projections (compressors, indexer weights) on cuBLAS, as before session 27, not on
+  dsv4_kernels.bf16_gemv;
+- three / four: three / four side streams (the CSA layer's two compressors then run beside each other).
 Run on the GPU machine (bundle applied): [BATCHES="1 8 32"] python3 scripts/decode_ab.py [VARIANT ...] (default:
 batches 1 and 32 (at most 32), every variant; "two" always).
 """
@@ -26,7 +32,9 @@ import types
 import torch
 
 import dsv4.ops.cute_route as cute_route
+import dsv4_kernels.bf16_gemv as bf16_gemv
 import dsv4_kernels.mhc_pre as mhc_pre
+import dsv4_kernels.nvfp4_moe as nvfp4_moe
 import dsv4_kernels.pdl as pdl
 from dsv4.bench_cmd import hbm_bandwidth
 from dsv4.bench_decode_cmd import _random_tensors, build_decode_setup, layer_floor_bytes
@@ -44,7 +52,7 @@ ops, model, cache, seqs = setup.ops, setup.model, setup.cache, setup.seqs
 max_len, bs, per_seq = setup.max_len, setup.block_size, setup.width
 bw = hbm_bandwidth()
 floor = sum(layer_floor_bytes(model, i, ctx)["total"] for i in range(L)) / bw * 1e6 / L
-sides = list(ops.side_streams)
+sides = list(ops.side_streams) + [torch.cuda.Stream(dev) for _ in range(2)]    # up to four for "four"
 gate_max = cute_route.GATE_MIX_MAX_TOKENS
 
 
@@ -63,9 +71,15 @@ def norm_rope_apart(self, x, weight, eps, positions, rope, rope_dim):
     return self.rope_tail(self.rms_norm(x, weight, eps), positions, rope, rope_dim)
 
 
+def add_apart(self, y, y2, streams, post, comb):
+    return self.hc_post(y + y2, streams, post, comb)
+
+
 VARIANTS = {"serial": dict(streams=0), "two": dict(streams=2), "two_hc_eager": dict(streams=2, hc_eager=True),
             "two_gate_cublas": dict(streams=2, gate_cublas=True), "two_norms_apart": dict(streams=2, norms_apart=True),
-            "two_no_pdl": dict(streams=2, no_pdl=True), "two_mix_late": dict(streams=2, mix_late=True)}
+            "two_no_pdl": dict(streams=2, no_pdl=True), "two_mix_late": dict(streams=2, mix_late=True),
+            "two_gate_late": dict(streams=2, gate_late=True), "two_add_apart": dict(streams=2, add_apart=True),
+            "two_bf16_cublas": dict(streams=2, bf16_cublas=True), "three": dict(streams=3), "four": dict(streams=4)}
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1 32").split()]
 if sys.argv[1:]:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k == "two" or k in sys.argv[1:]}
@@ -75,9 +89,14 @@ def apply(v: dict) -> None:
     ops.side_streams = sides[:v["streams"]]
     pdl.CHAIN = not v.get("no_pdl")
     mhc_pre.MIX_PREFETCH = not v.get("mix_late")
+    nvfp4_moe.GATE_PDL = not v.get("gate_late")
+    bf16_gemv.ENABLED = not v.get("bf16_cublas")
     cute_route.GATE_MIX_MAX_TOKENS = 0 if v.get("gate_cublas") else gate_max
     ops.__dict__.pop("hc_pre_split", None)
     ops.__dict__.pop("norm_rope_tail", None)
+    ops.__dict__.pop("hc_post_sum", None)
+    if v.get("add_apart"):
+        ops.hc_post_sum = types.MethodType(add_apart, ops)
     if v.get("hc_eager"):
         ops.hc_pre_split = types.MethodType(hc_eager, ops)
     if v.get("norms_apart"):

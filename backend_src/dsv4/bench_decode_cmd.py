@@ -78,6 +78,8 @@ def _nbytes(h: Any) -> int:
         return h.numel() * h.element_size()
     if isinstance(h, (tuple, list)):
         return sum(_nbytes(x) for x in h)
+    if hasattr(h, "codes") and hasattr(h, "dense"):             # PackedBF16: decode reads the packed copy only
+        return _nbytes(h.codes)
     if hasattr(h, "codes") and hasattr(h, "scales"):            # PackedNVFP4, PackedFP8
         return _nbytes(h.codes) + _nbytes(h.scales)
     if hasattr(h, "wkv"):                                        # CompressorWeights

@@ -281,7 +281,12 @@ def _chunk_fragments(wreg, u: int):
 # ------------------------------------------------------------------------------------------------------------
 
 class _Gemv:
-    """Decode GEMM: y = x @ W^T for M <= 64, K split `splits` ways (partials in fp32 when splits > 1)."""
+    """Decode GEMM: y = x @ W^T for M <= 64, K split `splits` ways (partials in fp32 when splits > 1).
+
+    `WORDS` (16-byte weight loads per lane per chunk), `_load` and `_fragments` are what a weight format defines
+    (dsv4_kernels.bf16_gemv subclasses this kernel for plain BF16 weights)."""
+
+    WORDS = 2
 
     def __init__(self, n: int, k: int, mt: int, splits: int, unroll: int, prefetch: int, block: tuple[int, int],
                  groups: int = 1, pdl: bool = False):
@@ -311,7 +316,7 @@ class _Gemv:
         acc = cute.make_rmem_tensor((MT * 4,), Float32)
         for i in cutlass.range_constexpr(MT * 4):
             acc[i] = Float32(0.0)
-        wreg = cute.make_rmem_tensor((4, 2 * U), Int32)    # [word, 2 * chunk + half]
+        wreg = cute.make_rmem_tensor((4, self.WORDS * U), Int32)    # [word, WORDS * chunk + load]
         sreg = cute.make_rmem_tensor((U,), Float32)
         xreg = cute.make_rmem_tensor((8,), Int32)
         if tile < self.n // ROWTILE:
@@ -344,7 +349,7 @@ class _Gemv:
                 else:
                     self._load(mW, mS, wreg, sreg, tile, srow, lane, cb)
                 for u in cutlass.range_constexpr(U):
-                    a = _chunk_fragments(wreg, u)
+                    a = self._fragments(wreg, u)
                     kx = xoff + (cb + u) * 4 + t                   # group of 16 bf16 = 8 u32
                     for j in cutlass.range_constexpr(MT):
                         # token rows >= M are clamped: they only feed accumulator columns that are never stored
@@ -371,6 +376,9 @@ class _Gemv:
                             mY[m, nn] = acc[j * 4 + q].to(cutlass.BFloat16)
                         else:
                             mP[by, m, nn] = acc[j * 4 + q]
+
+    def _fragments(self, wreg: cute.Tensor, u: int) -> list:
+        return _chunk_fragments(wreg, u)
 
     def _load(self, mW: cute.Tensor, mS: cute.Tensor, wreg: cute.Tensor, sreg: cute.Tensor, tile, srow, lane, cb):
         """One unrolled iteration's weight words and chunk scales into registers (traced inline: a Python loop)."""

@@ -124,24 +124,28 @@ class HcPost:
     and comb [T, n * n] fp32 (row-major, comb[t, i * n + j]); D a multiple of 8. Grid (T, D / 1024): a thread owns
     one 8-channel vector of every stream (reads y's and the n streams' vectors once, writes n); the n + n*n
     coefficients of its token are broadcast loads. fp32 math, one rounding to out's dtype, as TorchOps.
+
+    With `sum_y` the sub-layer's output comes in two parts, y = y1 + y2 (the MoE's routed and shared experts), added
+    here and rounded to y1's dtype first, as TorchOps' `y1 + y2` does: one torch add kernel (and the stall of a
+    launch outside the PDL chain) less per layer. Without it y2 is not read (pass y1 twice).
     """
 
-    def __init__(self, n: int, pdl: bool = False):
+    def __init__(self, n: int, pdl: bool = False, sum_y: bool = False):
         if not 1 <= n <= 8:
             raise ValueError(f"HcPost: hc_mult must be in [1, 8], got {n}")
-        self.n, self.pdl = n, pdl
+        self.n, self.pdl, self.sum_y = n, pdl, sum_y
 
     @cute.jit
-    def __call__(self, mY: cute.Tensor, mStreams: cute.Tensor, mPost: cute.Tensor, mComb: cute.Tensor,
-                 mOut: cute.Tensor, stream):
+    def __call__(self, mY: cute.Tensor, mY2: cute.Tensor, mStreams: cute.Tensor, mPost: cute.Tensor,
+                 mComb: cute.Tensor, mOut: cute.Tensor, stream):
         nv = cute.size(mY.shape[1]) // VEC
-        self.kernel(mY, mStreams, mPost, mComb, mOut).launch(
+        self.kernel(mY, mY2, mStreams, mPost, mComb, mOut).launch(
             grid=(cute.size(mY.shape[0]), (nv + POST_THREADS - 1) // POST_THREADS, 1), block=[POST_THREADS, 1, 1],
             stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
-    def kernel(self, mY: cute.Tensor, mStreams: cute.Tensor, mPost: cute.Tensor, mComb: cute.Tensor,
-               mOut: cute.Tensor):
+    def kernel(self, mY: cute.Tensor, mY2: cute.Tensor, mStreams: cute.Tensor, mPost: cute.Tensor,
+               mComb: cute.Tensor, mOut: cute.Tensor):
         chain_entry(self.pdl)
         n = self.n
         tidx, _, _ = cute.arch.thread_idx()
@@ -151,6 +155,10 @@ class HcPost:
             yf = cute.make_rmem_tensor((VEC,), mY.element_type)
             cute.autovec_copy(cute.local_tile(mY[t, None], (VEC,), (v,)), yf)
             y = yf.load().to(Float32)
+            if cutlass.const_expr(self.sum_y):
+                y2f = cute.make_rmem_tensor((VEC,), mY2.element_type)
+                cute.autovec_copy(cute.local_tile(mY2[t, None], (VEC,), (v,)), y2f)
+                y = (y + y2f.load().to(Float32)).to(mY.element_type).to(Float32)
             xs = []
             for i in cutlass.range_constexpr(n):
                 f = cute.make_rmem_tensor((VEC,), mStreams.element_type)

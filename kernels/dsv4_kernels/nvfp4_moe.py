@@ -33,6 +33,7 @@ from cutlass._mlir.dialects import llvm
 
 from dsv4_kernels.nvfp4_gemm import (KCHUNK, ROWTILE, WARPS, _call, _fake, _options, _stream_arg, _TVM_FFI,
                                      decode_chunk, mma_block, prepare_nvfp4_weight)
+from dsv4_kernels.pdl import chain
 
 __all__ = ["PackedExperts", "prepare_nvfp4_experts", "nvfp4_moe", "bench"]
 
@@ -396,6 +397,18 @@ DECODE_MAX_ASSIGN = int(os.environ.get("DSV4_MOE_DECODE_MAX_ASSIGN", str(DECODE_
 # the next one be scheduled once all its CTAs have started, and the next waits in griddepcontrol.wait before it
 # reads its input; the down kernel issues its first weight loads before that wait. Env DSV4_MOE_PDL=0 turns it off.
 DECODE_PDL = os.environ.get("DSV4_MOE_PDL", "1") != "0"
+# ... and the ring gate_up launched as a programmatic dependent of the routing kernel, for steps on the PDL chain
+# (dsv4_kernels.pdl.chain) of at most GATE_PDL_MAX_TOKENS tokens. H100, flash-layers (docs/PERF.md session 27): per
+# layer 0.992-0.994x at batch 1 but 1.009x at batch 8 (its CTAs resident early hold SM slots the routing's side
+# kernels want); batches 2-4 were not measured, so they keep the plain launch. Env DSV4_MOE_GATE_PDL=0 turns it
+# off; read at every launch (A/B runs).
+GATE_PDL = os.environ.get("DSV4_MOE_GATE_PDL", "1") != "0"
+GATE_PDL_MAX_TOKENS = 1
+
+
+def gate_up_pdl(tokens: int) -> bool:
+    """Whether the MoE decode chain's gate_up launches as a programmatic dependent at a step of `tokens`."""
+    return DECODE_PDL and GATE_PDL and tokens <= GATE_PDL_MAX_TOKENS and chain(tokens)
 
 # The decode chain's gate_up and down kernels stream their weights through a cp.async shared-memory ring
 # (dsv4_kernels.nvfp4_moe_ring, bit-identical) where the K split allows. Env DSV4_MOE_RING=0 turns it off.
@@ -490,17 +503,19 @@ def decode_plan(experts: "PackedExperts", num_assign: int, topk: int) -> tuple[i
     return (mt, _split(experts.dim // KCHUNK, want[0]), _split(experts.inter // KCHUNK, want[1]), unroll)
 
 
-def _decode_kernels(E, D, I, mt, ks1, ks2, topk, clamp, id_t=cutlass.Int64, wt_t=Float32, unroll=4, pdl=False):
+def _decode_kernels(E, D, I, mt, ks1, ks2, topk, clamp, id_t=cutlass.Int64, wt_t=Float32, unroll=4, pdl=False,
+                    gate_pdl=False):
     """The decode chain: (gate_up, SwiGLU or None, down, ring_up, ring_down). With the cp.async ring and an unsplit
-    gate_up, gate_up applies the SwiGLU itself (no SwiGLU kernel); ring kernels take a trailing `limit` arg."""
+    gate_up, gate_up applies the SwiGLU itself (no SwiGLU kernel); ring kernels take a trailing `limit` arg.
+    `gate_pdl`: the ring gate_up launches as a programmatic dependent of the kernel before it (the routing)."""
     from dsv4_kernels import nvfp4_moe_ring as ring
     ring_up = DECODE_RING and ring.ring_fits(D, ks1)
     ring_down = DECODE_RING and ring.ring_fits(I, ks2)
     swiglu = None
     if ring_up and ks1 == 1:
-        f1 = ring.compile_decode_ring("gateup_h", E, 2 * I, D, mt, 1, topk, id_t, wt_t, clamp=clamp)
+        f1 = ring.compile_decode_ring("gateup_h", E, 2 * I, D, mt, 1, topk, id_t, wt_t, gate_pdl, clamp=clamp)
     else:
-        f1 = ring.compile_decode_ring("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t) if ring_up else \
+        f1 = ring.compile_decode_ring("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, gate_pdl) if ring_up else \
             compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, unroll)
         swiglu = compile_decode_swiglu(E, I, ks1, clamp, id_t, pdl)
     f2 = ring.compile_decode_ring("down", E, D, I, mt, ks2, topk, id_t, wt_t, pdl) if ring_down else \
@@ -529,7 +544,7 @@ def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
     mt, ks1, ks2, unroll = decode_plan(experts, A, topk)
     pdl = DECODE_PDL
     f1, swiglu, f2, ring_up, ring_down = _decode_kernels(E, D, I, mt, ks1, ks2, topk, swiglu_limit > 0, id_t, wt_t,
-                                                         unroll, pdl)
+                                                         unroll, pdl, gate_up_pdl(T))
     lim = float(swiglu_limit)
     h = torch.empty((A, I), dtype=torch.bfloat16, device=dev)
     yp = torch.empty((ks2, A, D), dtype=torch.float32, device=dev)
@@ -668,7 +683,8 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
                 compile_finalize(D, topk, ks2, DECODE_PDL)
                 continue
             mt, ks1, ks2, unroll = decode_plan(experts, t * topk, topk)
-            _decode_kernels(E, D, I, mt, ks1, ks2, topk, swiglu_limit > 0, unroll=unroll, pdl=DECODE_PDL)
+            _decode_kernels(E, D, I, mt, ks1, ks2, topk, swiglu_limit > 0, unroll=unroll, pdl=DECODE_PDL,
+                            gate_pdl=gate_up_pdl(t))
             compile_finalize(D, topk, ks2, DECODE_PDL)
             continue
         mt = _mt_for(t * topk, E)

@@ -4,7 +4,9 @@ Same work split, routing, epilogues and per-lane accumulation order as nvfp4_moe
 bit-identical (tested); only the way weights reach the math changes: each lane copies its 16 B per chunk (and the
 first 4U lanes the stage's scales) with cp.async into a STAGES-deep shared-memory ring per warp, STAGES - 1 stages
 ahead of the math, instead of holding U chunks in registers (nvfp4_gemv_async has the measurements that motivated
-it). With PDL (down kernel) the first stages go out before griddepcontrol.wait, as _Decode's prefetch does.
+it). With PDL (down kernel) the first stages go out before griddepcontrol.wait, as _Decode's prefetch does. The
+gate_up kernel, on steps of the PDL chain (dsv4_kernels.pdl), launches early behind the routing kernel and waits
+first (H100, flash-layers batch 1: 0.992x the layer time, docs/PERF.md session 27).
 
 Because a warp keeps its loads in flight along a whole K, the decode plan drops the K splits with the ring
 (nvfp4_moe.decode_plan), and the unsplit gate_up applies the SwiGLU in its epilogue ("gateup_h": no SwiGLU kernel,
@@ -47,6 +49,10 @@ class _DecodeRing:
             raise ValueError(f"MoE ring decode: a split of {self.cps} chunks is not a multiple of U={u} (<= 8)")
         self.u, self.stages, self.nit = u, stages, self.cps // u
         self.prefetch = pdl and mode == "down"
+        # gate_up launched as a programmatic dependent of the routing kernel: resident before the routing ends, it
+        # waits before it reads the ids, and lets the down kernel launch only after that wait, since the down
+        # kernel reads the ids before its own wait
+        self.wait_first = pdl and mode != "down"
 
     @cute.jit
     def _issue(self, w0: Int64, s0: Int64, sw0: Int32, ss0: Int32, e: Int32, tile: Int32, warp: Int32,
@@ -70,6 +76,8 @@ class _DecodeRing:
         sw, ss, sw0, ss0 = ring_smem(st, S, U)
         w0 = mW.iterator.toint()
         s0 = mS.iterator.toint()
+        if cutlass.const_expr(self.wait_first):
+            cute.arch.griddepcontrol_wait()
         cute.arch.griddepcontrol_launch_dependents()
         e, dup, m0, m1, cnt = _slot_routing(mIds, n_assign, slot_a, lane)
         acc = cute.make_rmem_tensor((MT * 4,), Float32)
@@ -127,7 +135,7 @@ class _DecodeRing:
         grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
         self.kernel(mW, mS, mIds, mX, mWt, mAl, mOut, n_assign, limit, Storage).launch(
             grid=[grid_x, n_assign, self.ks], block=[WARPS * 32, 1, 1], smem=Storage.size_in_bytes(),
-            stream=stream, use_pdl=self.prefetch)
+            stream=stream, use_pdl=self.prefetch or self.wait_first)
 
 
 def ring_fits(k: int, ks: int, u: int = RING_U) -> bool:

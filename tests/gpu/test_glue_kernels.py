@@ -157,9 +157,21 @@ def test_hc_post_writes_every_element(T, n, D):
     y, streams, post, comb = _hc_inputs(T, n, D, seed=T + D)
     c2 = comb.reshape(T, n * n).contiguous()
     out = torch.full_like(streams, float("nan"))
-    _hc_post_launcher(n, y, streams, post, c2, out)(y, streams, post, c2, out)
+    _hc_post_launcher(n, False, y, y, streams, post, c2, out)(y, y, streams, post, c2, out)
     torch.cuda.synchronize()
     _close(out, TorchOps("cuda", BF).hc_post(y, streams, post, comb))
+
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("n,D", [(4, 4096), (4, 1024), (2, 256)])
+def test_hc_post_of_a_two_part_output_is_hc_post_of_their_bf16_sum(T, n, D):
+    """The MoE's routed + shared outputs, added inside the kernel: the same bits as hc_post(y + y2) on CuteOps (the
+    sum rounded to bf16 first, as torch's add), and close to TorchOps."""
+    y, streams, post, comb = _hc_inputs(T, n, D, seed=T * 17 + D)
+    y2 = (torch.randn((T, D), device="cuda", generator=_gen(T + 5)) * 3).to(BF)
+    got = _cute().hc_post_sum(y, y2, streams, post, comb)
+    assert torch.equal(got, _cute().hc_post(y + y2, streams, post, comb))
+    _close(got, TorchOps("cuda", BF).hc_post_sum(y, y2, streams, post, comb))
 
 
 # --- CUDA graphs -------------------------------------------------------------------------------------------------

@@ -64,9 +64,10 @@ def test_swiglu_compiles(dtype, out, limit):
 
 @pytest.mark.parametrize("n", [4, 2])
 @pytest.mark.parametrize("dtype", [BF, F32])
-def test_hc_post_compiles(n, dtype):
-    cute.compile(HcPost(n), _fake(BF, 2), _fake(dtype, 3), _fake(F32, 2, False), _fake(F32, 2, False),
-                 _fake(dtype, 3), make_fake_stream())
+@pytest.mark.parametrize("sum_y", [False, True])
+def test_hc_post_compiles(n, dtype, sum_y):
+    cute.compile(HcPost(n, sum_y=sum_y), _fake(BF, 2), _fake(BF, 2), _fake(dtype, 3), _fake(F32, 2, False),
+                 _fake(F32, 2, False), _fake(dtype, 3), make_fake_stream())
 
 
 # --- the engine's host path: Launcher, fake tensors built from torch tensors, --enable-tvm-ffi -----------------------
@@ -100,12 +101,13 @@ def test_swiglu_tvm_ffi_compile_path(limit):
 
 
 @pytest.mark.parametrize("n", [4, 2])
-def test_hc_post_tvm_ffi_compile_path(n):
+@pytest.mark.parametrize("sum_y", [False, True])
+def test_hc_post_tvm_ffi_compile_path(n, sum_y):
     import torch
     _, cg = _glue()
     y = torch.empty((1, 64), dtype=torch.bfloat16)
     s = torch.empty((1, n, 64), dtype=torch.bfloat16)
-    assert cg._hc_post_launcher(n, y, s, torch.empty((1, n)), torch.empty((1, n * n)), s).tvm
+    assert cg._hc_post_launcher(n, sum_y, y, y, s, torch.empty((1, n)), torch.empty((1, n * n)), s).tvm
 
 
 def test_mixin_sits_ahead_of_torch_ops():

@@ -3,7 +3,8 @@ compiled on the CPU (CUTE_DSL_ARCH=sm_90a):
 - compiled for PDL, a kernel touches no global memory before `griddepcontrol.wait`, except the kernels that read
   constant weights there (the FP8 GEMV's first iteration, HcMix's mixing weights), and those only load;
 - compiled without PDL, the kernel never waits (griddepcontrol.wait), as before the chain: a split attention kernel
-  still lets its combine launch early, as it always has."""
+  still lets its combine launch early, as it always has;
+- the MoE ring gate_up waits before anything else (the down kernel it lets launch reads the routing early)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,10 @@ def _chain_kernels(pdl: bool):
         ("hc_coefficients", HcCoefficients(4, 20, 1e-6, 1e-6, True, 4, pdl),
          (_t(F32, 3, False), _t(F32, 1, False), _t(F32, 1, False), _t(F32, 1, False), _t(F32, 2, False),
           _t(F32, 2, False), _t(F32, 2, False), F32(1.0), s)),
-        ("hc_post", HcPost(4, pdl), (_t(BF, 2), _t(BF, 3), _t(F32, 2, False), _t(F32, 2, False), _t(BF, 3), s)),
+        ("hc_post", HcPost(4, pdl), (_t(BF, 2), _t(BF, 2), _t(BF, 3), _t(F32, 2, False), _t(F32, 2, False),
+                                     _t(BF, 3), s)),
+        ("hc_post_sum", HcPost(4, pdl, sum_y=True), (_t(BF, 2), _t(BF, 2), _t(BF, 3), _t(F32, 2, False),
+                                                     _t(F32, 2, False), _t(BF, 3), s)),
         ("hc_mix", HcMix(24, pdl), (_t(BF, 2), _t(F32, 2), _t(F32, 3, False), s)),
         ("hc_collapse", HcCollapse(4, 4096, 16, 1e-6, 1e-6, 1e-6, pdl),
          (_t(BF, 2), _t(F32, 3, False), _t(F32, 1, False), _t(F32, 1, False), _t(F32, 1, False), _t(BF, 2),
@@ -125,6 +129,38 @@ def test_the_fp8_gemv_loads_weights_before_it_waits_and_x_after(groups, tmp_path
 
 def test_the_fp8_gemv_without_pdl_has_no_griddepcontrol(tmp_path):
     assert "griddepcontrol" not in _gemv_ptx(tmp_path, False)
+
+
+def _moe_ring_ptx(tmp_path, mode: str, pdl: bool) -> str:
+    from dsv4_kernels import nvfp4_moe_ring as ring
+    e, d, inter, topk = 8, 1024, 512, 6
+    n, k = (2 * inter, d) if mode == "gateup_h" else (d, inter)
+    obj = ring._DecodeRing(mode, n, k, 1, 1, topk, 4, 4, pdl)
+    a = cute.sym_int()
+    xin = ring._fake(I32, (a if mode == "down" else cute.sym_int(), k // 16, 8))
+    out = ring._fake(BF, (a, n // 2), 2) if mode == "gateup_h" else ring._fake(F32, (1, a, n), 4)
+    args = (ring._fake(I32, (e, n // 16, k // 64, 32, 4)), ring._fake(cutlass.Int16, (e, n // 16, k // 64, 32), 2),
+            ring._fake(I64, (a,), 4), xin, ring._fake(F32, (a,), 2), ring._fake(F32, (e, 3), 4), out, I32(1),
+            F32(0.0), make_fake_stream())
+    return cute.compile(obj.launch, *args, options=f"--keep-ptx --dump-dir={tmp_path}").artifacts.PTX
+
+
+def test_the_moe_gate_up_waits_for_the_routing_before_it_reads_ids_or_lets_the_down_kernel_launch(tmp_path):
+    """The down kernel reads the expert ids before its own wait, so gate_up, launched early behind the routing
+    kernel, may only let it launch after gate_up's wait has returned."""
+    ptx = _moe_ring_ptx(tmp_path, "gateup_h", True)
+    head = _before_wait(ptx)
+    assert not GLOBAL_ACCESS.search(head) and "griddepcontrol.launch_dependents" not in head
+    assert "griddepcontrol.launch_dependents" in ptx.split("griddepcontrol.wait")[1]
+
+
+def test_the_moe_down_kernel_streams_weights_before_it_waits_for_h(tmp_path):
+    head = _before_wait(_moe_ring_ptx(tmp_path, "down", True))
+    assert "cp.async" in head and not GLOBAL_WRITE.search(head)
+
+
+def test_the_moe_gate_up_without_pdl_never_waits(tmp_path):
+    assert "griddepcontrol.wait" not in _moe_ring_ptx(tmp_path, "gateup_h", False)
 
 
 def test_the_token_limit_comes_from_the_environment_or_says_what_is_wrong(monkeypatch):

@@ -156,14 +156,16 @@ class DeepseekV4Model:
         def keys() -> Tensor:
             return ops.norm_rope_tail(ops.linear(x, L.wkv), L.kv_norm, cfg.norm_eps, positions, rope, rd)
 
-        def compressor_inputs() -> tuple[Any, Any]:
-            C, I = L.compressor, L.idx_compressor
-            comp = (ops.linear(x, C.wkv), ops.linear(x, C.wgate))
-            return comp, (ops.linear(x, I.wkv), ops.linear(x, I.wgate)) if ratio == 4 else None
+        def projections(C: CompressorWeights) -> Callable[[], tuple[Tensor, Tensor]]:
+            return lambda: (ops.linear(x, C.wkv), ops.linear(x, C.wgate))
 
-        if ratio:
-            (q, iq, head_w), kv, (post, comb), (comp, idx_comp) = ops.concurrently(queries, keys, hc_coefficients,
-                                                                                   compressor_inputs)
+        if ratio == 4:   # the indexer's compressor a piece of its own: with enough side streams the two overlap
+            (q, iq, head_w), kv, (post, comb), comp, idx_comp = ops.concurrently(
+                queries, keys, hc_coefficients, projections(L.compressor), projections(L.idx_compressor))
+        elif ratio:
+            (q, iq, head_w), kv, (post, comb), comp = ops.concurrently(queries, keys, hc_coefficients,
+                                                                       projections(L.compressor))
+            idx_comp = None
         else:
             (q, iq, head_w), kv, (post, comb) = ops.concurrently(queries, keys, hc_coefficients)
             comp = idx_comp = None
@@ -212,11 +214,13 @@ class DeepseekV4Model:
         fn, scale, base = L.hc["ffn"]
         x, hc_coefficients = ops.hc_pre_split(h, fn, scale, base, cfg.norm_eps, cfg.hc_sinkhorn_iters, cfg.hc_eps,
                                               norm_weight=L.ffn_norm)
-        y, (post, comb) = self.moe(x, L, token_ids, hc_coefficients)
-        return ops.hc_post(y, h, post, comb)
+        (routed, shared), (post, comb) = self.moe(x, L, token_ids, hc_coefficients)
+        return ops.hc_post_sum(routed, shared, h, post, comb)
 
-    def moe(self, x: Tensor, L: LayerWeights, token_ids: Tensor, beside: Callable[[], Any]) -> tuple[Tensor, Any]:
-        """The MoE sub-layer -> (its output, what `beside` returns: a piece run concurrently with it)."""
+    def moe(self, x: Tensor, L: LayerWeights, token_ids: Tensor,
+            beside: Callable[[], Any]) -> tuple[tuple[Tensor, Tensor], Any]:
+        """The MoE sub-layer -> ((routed experts' output, shared expert's output), what `beside` returns: a piece
+        run concurrently with it). The sub-layer's output is their sum, which the caller leaves to hc_post_sum."""
         cfg, ops = self.cfg, self.ops
 
         def routed() -> Tensor:
@@ -225,7 +229,7 @@ class DeepseekV4Model:
             return ops.moe(x, ids, weights, L.experts, cfg.swiglu_limit)
 
         out, shared, other = ops.concurrently(routed, lambda: ops.swiglu_mlp(x, *L.shared, cfg.swiglu_limit), beside)
-        return out + shared, other
+        return (out, shared), other
 
     def logits(self, h: Tensor, rows: Tensor) -> Tensor:
         """FP32 logits [len(rows), vocab] of the residual streams' `rows`."""

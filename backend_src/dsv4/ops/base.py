@@ -146,6 +146,11 @@ class Ops(ABC):
     @abstractmethod
     def hc_post(self, y: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor: ...
 
+    def hc_post_sum(self, y: Tensor, y2: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        """hc_post(y + y2, ...): a sub-layer whose output comes in two parts (the MoE's routed and shared experts),
+        summed in y's dtype. Backends may fuse the add into their hc_post."""
+        return self.hc_post(y + y2, streams, post, comb)
+
     @abstractmethod
     def hc_head(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, hc_eps: float) -> Tensor: ...
 

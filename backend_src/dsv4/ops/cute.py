@@ -34,6 +34,8 @@ from dsv4.ops.torch_ops import TorchOps
 
 import dsv4_kernels  # noqa: F401  (raises ImportError where CuTe DSL is missing: select_ops then picks torch)
 from dsv4_kernels.cute_utils import norm_fits
+from dsv4_kernels import bf16_gemv
+from dsv4_kernels.bf16_gemv import PackedBF16, bf16_kernel_ok, bf16_linear, prepare_bf16_weight
 from dsv4_kernels.fp8_gemm import PackedFP8, fp8_kernel_ok, fp8_linear, prepare_fp8_weight
 from dsv4_kernels.nvfp4_gemm import KCHUNK, ROWTILE, PackedNVFP4, nvfp4_linear, prepare_nvfp4_weight
 from dsv4_kernels.nvfp4_moe import PackedExperts, nvfp4_moe, prepare_nvfp4_experts
@@ -110,7 +112,12 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
                 return prepare_fp8_weight(_fp8_to(weight, self.device), self.device)
             except ValueError as e:   # NaN codes / non-finite scales: TorchOps reproduces them, the kernel cannot
                 log.warning("FP8 weight %s kept on the torch path: %s", tuple(weight.shape), e)
-        return super().prepare_linear(weight)
+        w = super().prepare_linear(weight)
+        if isinstance(weight, torch.Tensor) and self.dtype == torch.bfloat16 and bf16_kernel_ok(w):
+            # the checkpoint's BF16 projections (compressors, indexer weights): a GEMV for decode, the dense weight
+            # for prefill; quantised weights the kernels above cannot take stay dense as before
+            return prepare_bf16_weight(w)
+        return w
 
     def prepare_grouped_linear(self, weight: Any, groups: int) -> Any:
         if self.fp8_weights and _fp8_kernel_ok(weight):
@@ -135,9 +142,15 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         if isinstance(w, PackedFP8):
             y = fp8_linear(x.to(torch.bfloat16), w)
             return y if self.dtype == torch.bfloat16 else y.to(self.dtype)
+        if isinstance(w, PackedBF16):
+            if bf16_gemv.ENABLED:
+                return bf16_linear(x.to(torch.bfloat16), w)
+            return super().linear(x, w.dense)
         return super().linear(x, w)
 
     def lm_head(self, x: Tensor, w: Any) -> Tensor:
+        if isinstance(w, PackedBF16):                     # FP32 logits from the dense head (TorchOps.lm_head)
+            return super().lm_head(x, w.dense)
         if isinstance(w, (PackedNVFP4, PackedFP8)):     # a quantised head: the kernels write BF16
             return self.linear(x, w).float()
         return super().lm_head(x, w)

@@ -5,7 +5,7 @@ two mHC updates per layer, so these chains were a good share of a decode step's 
 - `rms_norm`: dsv4_kernels.rmsnorm (fp32 math, one rounding to x's dtype, as F.rms_norm on an fp32 copy);
 - `swiglu_mlp`: the two projections and the down projection stay `self.linear`; the activation between them is
   dsv4_kernels.swiglu, which writes x's dtype directly (TorchOps: fp32 activation, then a cast);
-- `hc_post`: dsv4_kernels.mhc.HcPost.
+- `hc_post`, `hc_post_sum`: dsv4_kernels.mhc.HcPost.
 
 `CuteGlueMixin` has the TorchOps signatures and goes ahead of TorchOps in the bases (CuteOps(CuteGlueMixin,
 CuteAttentionMixin, TorchOps)); whatever the kernels do not cover (CPU tensors, other dtypes, dims not a multiple of
@@ -90,25 +90,40 @@ class CuteGlueMixin:
     # --- hc_post -----------------------------------------------------------------------------------------------
     def hc_post(self, y: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
         """One kernel (dsv4_kernels.mhc.HcPost) instead of TorchOps' ~6 launches."""
+        if not self._hc_post_fits(y, streams, post, comb):
+            return super().hc_post(y, streams, post, comb)
+        return self._hc_post_kernel(y, None, streams, post, comb)
+
+    def hc_post_sum(self, y: Tensor, y2: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        """hc_post(y + y2, ...) with the add inside the HcPost kernel (the MoE's routed + shared outputs)."""
+        if not (self._hc_post_fits(y, streams, post, comb) and y2.shape == y.shape and y2.dtype == y.dtype
+                and y2.device == y.device):
+            return super().hc_post_sum(y, y2, streams, post, comb)
+        return self._hc_post_kernel(y, y2, streams, post, comb)
+
+    def _hc_post_fits(self, y: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> bool:
         if not self.fused_glue or streams.dim() != 3 or y.dim() != 2:
-            return super().hc_post(y, streams, post, comb)
+            return False
         T, n, D = streams.shape
-        if not (streams.is_cuda and streams.dtype in _FLOATS and y.dtype in _FLOATS and y.shape == (T, D)
+        return (streams.is_cuda and streams.dtype in _FLOATS and y.dtype in _FLOATS and y.shape == (T, D)
                 and 1 <= n <= 8 and D % _VEC == 0 and T and D and post.shape == (T, n) and comb.shape == (T, n, n)
-                and post.is_floating_point() and comb.is_floating_point()):
-            return super().hc_post(y, streams, post, comb)
-        y2 = _rows(y, D)
+                and post.is_floating_point() and comb.is_floating_point())
+
+    def _hc_post_kernel(self, y: Tensor, y2: Tensor | None, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        T, n, D = streams.shape
+        ya = _rows(y, D)
+        yb = ya if y2 is None else _rows(y2, D)
         s3 = _rows(streams, D).view(T, n, D)
         p2 = _compact(post.float(), 4)
         c2 = _compact(comb.float().reshape(T, n * n), 4)
         out = torch.empty((T, n, D), dtype=streams.dtype, device=streams.device)
-        _hc_post_launcher(n, y2, s3, p2, c2, out)(y2, s3, p2, c2, out)
+        _hc_post_launcher(n, y2 is not None, ya, yb, s3, p2, c2, out)(ya, yb, s3, p2, c2, out)
         return out
 
 
 _RMS_SPEC = (("t", True), ("t", True), ("t", True))
 _SWIGLU_SPEC = (("t", True), ("t", True), ("t", True))
-_HC_POST_SPEC = (("t", True), ("t", True), ("t", False), ("t", False), ("t", True))
+_HC_POST_SPEC = (("t", True), ("t", True), ("t", True), ("t", False), ("t", False), ("t", True))
 
 
 def _rms_launcher(dim: int, eps: float, has_weight: bool, tokens: int, *example: Tensor) -> Launcher:
@@ -128,11 +143,11 @@ def _swiglu_launcher(limit: float, *example: Tensor) -> Launcher:
                     list(example))
 
 
-def _hc_post_launcher(n: int, *example: Tensor) -> Launcher:
+def _hc_post_launcher(n: int, sum_y: bool, *example: Tensor) -> Launcher:
     def make():
         from dsv4_kernels.mhc import HcPost
-        return HcPost(n, pdl)
+        return HcPost(n, pdl, sum_y)
     pdl = chain_pdl(example[0].shape[0])
-    return Launcher(("glue-hc-post", n, example[0].dtype, example[1].dtype, pdl), make, _HC_POST_SPEC,
+    return Launcher(("glue-hc-post", n, sum_y, example[0].dtype, example[2].dtype, pdl), make, _HC_POST_SPEC,
                     list(example))
 
