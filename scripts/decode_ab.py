@@ -18,8 +18,11 @@ replays are timed in alternating rounds, so that the machine's drift hits every 
 - two_gate_late: the MoE ring gate_up launched after the routing kernel ends (nvfp4_moe.GATE_PDL off, as before
   session 27);
 - two_add_apart: the MoE's routed + shared sum as a torch add before HcPost (as before session 27), not inside it;
-- two_bf16_cublas: the BF16 projections (compressors, indexer weights) on cuBLAS, as before session 27, not on
-  dsv4_kernels.bf16_gemv;
+- two_unstacked: a compressed layer's projections of x (compressor, indexer compressor, indexer weights) as one
+  BF16 GEMV each, not one GEMV over their stacked weight;
+- two_bf16_cublas: those projections one cuBLAS GEMM each, as before session 27 (not dsv4_kernels.bf16_gemv);
+- two_indexer_scores: short contexts score the indexer entries before taking all visible ones (as before
+  session 27), not dsv4_kernels.indexer.VisibleEntries alone;
 - three / four: three / four side streams (the CSA layer's two compressors then run beside each other).
 Run on the GPU machine (bundle applied): [BATCHES="1 8 32"] python3 scripts/decode_ab.py [VARIANT ...] (default:
 batches 1 and 32 (at most 32), every variant; "two" always).
@@ -31,6 +34,7 @@ import types
 
 import torch
 
+import dsv4.ops.cute_attention as cute_attention
 import dsv4.ops.cute_route as cute_route
 import dsv4_kernels.bf16_gemv as bf16_gemv
 import dsv4_kernels.mhc_pre as mhc_pre
@@ -71,6 +75,11 @@ def norm_rope_apart(self, x, weight, eps, positions, rope, rope_dim):
     return self.rope_tail(self.rms_norm(x, weight, eps), positions, rope, rope_dim)
 
 
+def unstacked(self, x, stack):
+    """Each projection of a LinearStack as a weight of its own, whatever the token count."""
+    return tuple(self.linear(x, p) for p in stack.parts)
+
+
 def add_apart(self, y, y2, streams, post, comb):
     return self.hc_post(y + y2, streams, post, comb)
 
@@ -79,7 +88,9 @@ VARIANTS = {"serial": dict(streams=0), "two": dict(streams=2), "two_hc_eager": d
             "two_gate_cublas": dict(streams=2, gate_cublas=True), "two_norms_apart": dict(streams=2, norms_apart=True),
             "two_no_pdl": dict(streams=2, no_pdl=True), "two_mix_late": dict(streams=2, mix_late=True),
             "two_gate_late": dict(streams=2, gate_late=True), "two_add_apart": dict(streams=2, add_apart=True),
-            "two_bf16_cublas": dict(streams=2, bf16_cublas=True), "three": dict(streams=3), "four": dict(streams=4)}
+            "two_unstacked": dict(streams=2, unstacked=True), "two_indexer_scores": dict(streams=2, scores=True),
+            "two_bf16_cublas": dict(streams=2, bf16_cublas=True, unstacked=True), "three": dict(streams=3),
+            "four": dict(streams=4)}
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1 32").split()]
 if sys.argv[1:]:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k == "two" or k in sys.argv[1:]}
@@ -91,10 +102,14 @@ def apply(v: dict) -> None:
     mhc_pre.MIX_PREFETCH = not v.get("mix_late")
     nvfp4_moe.GATE_PDL = not v.get("gate_late")
     bf16_gemv.ENABLED = not v.get("bf16_cublas")
+    cute_attention.VISIBLE_SHORTCUT = not v.get("scores")
     cute_route.GATE_MIX_MAX_TOKENS = 0 if v.get("gate_cublas") else gate_max
     ops.__dict__.pop("hc_pre_split", None)
     ops.__dict__.pop("norm_rope_tail", None)
     ops.__dict__.pop("hc_post_sum", None)
+    ops.__dict__.pop("linear_stack", None)
+    if v.get("unstacked"):
+        ops.linear_stack = types.MethodType(unstacked, ops)
     if v.get("add_apart"):
         ops.hc_post_sum = types.MethodType(add_apart, ops)
     if v.get("hc_eager"):

@@ -82,8 +82,10 @@ def _nbytes(h: Any) -> int:
         return _nbytes(h.codes)
     if hasattr(h, "codes") and hasattr(h, "scales"):            # PackedNVFP4, PackedFP8
         return _nbytes(h.codes) + _nbytes(h.scales)
-    if hasattr(h, "wkv"):                                        # CompressorWeights
-        return _nbytes(h.wkv) + _nbytes(h.wgate) + _nbytes(h.ape) + _nbytes(h.norm)
+    if hasattr(h, "weight") and hasattr(h, "sizes"):             # cute's LinearStack
+        return _nbytes(h.weight)
+    if hasattr(h, "ape"):                                        # CompressorWeights
+        return _nbytes(h.ape) + _nbytes(h.norm)
     raise TypeError(f"no byte count for {type(h).__name__}")
 
 
@@ -92,7 +94,7 @@ def layer_floor_bytes(model, i: int, context: int, fp8: bool = False) -> dict[st
     from dsv4.ops.fp8_rows import Fp8Rows
     cfg, L = model.cfg, model.layers[i]
     w = sum(_nbytes(getattr(L, f)) for f in ("attn_norm", "ffn_norm", "wq_a", "q_norm", "wq_b", "wkv", "kv_norm",
-                                             "wo_a", "wo_b", "sink", "compressor", "idx_wq_b", "idx_weights_proj",
+                                             "wo_a", "wo_b", "sink", "compressor", "idx_wq_b", "x_proj",
                                              "idx_compressor", "gate", "gate_bias", "shared"))
     w += sum(_nbytes(t) for t in L.hc.values())
     ex = L.experts

@@ -24,6 +24,7 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.cute.nvgpu import cpasync, warp
 
 from dsv4_kernels.cute_utils import mn_view
+from dsv4_kernels.pdl import chain_entry
 
 INT64_MIN = -(1 << 63)
 
@@ -174,3 +175,34 @@ class IndexerScores:
                         s = s + sRed[j, tidx]
                     key = (Int64(_order_bits(s)) << 32) + (Int64(4294967295) - Int64(e))
                 mKeys[t, e] = key
+
+
+class VisibleEntries:
+    """The indexer's selection where nothing has to be selected: while a step's positions (or, in a CUDA graph,
+    those it was captured for) reach at most 4 x top-k, every entry a query may see is taken, so the scores are not
+    needed at all. out[t, e] = e for e < (pos[t] + 1) // 4 (its visible count, capped at `width`, a runtime argument:
+one compiled kernel for every step), else -1, for e
+    in [0, topk): what indexer_topk built from the scores' keys with four torch launches and the scoring kernel
+    before (H100, session 27: ~8 us of a CSA layer's critical path at batch 1). One CTA per token."""
+
+    THREADS = 256
+
+    def __init__(self, pdl: bool = False):
+        self.pdl = pdl
+
+    @cute.jit
+    def __call__(self, mPos: cute.Tensor, mOut: cute.Tensor, width: Int32, stream):
+        self.kernel(mPos, mOut, width).launch(grid=(cute.size(mOut.shape[0]), 1, 1), block=[self.THREADS, 1, 1],
+                                              stream=stream, use_pdl=self.pdl)
+
+    @cute.kernel
+    def kernel(self, mPos: cute.Tensor, mOut: cute.Tensor, width: Int32):
+        chain_entry(self.pdl)
+        tidx, _, _ = cute.arch.thread_idx()
+        t, _, _ = cute.arch.block_idx()
+        n_vis = cutlass.min((Int32(mPos[t]) + 1) // 4, width)
+        for e in cutlass.range(tidx, cute.size(mOut.shape[1]), self.THREADS):
+            v = Int64(-1)
+            if e < n_vis:
+                v = Int64(e)
+            mOut[t, e] = v

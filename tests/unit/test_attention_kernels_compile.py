@@ -15,7 +15,7 @@ from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, Spar
                                            SplitCombine, plan_splits)
 from dsv4_kernels.attention_decode_wgmma import SparseDecodeAttentionWgmma  # noqa: E402
 from dsv4_kernels.gather_read import GatherRead  # noqa: E402
-from dsv4_kernels.indexer import IndexerScores  # noqa: E402
+from dsv4_kernels.indexer import IndexerScores, VisibleEntries  # noqa: E402
 from dsv4_kernels.kv_write import KVScatter  # noqa: E402
 from dsv4_kernels.mhc import HcCoefficients  # noqa: E402
 from dsv4_kernels.mhc_pre import HcCollapse, HcMix  # noqa: E402
@@ -88,6 +88,11 @@ def test_gather_read_refuses_rows_it_cannot_split():
 def test_indexer_scores_compiles(dk, M):
     cute.compile(IndexerScores(dk, M, 128), _fake(BF, 3), _fake(F32, 2, False), _fake(BF, 2), _fake(I32, 1, False),
                  _fake(I32, 1, False), _fake(I32, 2, False), _fake(I64, 2, False), make_fake_stream())
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_indexer_visible_entries_compiles(pdl):
+    cute.compile(VisibleEntries(pdl), _fake(I32, 1, False), _fake(I64, 2, False), I32(512), make_fake_stream())
 
 
 def test_tvm_ffi_compile_path():

@@ -84,3 +84,42 @@ def test_cute_ops_packs_the_checkpoints_bf16_projections_and_nothing_else():
     x = torch.randn(2, 4096).to(torch.bfloat16)
     logits = ops.lm_head(x, pw)                      # a small head that got packed: FP32 logits off the dense weight
     assert logits.dtype == torch.float32 and torch.allclose(logits, x.float() @ w.float().T, rtol=1e-3, atol=1e-3)
+
+
+def _cpu_cute_ops():
+    from dsv4.ops.cute import CuteOps
+    ops = CuteOps.__new__(CuteOps)                   # CuteOps' dispatch without a GPU
+    ops.device, ops.dtype, ops.fp8_weights, ops.fused_glue = torch.device("cpu"), torch.bfloat16, True, True
+    return ops
+
+
+def test_a_compressed_layers_projections_of_x_become_one_stacked_weight_whose_outputs_split_back():
+    from dsv4.ops.cute import LinearStack
+    from dsv4.ops.torch_ops import TorchOps
+    ops = _cpu_cute_ops()
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(n, 256, generator=g).to(torch.bfloat16) for n in (128, 128, 32, 32, 16)]
+    stack = ops.prepare_linear_stack(ws)
+    assert isinstance(stack, LinearStack) and stack.sizes == (128, 128, 32, 32, 16)
+    assert torch.equal(stack.weight.dense, torch.cat(ws))
+    for part, w in zip(stack.parts, ws):             # each projection's own weight: views of the stacked rows
+        assert torch.equal(part.dense, w) and torch.equal(B.unpack_bf16(part.codes), w)
+        assert part.codes.data_ptr() >= stack.weight.codes.data_ptr() and part.codes.is_contiguous()
+    torch_ops = TorchOps("cpu", torch.bfloat16)
+    for t in (1, 3):
+        x = torch.randn(t, 256, generator=g).to(torch.bfloat16)
+        y = x @ stack.weight.dense.T                 # what the GEMV (or cuBLAS above 64 rows) returns
+        parts = stack.split(y)
+        for part, w in zip(parts, ws):
+            assert part.shape == (t, w.shape[0]) and torch.equal(part, torch_ops.linear(x, w))
+        if t == 1:                                   # one token: compact slices, no copy for the kernels after
+            assert all(p.is_contiguous() and p.stride() == (p.shape[1], 1) for p in parts)
+
+
+def test_stacks_the_kernel_cannot_take_stay_separate_projections():
+    from dsv4.checkpoint.formats import quantize_fp8_block
+    ops = _cpu_cute_ops()
+    mixed = ops.prepare_linear_stack([torch.randn(32, 128).to(torch.bfloat16), torch.randn(32, 64).to(torch.bfloat16)])
+    assert isinstance(mixed, tuple) and len(mixed) == 2                 # different K
+    fp8 = ops.prepare_linear_stack([quantize_fp8_block(torch.randn(64, 128))])
+    assert isinstance(fp8, tuple)

@@ -21,6 +21,7 @@ from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # n
 from dsv4_kernels import fp8_gemm  # noqa: E402
 from dsv4_kernels.attention_decode import MODE_WINDOW, SparseDecodeAttention  # noqa: E402
 from dsv4_kernels.attention_decode_wgmma import SparseDecodeAttentionWgmma  # noqa: E402
+from dsv4_kernels.indexer import VisibleEntries  # noqa: E402
 from dsv4_kernels.kv_write import KVScatter  # noqa: E402
 from dsv4_kernels.mhc import HcCoefficients, HcPost  # noqa: E402
 from dsv4_kernels.mhc_pre import HcCollapse, HcMix  # noqa: E402
@@ -51,6 +52,7 @@ def _chain_kernels(pdl: bool):
           s)),
         ("kv_scatter", KVScatter(512, pdl), (_t(BF, 2), _t(I64, 1, False), _t(BF, 2), s)),
         ("swiglu", Swiglu(10.0, pdl), (_t(BF, 2), _t(BF, 2), _t(BF, 2), s)),
+        ("visible_entries", VisibleEntries(pdl), (_t(I32, 1, False), _t(I64, 2, False), I32(512), s)),
         ("route", MoeRoute(256, 6, "sqrtsoftplus", 2.5, False, 4, pdl),
          (_t(F32, 3, False), _t(F32, 1, False), _t(I64, 2, False), _t(I64, 1, False), _t(I64, 2, False),
           _t(F32, 2, False), s)),

@@ -21,8 +21,6 @@ Tensor = torch.Tensor
 
 @dataclass
 class CompressorWeights:
-    wkv: Any
-    wgate: Any
     ape: Tensor
     norm: Tensor
 
@@ -42,8 +40,10 @@ class LayerWeights:
     sink: Tensor
     compressor: CompressorWeights | None
     idx_wq_b: Any | None
-    idx_weights_proj: Any | None
     idx_compressor: CompressorWeights | None
+    # the compressed layers' projections of x, one ops.prepare_linear_stack: compressor wkv, wgate; ratio 4 also
+    # the indexer compressor's wkv, wgate and the indexer's weights_proj
+    x_proj: Any | None
     gate: Tensor          # [E, D] fp32
     gate_bias: Tensor | None
     tid2eid: Tensor | None
@@ -85,9 +85,13 @@ class DeepseekV4Model:
             return ops.prepare_linear(tensors[f"{name}.weight"])
 
         def compressor(p: str) -> CompressorWeights:
-            return CompressorWeights(wkv=ops.prepare_linear(tensors[f"{p}.wkv.weight"]),
-                                     wgate=ops.prepare_linear(tensors[f"{p}.wgate.weight"]),
-                                     ape=small(f"{p}.ape"), norm=small(f"{p}.norm.weight"))
+            return CompressorWeights(ape=small(f"{p}.ape"), norm=small(f"{p}.norm.weight"))
+
+        def x_projections(a: str, ratio: int) -> Any:
+            names = [f"{a}.compressor.wkv", f"{a}.compressor.wgate"]
+            if ratio == 4:
+                names += [f"{a}.indexer.compressor.wkv", f"{a}.indexer.compressor.wgate", f"{a}.indexer.weights_proj"]
+            return ops.prepare_linear_stack([tensors[f"{n}.weight"] for n in names])
 
         self.embed = small("embed.weight", dtype)
         self.head = lin("head")
@@ -109,8 +113,8 @@ class DeepseekV4Model:
                 sink=small(f"{a}.attn_sink"),
                 compressor=compressor(f"{a}.compressor") if ratio else None,
                 idx_wq_b=lin(f"{a}.indexer.wq_b") if ratio == 4 else None,
-                idx_weights_proj=lin(f"{a}.indexer.weights_proj") if ratio == 4 else None,
                 idx_compressor=compressor(f"{a}.indexer.compressor") if ratio == 4 else None,
+                x_proj=x_projections(a, ratio) if ratio else None,
                 gate=small(f"{f}.gate.weight"),
                 gate_bias=None if cfg.is_hash_layer(i) else small(f"{f}.gate.bias"),
                 tid2eid=small(f"{f}.gate.tid2eid").long() if cfg.is_hash_layer(i) else None,
@@ -144,31 +148,31 @@ class DeepseekV4Model:
         rope = cfg.rope_for_layer(i)
         nh, ihd = cfg.index_n_heads, cfg.index_head_dim
 
-        def queries() -> tuple[Tensor, Tensor | None, Tensor | None]:
+        def queries() -> tuple[Tensor, Tensor | None]:
             q_latent = ops.rms_norm(ops.linear(x, L.wq_a), L.q_norm, cfg.norm_eps)
             q = ops.linear(q_latent, L.wq_b).view(T, H, hd)
             q = ops.norm_rope_tail(q, None, cfg.norm_eps, positions, rope, rd)
             if ratio != 4:
-                return q, None, None
-            iq = ops.rope_tail(ops.linear(q_latent, L.idx_wq_b).view(T, nh, ihd), positions, rope, rd)
-            return q, iq, ops.linear(x, L.idx_weights_proj).float() * (ihd ** -0.5 * nh ** -0.5)
+                return q, None
+            return q, ops.rope_tail(ops.linear(q_latent, L.idx_wq_b).view(T, nh, ihd), positions, rope, rd)
 
         def keys() -> Tensor:
             return ops.norm_rope_tail(ops.linear(x, L.wkv), L.kv_norm, cfg.norm_eps, positions, rope, rd)
 
-        def projections(C: CompressorWeights) -> Callable[[], tuple[Tensor, Tensor]]:
-            return lambda: (ops.linear(x, C.wkv), ops.linear(x, C.wgate))
+        def x_projections() -> tuple[Any, Any, Tensor | None]:
+            """(compressor (kv, score), indexer compressor (kv, score) or None, indexer head weights or None): one
+            pass over the stacked weight (a decode step's one GEMV on CuteOps)."""
+            p = ops.linear_stack(x, L.x_proj)
+            if ratio != 4:
+                return (p[0], p[1]), None, None
+            return (p[0], p[1]), (p[2], p[3]), p[4].float() * (ihd ** -0.5 * nh ** -0.5)
 
-        if ratio == 4:   # the indexer's compressor a piece of its own: with enough side streams the two overlap
-            (q, iq, head_w), kv, (post, comb), comp, idx_comp = ops.concurrently(
-                queries, keys, hc_coefficients, projections(L.compressor), projections(L.idx_compressor))
-        elif ratio:
-            (q, iq, head_w), kv, (post, comb), comp = ops.concurrently(queries, keys, hc_coefficients,
-                                                                       projections(L.compressor))
-            idx_comp = None
+        if ratio:
+            (q, iq), kv, (post, comb), (comp, idx_comp, head_w) = ops.concurrently(queries, keys, hc_coefficients,
+                                                                                   x_projections)
         else:
-            (q, iq, head_w), kv, (post, comb) = ops.concurrently(queries, keys, hc_coefficients)
-            comp = idx_comp = None
+            (q, iq), kv, (post, comb) = ops.concurrently(queries, keys, hc_coefficients)
+            comp = idx_comp = head_w = None
         a = AttnInputs(q=q, kv=kv, comp=comp, idx_comp=idx_comp, iq=iq, head_w=head_w)
         if compress_batch is not None and ratio:
             self._compress(a, i, cache, compress_batch)

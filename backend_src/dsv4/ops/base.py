@@ -107,6 +107,15 @@ class Ops(ABC):
     @abstractmethod
     def linear(self, x: Tensor, w: Any) -> Tensor: ...
 
+    def prepare_linear_stack(self, weights: list[Any]) -> Any:
+        """Several projections of one input, prepared so that `linear_stack` may compute them in one pass (CuteOps
+        stacks BF16 ones into one GEMV); here simply each one prepared."""
+        return tuple(self.prepare_linear(w) for w in weights)
+
+    def linear_stack(self, x: Tensor, stack: Any) -> tuple[Tensor, ...]:
+        """(x @ W_0^T, x @ W_1^T, ...) for a `prepare_linear_stack` result."""
+        return tuple(self.linear(x, w) for w in stack)
+
     def lm_head(self, x: Tensor, w: Any) -> Tensor:
         """FP32 logits x @ head^T (DeepSeek computes the LM head in FP32)."""
         return self.linear(x, w).float()

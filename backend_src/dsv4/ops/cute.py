@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -55,6 +56,36 @@ def _kernel_ok(w: Any) -> bool:
 def _fp8_kernel_ok(w: Any) -> bool:
     """FP8-block linear weights the W8A16 GEMM takes (2-D, N % 16, K % 64, blocks multiples of (16, 64))."""
     return isinstance(w, FP8BlockTensor) and fp8_kernel_ok(w)
+
+
+@dataclass
+class LinearStack:
+    """Projections of one input as one weight (rows stacked); `sizes` are the projections' output widths, `parts`
+    each projection's own weight (views of the stacked one's rows: no extra memory)."""
+
+    weight: PackedBF16
+    sizes: tuple[int, ...]
+    parts: tuple[PackedBF16, ...] = ()
+
+    @staticmethod
+    def of(weight: PackedBF16, sizes: tuple[int, ...]) -> "LinearStack":
+        parts, a = [], 0
+        for w in sizes:
+            parts.append(PackedBF16(weight.codes[a // 16:(a + w) // 16], weight.dense[a:a + w], w, weight.k))
+            a += w
+        return LinearStack(weight, sizes, tuple(parts))
+
+    def split(self, y: Tensor) -> tuple[Tensor, ...]:
+        """The stacked output [..., sum(sizes)] as the projections' outputs. For one token each piece is a compact
+        slice (what the kernels after it take without a copy); for more, column views."""
+        lead, n = y.shape[:-1], y.shape[-1]
+        rows = y.reshape(-1, n)
+        out, a = [], 0
+        for w in self.sizes:
+            piece = rows.view(-1)[a:a + w] if rows.shape[0] == 1 else rows[:, a:a + w]
+            out.append(piece.reshape(*lead, w))
+            a += w
+        return tuple(out)
 
 
 class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
@@ -147,6 +178,27 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
                 return bf16_linear(x.to(torch.bfloat16), w)
             return super().linear(x, w.dense)
         return super().linear(x, w)
+
+    def prepare_linear_stack(self, weights: list[Any]) -> Any:
+        """BF16 projections of one input (a compressed layer's compressor and indexer projections of x): their rows
+        stacked into one weight, so that decode runs one GEMV for all of them instead of one launch chain each."""
+        if self.dtype == torch.bfloat16 and weights and all(isinstance(w, torch.Tensor) for w in weights):
+            dense = [TorchOps.prepare_linear(self, w) for w in weights]
+            if all(d.dtype == torch.bfloat16 and d.dim() == 2 and d.shape[1] == dense[0].shape[1] for d in dense):
+                cat = torch.cat(dense)
+                if bf16_kernel_ok(cat) and all(d.shape[0] % ROWTILE == 0 for d in dense):
+                    return LinearStack.of(prepare_bf16_weight(cat), tuple(d.shape[0] for d in dense))
+        return super().prepare_linear_stack(weights)
+
+    def linear_stack(self, x: Tensor, stack: Any) -> tuple[Tensor, ...]:
+        """One token: one GEMV over the stacked weight (flash-layers batch 1: 0.986-0.991x the layer time of a GEMV
+        per projection). More: a GEMV per projection, whose outputs the kernels after it take without a copy
+        (batch 8: the stacked GEMV measured 1.006-1.010x; docs/PERF.md session 27)."""
+        if isinstance(stack, LinearStack):
+            if x.numel() == x.shape[-1]:
+                return stack.split(self.linear(x, stack.weight))
+            return tuple(self.linear(x, p) for p in stack.parts)
+        return super().linear_stack(x, stack)
 
     def lm_head(self, x: Tensor, w: Any) -> Tensor:
         if isinstance(w, PackedBF16):                     # FP32 logits from the dense head (TorchOps.lm_head)

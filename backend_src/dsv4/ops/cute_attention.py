@@ -438,6 +438,12 @@ def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, pla
     return fn, cfn, splits, per, mode, in_cluster
 
 
+# Short contexts (no more indexer entries than top-k): take every visible entry without scoring them
+# (dsv4_kernels.indexer.VisibleEntries). Env DSV4_INDEXER_VISIBLE_SHORTCUT=0 scores them first as before session 27
+# (A/B runs); read at every call.
+VISIBLE_SHORTCUT = os.environ.get("DSV4_INDEXER_VISIBLE_SHORTCUT", "1") != "0"
+
+
 def indexer_topk(q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
                  batch: ForwardBatch, plan: AttentionPlan | None = None) -> Tensor:
     """The CuTe path of Ops.indexer_topk: [T, topk] int64 entry numbers in no particular order, -1 where fewer than
@@ -447,8 +453,20 @@ def indexer_topk(q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: i
     T, nh, dk = q.shape
     dev = q.device
     plan = plan or plan_for(batch, dev)
-    result = torch.full((T, topk), -1, dtype=torch.long, device=dev)
     width = (plan.max_pos + 1) // 4
+    if 0 < width <= topk and T and VISIBLE_SHORTCUT:
+        # every entry fits (the step's positions, or in a graph those it was captured for, reach at most 4 x topk):
+        # no selection, so no scores either, only the entries each query may see
+        result = torch.empty((T, topk), dtype=torch.long, device=dev)
+        key = ("visible", chain_pdl(T))
+        fn = _LAUNCHERS.get(key)
+        if fn is None:
+            from dsv4_kernels.indexer import VisibleEntries
+            fn = _LAUNCHERS[key] = Launcher(key, lambda: VisibleEntries(key[1]),
+                                            (("t", False), ("t", False), ("i",)), [plan.pos, result, width])
+        fn(plan.pos, result, width)
+        return result
+    result = torch.full((T, topk), -1, dtype=torch.long, device=dev)
     if width == 0 or T == 0:
         return result
     M = 16 if nh <= 16 else (32 if nh <= 32 else 64)      # all heads in one CTA (the sum runs over them)
@@ -471,9 +489,7 @@ def indexer_topk(q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: i
         fn = plan.launch_cfg[fkey] = Launcher(("indexer", dk, M, block_size),
                                               lambda: IndexerScores(dk, M, block_size), spec, ex)
     fn(qk, w, pool, plan.pos, plan.seq, plan.comp_bt, keys)
-    if width <= topk:
-        # every entry fits (the step's positions, or in a graph those it was captured for, reach at most 4 x topk):
-        # no selection at all, only the entries a query cannot see masked
+    if width <= topk:          # only with VISIBLE_SHORTCUT off: the same entries, from the scores' keys
         ent = torch.arange(width, device=dev).expand(T, width)
         result[:, :width] = ent.masked_fill(keys == INT64_MIN, -1)
         return result
