@@ -2,13 +2,13 @@
 and V4-Pro, M = 1 and 8, cold L2 (the weight is one of enough copies to hold 3x the L2, taken in turn), both inside
 one CUDA graph of 40 calls; roofline = weight bytes / time over the measured HBM copy bandwidth.
 Run on the GPU machine (bundle applied): python3 scripts/bench_bf16_gemv.py [OUT.json]"""
+import itertools
 import json
-import statistics
 import sys
 
 import torch
 
-from dsv4.bench_cmd import hbm_bandwidth
+from dsv4.bench_cmd import hbm_bandwidth, time_ms
 from dsv4_kernels import bf16_gemv as B
 
 SHAPES = {"flash": [("csa compressor wkv", 1024, 4096), ("hca compressor wkv", 512, 4096),
@@ -18,27 +18,10 @@ SHAPES = {"flash": [("csa compressor wkv", 1024, 4096), ("hca compressor wkv", 5
 N = 40
 
 
-def graph_us(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(N):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(N):
-            fn(i)
-    ts = []
-    for _ in range(7):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e3 / N)
-    return statistics.median(ts)
+def graph_us(f) -> float:
+    """Per call, in a CUDA graph of N calls whose call i takes f(i) (the weight copies in turn)."""
+    calls = itertools.count()
+    return time_ms(lambda: f(next(calls)), reps=7, inner=N) * 1e3
 
 
 bw = hbm_bandwidth()

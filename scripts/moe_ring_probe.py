@@ -2,10 +2,11 @@
 CUDA graph of 40 calls with a different expert set per call (cold L2), for several ring depths / chunks per stage;
 next to torch's plain read of the gate_up bytes (the peer) and the whole nvfp4_moe call.
 Run on the GPU machine (bundle applied): python3 scripts/moe_ring_probe.py"""
-import statistics
+import itertools
 
 import torch
 
+from dsv4.bench_cmd import time_ms
 from dsv4.checkpoint.formats import quantize_nvfp4
 from dsv4_kernels import nvfp4_moe as MO
 from dsv4_kernels import nvfp4_moe_ring as R
@@ -28,27 +29,11 @@ gu_bytes = k * (ex.w13_codes[0].numel() * 4 + ex.w13_scales[0].numel() * 2)
 dn_bytes = k * (ex.w2_codes[0].numel() * 4 + ex.w2_scales[0].numel() * 2)
 print("MB per call", bw_bytes / 1e6, "gate_up", gu_bytes / 1e6, "down", dn_bytes / 1e6)
 
-def graph_time(fn, reps=5):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(N):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        for i in range(N):
-            fn(i)
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        gr.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e3 / N)
-    return statistics.median(ts)
+def graph_time(f) -> float:
+    """Per call, in a CUDA graph of N calls whose call i takes f(i) (expert set i)."""
+    calls = itertools.count()
+    return time_ms(lambda: f(next(calls) % N), reps=5, inner=N) * 1e3
+
 
 A = k
 h = torch.empty((A, I), dtype=torch.bfloat16, device=dev)

@@ -26,7 +26,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from dsv4_kernels.fp8_gemm import KCHUNK, ROWTILE, WARPS, _Gemv
-from dsv4_kernels.nvfp4_gemm import (GEMV_MAX_M, _call, _fake, _options, _stream_arg, _TVM_FFI,
+from dsv4_kernels.nvfp4_gemm import (GEMV_MAX_M, PackedWeight, _call, _fake, _options, _stream_arg, _TVM_FFI,
                                      compile_split_reduce, gemm_workspace)
 from dsv4_kernels.pdl import chain
 
@@ -40,20 +40,13 @@ MAX_N = 16384        # larger BF16 weights (the LM head) are not decode projecti
 
 
 @dataclass
-class PackedBF16:
+class PackedBF16(PackedWeight):
     codes: torch.Tensor          # int32 [N/16, K/64, 4, 32, 4]: lane-ordered A fragments
+    scales: torch.Tensor         # float32 [1, 1] of 1.0: the kernel's scale argument (BF16 weights have none)
     dense: torch.Tensor          # the bf16 [N, K] weight itself (steps of more than GEMV_MAX_M tokens)
     n: int
     k: int
-    cache: dict = field(default_factory=dict)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.k)
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
+    cache: dict = field(default_factory=dict, repr=False)
 
 
 def bf16_kernel_ok(w: Any) -> bool:
@@ -84,7 +77,8 @@ def prepare_bf16_weight(w: torch.Tensor, device: torch.device | str | None = Non
                          f"{tuple(getattr(w, 'shape', ()))}")
     dense = w.to(device) if device is not None else w
     dense = dense.contiguous()
-    return PackedBF16(pack_bf16(dense), dense, dense.shape[0], dense.shape[1])
+    return PackedBF16(pack_bf16(dense), torch.ones((1, 1), dtype=torch.float32, device=dense.device), dense,
+                      dense.shape[0], dense.shape[1])
 
 
 class _GemvBF16(_Gemv):
@@ -147,13 +141,6 @@ def _plan(pw: PackedBF16) -> tuple[int, int]:
     return plan
 
 
-def _no_scales(pw: PackedBF16) -> torch.Tensor:
-    s = pw.cache.get("scales")
-    if s is None:
-        s = pw.cache["scales"] = torch.ones((1, 1), dtype=torch.float32, device=pw.device)
-    return s
-
-
 def bf16_linear(x: torch.Tensor, pw: PackedBF16, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T, x bf16 [..., K] -> bf16 [..., N]: the GEMV up to GEMV_MAX_M rows, cuBLAS on the dense weight
     above. Asynchronous, CUDA-graph capturable once `warmup` compiled the kernels."""
@@ -173,7 +160,7 @@ def bf16_linear(x: torch.Tensor, pw: PackedBF16, out: torch.Tensor | None = None
     pdl = chain(m)
     fn = compile_gemv_bf16(pw.n, pw.k, -(-m // 8), splits, unroll, pdl)
     part = gemm_workspace("part", splits * m * pw.n, torch.float32, x.device).view(splits, m, pw.n)
-    _call(fn, pw.codes, _no_scales(pw), x2.view(torch.int32).view(m, pw.k // 16, 8), y, part, m)
+    _call(fn, pw.codes, pw.scales, x2.view(torch.int32).view(m, pw.k // 16, 8), y, part, m)
     if splits > 1:
         _call(compile_split_reduce(pw.n, splits, pdl), part, y, m * pw.n, 1.0)
     return y.view(*lead, pw.n)

@@ -71,7 +71,8 @@ class LinearStack:
     def of(weight: PackedBF16, sizes: tuple[int, ...]) -> "LinearStack":
         parts, a = [], 0
         for w in sizes:
-            parts.append(PackedBF16(weight.codes[a // 16:(a + w) // 16], weight.dense[a:a + w], w, weight.k))
+            parts.append(PackedBF16(weight.codes[a // 16:(a + w) // 16], weight.scales, weight.dense[a:a + w], w,
+                                    weight.k))
             a += w
         return LinearStack(weight, sizes, tuple(parts))
 
