@@ -23,7 +23,8 @@ replays are timed in alternating rounds, so that the machine's drift hits every 
 - two_bf16_cublas: those projections one cuBLAS GEMM each, as before session 27 (not dsv4_kernels.bf16_gemv);
 - two_indexer_scores: short contexts score the indexer entries before taking all visible ones (as before
   session 27), not dsv4_kernels.indexer.VisibleEntries alone;
-- three / four: three / four side streams (the CSA layer's two compressors then run beside each other).
+- three / four: three / four side streams (session 27 measured them while the CSA layer's two compressors were
+  pieces of their own: no gain; the compressors are one piece now).
 Run on the GPU machine (bundle applied): [BATCHES="1 8 32"] python3 scripts/decode_ab.py [VARIANT ...] (default:
 batches 1 and 32 (at most 32), every variant; "two" always).
 """
