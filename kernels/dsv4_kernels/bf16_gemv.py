@@ -30,8 +30,8 @@ from dsv4_kernels.nvfp4_gemm import (GEMV_MAX_M, PackedWeight, _call, _fake, _op
                                      compile_split_reduce, gemm_workspace)
 from dsv4_kernels.pdl import chain
 
-__all__ = ["PackedBF16", "prepare_bf16_weight", "bf16_linear", "bf16_gemv_plan", "bf16_kernel_ok", "warmup",
-           "pack_bf16", "unpack_bf16"]
+__all__ = ["PackedBF16", "prepare_bf16_weight", "bf16_linear", "bf16_gemv_plan", "bf16_kernel_ok", "pack_bf16",
+           "unpack_bf16"]
 
 WORDS = 4            # 16-byte loads per lane per 16 x 64 chunk (2 KiB a chunk)
 # Env DSV4_BF16_GEMV=0 sends these projections back to cuBLAS (the dense weight); read at every call (A/B runs).
@@ -165,12 +165,3 @@ def bf16_linear(x: torch.Tensor, pw: PackedBF16, out: torch.Tensor | None = None
         _call(compile_split_reduce(pw.n, splits, pdl), part, y, m * pw.n, 1.0)
     return y.view(*lead, pw.n)
 
-
-def warmup(pw: PackedBF16, ms: list[int] | tuple[int, ...] = (1, 8, 16, 32, 64)) -> None:
-    splits, unroll = _plan(pw)
-    for m in ms:
-        if 0 < m <= GEMV_MAX_M:
-            for pdl in {chain(m), False}:
-                compile_gemv_bf16(pw.n, pw.k, -(-m // 8), splits, unroll, pdl)
-                if splits > 1:
-                    compile_split_reduce(pw.n, splits, pdl)
