@@ -143,7 +143,7 @@ def _plan(pw: PackedBF16) -> tuple[int, int]:
 
 def bf16_linear(x: torch.Tensor, pw: PackedBF16, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T, x bf16 [..., K] -> bf16 [..., N]: the GEMV up to GEMV_MAX_M rows, cuBLAS on the dense weight
-    above. Asynchronous, CUDA-graph capturable once `warmup` compiled the kernels."""
+    above. Asynchronous; CUDA-graph capturable once a first (eager) call compiled the kernel for its row count."""
     if x.dtype != torch.bfloat16 or x.shape[-1] != pw.k or x.device != pw.device:
         raise ValueError(f"bf16_linear: x must be bf16 [..., {pw.k}] on {pw.device}, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
