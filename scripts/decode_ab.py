@@ -5,28 +5,43 @@ batch 1 and 32 captured once per variant, each with all 4 layers and with none (
 replays are timed in alternating rounds, so that the machine's drift hits every variant alike. Per layer =
 (step - head) / 4, against the layers' mean HBM floor. Variants:
 - serial: every kernel on one stream (DSV4_CUTE_STREAMS=0);
-- two: the default, two side streams (CuteOps.concurrently);
-- two_hc_eager: two side streams, but the mHC coefficients (Sinkhorn) computed before the sub-layer on the main
+- base: the default, three side streams (CuteOps.concurrently); every variant below but two / four changes one
+  thing of it (up to session 27 the default was two side streams, and these variants were named two_*);
+- two: two side streams (the default up to session 27);
+- hc_eager: the mHC coefficients (Sinkhorn) computed before the sub-layer on the main
   stream, as before session 22;
-- two_gate_cublas: two side streams, but the MoE gate GEMV as a cast + cuBLAS for every batch, as before session 22;
-- two_norms_apart: two side streams, but the sub-layer RMSNorms and the q / kv norms as kernels of their own, not
+- gate_cublas: the MoE gate GEMV as a cast + cuBLAS for every batch, as before session 22;
+- norms_apart: the sub-layer RMSNorms and the q / kv norms as kernels of their own, not
   fused into the mHC collapse and the RoPE kernel;
-- two_mix_late: two side streams, HcMix (mHC mixes, MoE gate) reading its weights after griddepcontrol.wait
+- mix_late: HcMix (mHC mixes, MoE gate) reading its weights after griddepcontrol.wait
   (mhc_pre.MIX_PREFETCH off);
-- two_no_pdl: two side streams, but the chain kernels launched without programmatic dependent launch
+- no_pdl: the chain kernels launched without programmatic dependent launch
   (dsv4_kernels.pdl.CHAIN off: each waits for its predecessor's end before it is launched, as before session 26);
-- two_gate_late: the MoE ring gate_up launched after the routing kernel ends (nvfp4_moe.GATE_PDL off, as before
+- gate_late: the MoE ring gate_up launched after the routing kernel ends (nvfp4_moe.GATE_PDL off, as before
   session 27);
-- two_add_apart: the MoE's routed + shared sum as a torch add before HcPost (as before session 27), not inside it;
-- two_unstacked: a compressed layer's projections of x (compressor, indexer compressor, indexer weights) as one
+- add_apart: the MoE's routed + shared sum as a torch add before HcPost (as before session 27), not inside it;
+- unstacked: a compressed layer's projections of x (compressor, indexer compressor, indexer weights) as one
   BF16 GEMV each, not one GEMV over their stacked weight;
-- two_bf16_cublas: those projections one cuBLAS GEMM each, as before session 27 (not dsv4_kernels.bf16_gemv);
-- two_indexer_scores: short contexts score the indexer entries before taking all visible ones (as before
+- bf16_cublas: those projections one cuBLAS GEMM each, as before session 27 (not dsv4_kernels.bf16_gemv);
+- indexer_scores: short contexts score the indexer entries before taking all visible ones (as before
   session 27), not dsv4_kernels.indexer.VisibleEntries alone;
-- three / four: three / four side streams (session 27 measured them while the CSA layer's two compressors were
-  pieces of their own: no gain; the compressors are one piece now).
+- writes_late: the window KV and the compressors' cache writes after the queries' chain, in attn_core (as
+  before session 28), not in the keys' and the compressor projections' pieces on their side streams;
+- rope_apart: the attention output's inverse RoPE a kernel of its own (as before session 28), not inside the
+  split combine;
+- fp8_unstacked: wq_a / wkv and wq_b / the indexer's wq_b one FP8 GEMV each, not one over their stacked weight
+  (the BF16 stacks and the shared expert's stay stacked);
+- post_reduce: wo_b's split-K partials summed by the split reduce kernel, then HcPost (as before session 28),
+  not inside HcPost;
+- shared_unstacked: the shared expert's gate and up projections one FP8 GEMV each, not one over their stacked
+  weight;
+- compress_serial: a CSA layer's two compressors one after the other on one stream (as before session 28), not
+  beside each other;
+- side_prio: the side streams at a higher priority than the main one (the block scheduler then serves
+  their kernels before the pending CTAs of a GEMV on the main stream);
+- four: four side streams.
 Run on the GPU machine (bundle applied): [BATCHES="1 8 32"] python3 scripts/decode_ab.py [VARIANT ...] (default:
-batches 1 and 32 (at most 32), every variant; "two" always).
+batches 1 and 32 (at most 32), every variant; "base" always).
 """
 import os
 import statistics
@@ -46,7 +61,9 @@ from dsv4.bench_decode_cmd import _random_tensors, build_decode_setup, layer_flo
 from dsv4.checkpoint.presets import PRESETS
 from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.decode_inputs import DecodeInputs
-from dsv4.ops.cute import CuteOps
+from dsv4.model.deepseek_v4 import DeepseekV4Model
+from dsv4.ops.cute import CuteOps, LinearStack
+from dsv4_kernels.fp8_gemm import PackedFP8
 
 dev = torch.device("cuda")
 L = 4
@@ -57,7 +74,8 @@ ops, model, cache, seqs = setup.ops, setup.model, setup.cache, setup.seqs
 max_len, bs, per_seq = setup.max_len, setup.block_size, setup.width
 bw = hbm_bandwidth()
 floor = sum(layer_floor_bytes(model, i, ctx)["total"] for i in range(L)) / bw * 1e6 / L
-sides = list(ops.side_streams) + [torch.cuda.Stream(dev) for _ in range(2)]    # up to four for "four"
+sides = list(ops.side_streams) + [torch.cuda.Stream(dev) for _ in range(4 - len(ops.side_streams))]  # up to "four"
+prio_sides = [torch.cuda.Stream(dev, priority=-1) for _ in range(3)]
 gate_max = cute_route.GATE_MIX_MAX_TOKENS
 
 
@@ -81,24 +99,70 @@ def unstacked(self, x, stack):
     return tuple(self.linear(x, p) for p in stack.parts)
 
 
+SHARED = {id(layer.shared[0]) for layer in model.layers}
+
+
+def fp8_unstacked(self, x, stack):
+    if isinstance(stack, LinearStack) and isinstance(stack.weight, PackedFP8) and id(stack) not in SHARED:
+        return tuple(self.linear(x, p) for p in stack.parts)
+    return CuteOps.linear_stack(self, x, stack)
+
+
+def shared_unstacked(self, x, stack):
+    if id(stack) in SHARED and isinstance(stack, LinearStack):
+        return tuple(self.linear(x, p) for p in stack.parts)
+    return CuteOps.linear_stack(self, x, stack)
+
+
+def writes_late(self, h, i, positions, cache=None, compress_batch=None, write_batch=None):
+    return DeepseekV4Model.attn_in(self, h, i, positions, cache, compress_batch)
+
+
+def rope_apart(self, q, cache, ratio, window, topk, sink, scale, batch, out_rope=None):
+    o = CuteOps.sparse_attention(self, q, cache, ratio, window, topk, sink, scale, batch)
+    return o if out_rope is None else self.rope_tail(o, batch.positions, out_rope[0], out_rope[1], inverse=True)
+
+
+def compress_serial(self, comp, idx_comp, i, cache, batch):
+    cfg, L = self.cfg, self.layers[i]
+    ratio, rope, rd = cfg.compress_ratio(i), cfg.rope_for_layer(i), cfg.rope_head_dim
+    for proj, C, carry_kv, carry_score, out, r in (
+            (comp, L.compressor, cache.comp_carry_kv, cache.comp_carry_score, cache.comp_kv, ratio),
+            (idx_comp, L.idx_compressor, cache.index_carry_kv, cache.index_carry_score, cache.index_k, 4)):
+        if C is not None:
+            self.ops.compress_and_store(*proj, C.ape, C.norm, cfg.norm_eps, r, rope, rd, carry_kv, carry_score,
+                                        out, cache.block_size, batch)
+
+
+def post_reduce(self, x, w, streams, post, comb):
+    return self.hc_post(self.linear(x, w), streams, post, comb)
+
+
 def add_apart(self, y, y2, streams, post, comb):
     return self.hc_post(y + y2, streams, post, comb)
 
 
-VARIANTS = {"serial": dict(streams=0), "two": dict(streams=2), "two_hc_eager": dict(streams=2, hc_eager=True),
-            "two_gate_cublas": dict(streams=2, gate_cublas=True), "two_norms_apart": dict(streams=2, norms_apart=True),
-            "two_no_pdl": dict(streams=2, no_pdl=True), "two_mix_late": dict(streams=2, mix_late=True),
-            "two_gate_late": dict(streams=2, gate_late=True), "two_add_apart": dict(streams=2, add_apart=True),
-            "two_unstacked": dict(streams=2, unstacked=True), "two_indexer_scores": dict(streams=2, scores=True),
-            "two_bf16_cublas": dict(streams=2, bf16_cublas=True, unstacked=True), "three": dict(streams=3),
+VARIANTS = {"serial": dict(streams=0), "base": dict(streams=3), "two": dict(streams=2),
+            "hc_eager": dict(streams=3, hc_eager=True),
+            "gate_cublas": dict(streams=3, gate_cublas=True), "norms_apart": dict(streams=3, norms_apart=True),
+            "no_pdl": dict(streams=3, no_pdl=True), "mix_late": dict(streams=3, mix_late=True),
+            "gate_late": dict(streams=3, gate_late=True), "add_apart": dict(streams=3, add_apart=True),
+            "unstacked": dict(streams=3, unstacked=True), "indexer_scores": dict(streams=3, scores=True),
+            "bf16_cublas": dict(streams=3, bf16_cublas=True, unstacked=True),
+            "writes_late": dict(streams=3, writes_late=True), "rope_apart": dict(streams=3, rope_apart=True),
+            "fp8_unstacked": dict(streams=3, fp8_unstacked=True),
+            "shared_unstacked": dict(streams=3, shared_unstacked=True),
+            "post_reduce": dict(streams=3, post_reduce=True), "side_prio": dict(streams=3, side_prio=True),
+            "compress_serial": dict(streams=3, compress_serial=True),
+
             "four": dict(streams=4)}
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1 32").split()]
 if sys.argv[1:]:
-    VARIANTS = {k: v for k, v in VARIANTS.items() if k == "two" or k in sys.argv[1:]}
+    VARIANTS = {k: v for k, v in VARIANTS.items() if k == "base" or k in sys.argv[1:]}
 
 
 def apply(v: dict) -> None:
-    ops.side_streams = sides[:v["streams"]]
+    ops.side_streams = prio_sides if v.get("side_prio") else sides[:v["streams"]]
     pdl.CHAIN = not v.get("no_pdl")
     mhc_pre.MIX_PREFETCH = not v.get("mix_late")
     nvfp4_moe.GATE_PDL = not v.get("gate_late")
@@ -109,8 +173,24 @@ def apply(v: dict) -> None:
     ops.__dict__.pop("norm_rope_tail", None)
     ops.__dict__.pop("hc_post_sum", None)
     ops.__dict__.pop("linear_stack", None)
+    ops.__dict__.pop("sparse_attention", None)
+    ops.__dict__.pop("linear_hc_post", None)
+    model.__dict__.pop("attn_in", None)
+    model.__dict__.pop("_compress", None)
+    if v.get("compress_serial"):
+        model._compress = types.MethodType(compress_serial, model)
     if v.get("unstacked"):
         ops.linear_stack = types.MethodType(unstacked, ops)
+    if v.get("fp8_unstacked"):
+        ops.linear_stack = types.MethodType(fp8_unstacked, ops)
+    if v.get("post_reduce"):
+        ops.linear_hc_post = types.MethodType(post_reduce, ops)
+    if v.get("shared_unstacked"):
+        ops.linear_stack = types.MethodType(shared_unstacked, ops)
+    if v.get("writes_late"):
+        model.attn_in = types.MethodType(writes_late, model)
+    if v.get("rope_apart"):
+        ops.sparse_attention = types.MethodType(rope_apart, ops)
     if v.get("add_apart"):
         ops.hc_post_sum = types.MethodType(add_apart, ops)
     if v.get("hc_eager"):
@@ -131,7 +211,7 @@ for B in BATCHES:
             g.capture()
             graphs[(B, name, nl)] = (g, DecodeInputs.build(seqs[:B], cache, B, per_seq))
 model.layers = all_layers
-apply(VARIANTS["two"])
+apply(VARIANTS["base"])
 
 
 def t(key, n=20):
@@ -163,6 +243,6 @@ for B in BATCHES:
         print(f"B={B} {name}: step {full:.1f} us, head {head:.1f}, per layer {per:.1f} us ({per / floor:.2f}x floor); "
               f"step spread {min(res[(B, name, L)]):.1f}-{max(res[(B, name, L)]):.1f}")
     for name in VARIANTS:
-        if name != "two":
-            print(f"B={B} two/{name}: step {out['two'][0] / out[name][0]:.3f}, "
-                  f"per layer {out['two'][2] / out[name][2]:.3f}")
+        if name != "base":
+            print(f"B={B} base/{name}: step {out['base'][0] / out[name][0]:.3f}, "
+                  f"per layer {out['base'][2] / out[name][2]:.3f}")

@@ -93,9 +93,9 @@ def layer_floor_bytes(model, i: int, context: int, fp8: bool = False) -> dict[st
     """Bytes layer i must read for one decode token at position `context` (KV rows as the cache stores them)."""
     from dsv4.ops.fp8_rows import Fp8Rows
     cfg, L = model.cfg, model.layers[i]
-    w = sum(_nbytes(getattr(L, f)) for f in ("attn_norm", "ffn_norm", "wq_a", "q_norm", "wq_b", "wkv", "kv_norm",
-                                             "wo_a", "wo_b", "sink", "compressor", "idx_wq_b", "x_proj",
-                                             "idx_compressor", "gate", "gate_bias", "shared"))
+    w = sum(_nbytes(getattr(L, f)) for f in ("attn_norm", "ffn_norm", "qkv_a", "q_norm", "q_b", "kv_norm", "wo_a",
+                                             "wo_b", "sink", "compressor", "x_proj", "idx_compressor", "gate",
+                                             "gate_bias", "shared"))
     w += sum(_nbytes(t) for t in L.hc.values())
     ex = L.experts
     per_expert = ex.expert_bytes() if hasattr(ex, "expert_bytes") else sum(_nbytes(t) for t in ex.values()) // \

@@ -39,6 +39,7 @@ from cutlass.cute.nvgpu import cpasync, warp
 
 from dsv4_kernels.cute_utils import add, mn_view
 from dsv4_kernels.pdl import chain_entry
+from dsv4_kernels.rope import rotate_tail
 
 LOG2_E = 1.4426950408889634
 # Programmatic dependent launch of the split combine: its launch overlaps the attention kernel's tail instead of
@@ -468,8 +469,15 @@ class SplitCombine:
                num_splits: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         h, t, _ = cute.arch.block_idx()
+        res = self._merge(mOpart, mML, mSink, num_splits, h, t, tidx)
+        cute.autovec_copy(res, cute.local_tile(mOut[t, h, None], (self.VEC,), (tidx,)))
+
+    @cute.jit
+    def _merge(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, num_splits: Int32, h: Int32,
+               t: Int32, tidx: Int32) -> cute.Tensor:
+        """-> this thread's VEC channels of out[t, h] (bf16 registers)."""
         if cutlass.const_expr(self.pdl):
-            cute.arch.griddepcontrol_launch_dependents()     # the inverse RoPE may wait resident (dsv4_kernels.pdl)
+            cute.arch.griddepcontrol_launch_dependents()     # the next kernel may wait resident (dsv4_kernels.pdl)
         # launched as a programmatic dependent: the partials are complete only after this (a no-op otherwise)
         cute.arch.griddepcontrol_wait()
         sink2 = mSink[h] * LOG2_E
@@ -489,6 +497,35 @@ class SplitCombine:
         inv = 1.0 / denom
         res = cute.make_rmem_tensor((self.VEC,), cutlass.BFloat16)
         res.store((acc.load() * inv).to(cutlass.BFloat16))
+        return res
+
+
+class SplitCombineRope(SplitCombine):
+    """SplitCombine, then the inverse RoPE of the output's last `rope_dim` channels at the token's position: the
+    attention output's rotation back (RopeTail inverse) in the same launch, with its bits (the bf16 output rotated
+    in fp32, rounded once). cos / sin: the RopeTail tables [positions, rope_dim / 2]."""
+
+    def __init__(self, head_dim: int, rope_dim: int, pdl: bool | None = None):
+        super().__init__(head_dim, pdl)
+        assert rope_dim % self.VEC == 0 and 0 < rope_dim <= head_dim
+        self.rd = rope_dim
+
+    @cute.jit
+    def __call__(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, mPos: cute.Tensor,
+                 mCos: cute.Tensor, mSin: cute.Tensor, mOut: cute.Tensor, num_splits: Int32, stream):
+        self.kernel(mOpart, mML, mSink, mPos, mCos, mSin, mOut, num_splits).launch(
+            grid=(cute.size(mOut.shape[1]), cute.size(mOut.shape[0]), 1), block=[self.threads, 1, 1],
+            stream=stream, use_pdl=self.pdl)
+
+    @cute.kernel
+    def kernel(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, mPos: cute.Tensor,
+               mCos: cute.Tensor, mSin: cute.Tensor, mOut: cute.Tensor, num_splits: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        h, t, _ = cute.arch.block_idx()
+        res = self._merge(mOpart, mML, mSink, num_splits, h, t, tidx)
+        first = tidx * self.VEC - (self.d - self.rd)
+        if first >= 0:
+            rotate_tail(res, first, mPos[t], mCos, mSin, True)
         cute.autovec_copy(res, cute.local_tile(mOut[t, h, None], (self.VEC,), (tidx,)))
 
 

@@ -563,7 +563,8 @@ def _output(out: torch.Tensor | None, m: int, pw: PackedFP8, x: torch.Tensor) ->
 
 
 
-def _gemv(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:
+def _gemv(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    """-> the fp32 split partials [splits, m, n] (y written only where splits == 1 or `reduce`)."""
     m = x2.shape[0]
     if m > GEMV_MAX_M:
         raise ValueError(f"fp8_linear: the decode kernel takes M <= {GEMV_MAX_M}, got {m}")
@@ -573,8 +574,22 @@ def _gemv(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:
     xi = x2.view(torch.int32).view(m, pw.groups * pw.k // 16, 8)
     part = gemm_workspace("part", splits * m * pw.n, torch.float32, x2.device).view(splits, m, pw.n)  # 1: unused
     _call(fn, pw.codes, pw.scales, xi, y, part, m)
-    if splits > 1:
+    if splits > 1 and reduce:
         _call(compile_split_reduce(pw.n, splits, pdl), part, y, m * pw.n, 1.0)
+    return part
+
+
+def fp8_gemv_partials(x: torch.Tensor, pw: PackedFP8) -> torch.Tensor | None:
+    """The decode GEMV of x [m, K] (bf16, contiguous) without its split reduce -> the fp32 partials [splits, m, n]
+    whose sum in split order, rounded to bf16, is fp8_linear's y; None where fp8_linear would not take that path
+    (more than GEMV_MAX_M rows, a grouped weight, one split). The partials live in the stream's scratch buffer:
+    read them before the next GEMM on this stream."""
+    _check(x, pw)
+    m = x.shape[0]
+    if (x.dim() != 2 or not 0 < m <= GEMV_MAX_M or pw.groups != 1 or _plan(pw)[0] < 2 or not x.is_contiguous()
+            or x.data_ptr() % 16):
+        return None
+    return _gemv(x, pw, gemm_workspace("unused_y", m * pw.n, torch.bfloat16, x.device).view(m, pw.n), reduce=False)
 
 
 def _dequant_matmul(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor) -> None:

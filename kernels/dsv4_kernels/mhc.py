@@ -128,20 +128,26 @@ class HcPost:
     With `sum_y` the sub-layer's output comes in two parts, y = y1 + y2 (the MoE's routed and shared experts), added
     here and rounded to y1's dtype first, as TorchOps' `y1 + y2` does: one torch add kernel (and the stall of a
     launch outside the PDL chain) less per layer. Without it y2 is not read (pass y1 twice).
+
+    With `splits` > 0, y comes as the output projection's split-K partials, fp32 [splits * T, D] (split s of token t
+    in row s * T + t), summed here in split order and rounded to bf16, as the GEMV's split reduce writes y: that
+    reduce kernel (one launch of the decode chain) less per layer.
     """
 
-    def __init__(self, n: int, pdl: bool = False, sum_y: bool = False):
+    def __init__(self, n: int, pdl: bool = False, sum_y: bool = False, splits: int = 0):
         if not 1 <= n <= 8:
             raise ValueError(f"HcPost: hc_mult must be in [1, 8], got {n}")
-        self.n, self.pdl, self.sum_y = n, pdl, sum_y
+        if splits and sum_y:
+            raise ValueError("HcPost: y as split partials has no second part")
+        self.n, self.pdl, self.sum_y, self.splits = n, pdl, sum_y, splits
 
     @cute.jit
     def __call__(self, mY: cute.Tensor, mY2: cute.Tensor, mStreams: cute.Tensor, mPost: cute.Tensor,
                  mComb: cute.Tensor, mOut: cute.Tensor, stream):
-        nv = cute.size(mY.shape[1]) // VEC
+        nv = cute.size(mStreams.shape[2]) // VEC
         self.kernel(mY, mY2, mStreams, mPost, mComb, mOut).launch(
-            grid=(cute.size(mY.shape[0]), (nv + POST_THREADS - 1) // POST_THREADS, 1), block=[POST_THREADS, 1, 1],
-            stream=stream, use_pdl=self.pdl)
+            grid=(cute.size(mStreams.shape[0]), (nv + POST_THREADS - 1) // POST_THREADS, 1),
+            block=[POST_THREADS, 1, 1], stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mY: cute.Tensor, mY2: cute.Tensor, mStreams: cute.Tensor, mPost: cute.Tensor,
@@ -151,10 +157,21 @@ class HcPost:
         tidx, _, _ = cute.arch.thread_idx()
         t, c, _ = cute.arch.block_idx()
         v = c * POST_THREADS + tidx
-        if v < cute.size(mY.shape[1]) // VEC:
+        if v < cute.size(mStreams.shape[2]) // VEC:
             yf = cute.make_rmem_tensor((VEC,), mY.element_type)
             cute.autovec_copy(cute.local_tile(mY[t, None], (VEC,), (v,)), yf)
             y = yf.load().to(Float32)
+            if cutlass.const_expr(self.splits > 0):
+                # the split reduce's sum: from 0, in split order (-0.0 partials included), one rounding
+                rows = cute.size(mStreams.shape[0])
+                acc0 = cute.make_rmem_tensor((VEC,), Float32)
+                acc0.fill(0.0)
+                y = acc0.load() + y
+                for sp in cutlass.range_constexpr(1, self.splits):
+                    pf = cute.make_rmem_tensor((VEC,), mY.element_type)
+                    cute.autovec_copy(cute.local_tile(mY[sp * rows + t, None], (VEC,), (v,)), pf)
+                    y = y + pf.load().to(Float32)
+                y = y.to(cutlass.BFloat16).to(Float32)
             if cutlass.const_expr(self.sum_y):
                 y2f = cute.make_rmem_tensor((VEC,), mY2.element_type)
                 cute.autovec_copy(cute.local_tile(mY2[t, None], (VEC,), (v,)), y2f)

@@ -60,19 +60,26 @@ class RopeTail:
             rms_normalize(frag, red, tidx, self.threads // 32, self.d, self.eps, mW, self.norm == "weight")
         first = tidx * VEC - (self.d - self.rd)          # channel index inside the tail (< 0: head part)
         if first >= 0:
-            p = mPos[r // heads]
-            f = cute.make_rmem_tensor((VEC,), Float32)
-            f.store(frag.load().to(Float32))
-            rot = cute.make_rmem_tensor((VEC,), Float32)
-            for k in cutlass.range_constexpr(VEC // 2):
-                i = first // 2 + k
-                c = mCos[p, i]
-                s = mSin[p, i]
-                if cutlass.const_expr(self.inverse):
-                    s = -s
-                ev = f[2 * k]
-                od = f[2 * k + 1]
-                rot[2 * k] = ev * c - od * s
-                rot[2 * k + 1] = ev * s + od * c
-            frag.store(rot.load().to(mX.element_type))
+            rotate_tail(frag, first, mPos[r // heads], mCos, mSin, self.inverse)
         cute.autovec_copy(frag, cute.local_tile(mOut[r, None], (VEC,), (tidx,)))
+
+
+@cute.jit
+def rotate_tail(frag: cute.Tensor, first: Int32, p, mCos: cute.Tensor, mSin: cute.Tensor, inverse: cutlass.Constexpr):
+    """frag (VEC channels of the tail from channel `first`, x's dtype) rotated in place by position p's angles:
+    fp32 math, one rounding back to frag's dtype. Shared with the split combine's fused inverse rotation
+    (attention_decode.SplitCombineRope), so that both give the same bits."""
+    f = cute.make_rmem_tensor((VEC,), Float32)
+    f.store(frag.load().to(Float32))
+    rot = cute.make_rmem_tensor((VEC,), Float32)
+    for k in cutlass.range_constexpr(VEC // 2):
+        i = first // 2 + k
+        c = mCos[p, i]
+        s = mSin[p, i]
+        if cutlass.const_expr(inverse):
+            s = -s
+        ev = f[2 * k]
+        od = f[2 * k + 1]
+        rot[2 * k] = ev * c - od * s
+        rot[2 * k + 1] = ev * s + od * c
+    frag.store(rot.load().to(frag.element_type))

@@ -209,3 +209,43 @@ def test_mixin_falls_back_on_cpu_tensors():
     ops = Ops(device="cpu", dtype=torch.float32)
     out = ops.sparse_attention(case.q, case.cache, 0, 64, None, case.sink, case.scale, case.batch)
     assert not out.isnan().any()
+
+
+# --- the inverse RoPE of the output inside the split combine ------------------------------------------------------
+
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+@pytest.mark.parametrize("heads,wgmma,cluster,splits", [(16, None, None, None), (64, False, None, 4),
+                                                        (64, True, False, 3), (64, True, True, None)])
+@pytest.mark.parametrize("ctx", [[1000], [4095, 300], RAGGED])
+def test_the_split_combine_rotates_the_output_back_with_rope_tails_bits(ratio, heads, wgmma, cluster, splits, ctx):
+    """Where a split combine runs, it rotates the output's RoPE'd tail back itself: the same bits as the combine's
+    output followed by RopeTail's inverse rotation. Without a combine (one split, cluster merge) the launch says
+    it did not rotate and leaves the output as it was."""
+    from dsv4.config import RopeConfig
+    from dsv4.ops.cute import CuteOps
+    ops = CuteOps("cuda")
+    seed = torch.randint(0, 1 << 30, ()).item()
+    case = make_case(ctx, [1] * len(ctx), heads, 512, ratio, topk=64 if heads == 16 else 512, seed=seed)
+    rope, rd = RopeConfig(theta=10000.0, original_seq_len=4096, factor=4.0), 64
+    pos = case.batch.positions.to(device="cuda", dtype=torch.long).contiguous()
+    cos, sin = ops.rope_table(rope, rd, pos)
+    kw = dict(num_splits=splits, wgmma=wgmma, cluster=cluster)
+    args = (case.q, case.cache, case.ratio, case.window, case.topk, case.sink, case.scale, case.batch)
+    plain_launch, plain_result = cute_attention.prepare_sparse_attention(*args, **kw)
+    plain_launch()
+    plain = plain_result().clone()
+    launch, result = cute_attention.prepare_sparse_attention(*args, **kw, out_rope=(pos, cos, sin))
+    launch()
+    result().fill_(float("nan"))
+    launch()
+    out = result()
+    torch.cuda.synchronize()
+    assert launch.rotated == (launch.splits > 1 and not launch.cluster)
+    if splits is not None and not cluster:
+        assert launch.rotated, "a forced split must end in the rotating combine"
+    want = ops.rope_tail(plain, pos, rope, rd, inverse=True) if launch.rotated else plain
+    assert not out.isnan().any()
+    assert torch.equal(out, want)
+    # and through the op: the reference's output, rotated back
+    ref = REF.sparse_attention(*args, out_rope=(rope, rd))
+    assert _rel(ops.sparse_attention(*args, out_rope=(rope, rd)), ref) < 1.5e-2

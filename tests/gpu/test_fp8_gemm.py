@@ -191,6 +191,33 @@ def test_cute_ops_linear_uses_fp8_weights():
         torch.testing.assert_close(y.float(), ref.linear(x, ref.prepare_linear(q)).float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("sizes,k", [((1024, 512), 4096), ((32768, 8192), 1024), ((512, 128), 1024),
+                                     ((128, 256, 384), 512)])
+@pytest.mark.parametrize("pow2", [True, False], ids=["ue8m0", "fp32scale"])
+def test_a_stack_of_fp8_projections_gives_each_projection_within_the_bound(sizes, k, pow2):
+    """wq_a + wkv, wq_b + the indexer's wq_b (V4-Flash) and small stacks: one token through the stacked GEMV, more
+    through each projection's rows of it; every output poisoned first, each checked against its own weight."""
+    from dsv4.ops.cute import CuteOps, LinearStack
+    gen = torch.Generator(device=DEV).manual_seed(sum(sizes) + k)
+    qs = [rand_weight(n, k, gen, pow2) for n in sizes]
+    cute = CuteOps(DEV, torch.bfloat16)
+    stack = cute.prepare_linear_stack(qs)
+    assert isinstance(stack, LinearStack) and isinstance(stack.weight, F.PackedFP8) and stack.sizes == sizes
+    for m in (1, 3, 8, 100):
+        x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
+        if m == 1:
+            full = F.fp8_linear(x, stack.weight, out=torch.full((1, sum(sizes)), float("nan"), device=DEV,
+                                                                dtype=torch.bfloat16))
+            outs = stack.split(full)
+        else:
+            outs = [F.fp8_linear(x, p, out=torch.full((m, p.n), float("nan"), device=DEV, dtype=torch.bfloat16))
+                    for p in stack.parts]
+        ys = cute.linear_stack(x, stack)
+        for y, o, q in zip(ys, outs, qs):
+            check(o, x, q, pow2, f"stack {sizes} part {q.weight.shape[0]} M={m}")
+            check(y, x, q, pow2, f"linear_stack {sizes} part {q.weight.shape[0]} M={m}")
+
+
 @pytest.mark.parametrize("groups,rows,k", [(8, 1024, 4096), (16, 1024, 4096), (2, 64, 128), (4, 16, 320)])
 @pytest.mark.parametrize("pow2", [True, False], ids=["ue8m0", "fp32scale"])
 def test_grouped_projection_against_the_einsum(groups, rows, k, pow2):

@@ -105,17 +105,17 @@ def _mlp_weights(D: int, I: int, seed: int):
     w1 = prep(torch.randn((I, D), device="cuda", generator=g).to(BF) * (4 / D ** 0.5))
     w3 = prep(torch.randn((I, D), device="cuda", generator=g).to(BF) * (4 / D ** 0.5))
     w2 = prep(torch.randn((D, I), device="cuda", generator=g).to(BF) / I ** 0.5)
-    return w1, w2, w3
+    return (w1, w3), w2          # the gate and up projections as TorchOps' prepare_linear_stack gives them
 
 
 @pytest.mark.parametrize("T", TS)
 @pytest.mark.parametrize("D,I", [(4096, 2048), (1024, 512), (64, 32)])
 @pytest.mark.parametrize("limit", [0.0, 10.0])
 def test_swiglu_mlp_matches_torch(T, D, I, limit):
-    w1, w2, w3 = _mlp_weights(D, I, seed=D + I)
+    w13, w2 = _mlp_weights(D, I, seed=D + I)
     x = torch.randn((T, D), device="cuda", generator=_gen(T)).to(BF)
-    want = TorchOps("cuda", BF).swiglu_mlp(x, w1, w2, w3, limit)
-    _close(_cute().swiglu_mlp(x, w1, w2, w3, limit), want)
+    want = TorchOps("cuda", BF).swiglu_mlp(x, w13, w2, limit)
+    _close(_cute().swiglu_mlp(x, w13, w2, limit), want)
 
 
 @pytest.mark.parametrize("R,I,dtype", [(7, 2048, BF), (300, 72, BF), (5, 64, torch.float32)])
@@ -174,19 +174,59 @@ def test_hc_post_of_a_two_part_output_is_hc_post_of_their_bf16_sum(T, n, D):
     _close(got, TorchOps("cuda", BF).hc_post_sum(y, y2, streams, post, comb))
 
 
+@pytest.mark.parametrize("T", (1, 2, 5, 8, 64))
+@pytest.mark.parametrize("n,D,K", [(4, 4096, 8192), (4, 1024, 2048), (2, 512, 4096)])
+def test_an_fp8_projection_into_hc_post_sums_its_split_partials_there_with_the_same_bits(T, n, D, K):
+    """wo_b then HcPost: the GEMV's split-K partials summed inside HcPost give the bits of the split reduce + HcPost
+    (every output poisoned first); at sizes without split partials the op takes the two-kernel path."""
+    from dsv4.checkpoint.formats import quantize_fp8_block
+    from dsv4_kernels.fp8_gemm import decode_reference, fp8_gemv_partials
+    g = _gen(T + D + K)
+    ops = _cute()
+    w = ops.prepare_linear(quantize_fp8_block(torch.randn((D, K), device="cuda", generator=g) / K ** 0.5,
+                                              ue8m0_scale=True))
+    x = torch.randn((T, K), device="cuda", generator=g).to(BF)
+    _, streams, post, comb = _hc_inputs(T, n, D, seed=T * 7 + D)
+    want = ops.hc_post(ops.linear(x, w), streams, post, comb)
+    streams_before = streams.clone()
+    fused = T <= 64 and fp8_gemv_partials(x, w) is not None
+    if T == 1 and D == 4096:
+        assert fused, "wo_b at one token must split K (the fused path under test)"
+    orig = torch.empty
+    poisoned = []
+
+    def poison_empty(*a, **kw):           # the op's output, NaN before the kernel writes it
+        t = orig(*a, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+            poisoned.append(t)
+        return t
+
+    torch.empty = poison_empty
+    try:
+        got = ops.linear_hc_post(x, w, streams, post, comb)
+    finally:
+        torch.empty = orig
+    assert any(p.data_ptr() == got.data_ptr() for p in poisoned) or not fused
+    assert torch.equal(streams, streams_before)
+    assert torch.equal(got, want)
+    ref = TorchOps("cuda", BF)                 # and close to the torch path on the dequantised weight
+    _close(got, ref.hc_post(ref.linear(x, decode_reference(w, BF)), streams, post, comb))
+
+
 # --- CUDA graphs -------------------------------------------------------------------------------------------------
 
 def test_glue_ops_replay_in_a_cuda_graph():
     """No host sync and the launches follow torch's (capture) stream: a captured graph replays the eager result."""
     ops = _cute()
     T, n, D, I = 5, 4, 1024, 512
-    w1, w2, w3 = _mlp_weights(D, I, seed=1)
+    w13, w2 = _mlp_weights(D, I, seed=1)
     w = torch.rand(D, device="cuda") + 0.5
     y, streams, post, comb = _hc_inputs(T, n, D, seed=2)
 
     def step():
         x = ops.rms_norm(y, w, 1e-6)
-        h = ops.swiglu_mlp(x, w1, w2, w3, 10.0)
+        h = ops.swiglu_mlp(x, w13, w2, 10.0)
         return ops.hc_post(h, streams, post, comb)
 
     eager = step()

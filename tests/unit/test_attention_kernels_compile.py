@@ -12,7 +12,7 @@ import cutlass.cute as cute  # noqa: E402
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
 from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, SparseDecodeAttention,  # noqa: E402
-                                           SplitCombine, plan_splits)
+                                           SplitCombine, SplitCombineRope, plan_splits)
 from dsv4_kernels.attention_decode_wgmma import SparseDecodeAttentionWgmma  # noqa: E402
 from dsv4_kernels.gather_read import GatherRead  # noqa: E402
 from dsv4_kernels.indexer import IndexerScores, VisibleEntries  # noqa: E402
@@ -69,6 +69,14 @@ def test_sparse_attention_wgmma_compiles(d, mode, split, part_bf16, i64, block_n
 @pytest.mark.parametrize("pdt", [F32, BF])
 def test_split_combine_compiles(d, pdt):
     cute.compile(SplitCombine(d), _fake(pdt, 4), _fake(F32, 4, False), _fake(F32, 1, False), _fake(BF, 3), I32(2),
+                 make_fake_stream())
+
+
+@pytest.mark.parametrize("d,rd", [(64, 16), (512, 64)])
+@pytest.mark.parametrize("pdt", [F32, BF])
+def test_split_combine_with_the_inverse_rope_compiles(d, rd, pdt):
+    cute.compile(SplitCombineRope(d, rd), _fake(pdt, 4), _fake(F32, 4, False), _fake(F32, 1, False),
+                 _fake(I64, 1, False), _fake(F32, 2, False), _fake(F32, 2, False), _fake(BF, 3), I32(2),
                  make_fake_stream())
 
 

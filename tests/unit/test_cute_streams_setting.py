@@ -11,7 +11,7 @@ from dsv4.errors import ConfigError  # noqa: E402
 from dsv4.ops import cute  # noqa: E402
 
 
-@pytest.mark.parametrize("raw,n", [(None, 2), ("0", 0), ("1", 1), ("4", 4)])
+@pytest.mark.parametrize("raw,n", [(None, 3), ("0", 0), ("1", 1), ("4", 4)])
 def test_side_streams_setting(monkeypatch, raw, n):
     if raw is None:
         monkeypatch.delenv("DSV4_CUTE_STREAMS", raising=False)

@@ -244,6 +244,34 @@ def test_cute_ops_falls_back_for_nan_codes(caplog):
     assert isinstance(out, torch.Tensor) and torch.isnan(out[0, 0]) and "torch path" in caplog.text
 
 
+def test_projections_of_one_input_stack_into_one_fp8_weight_whose_parts_are_its_rows():
+    """wq_a + wkv (and wq_b + the indexer's wq_b): one packed weight, the same bytes and scales as the projections
+    one by one, each projection's own weight a view of its rows."""
+    from dsv4.ops.cute import LinearStack
+    ops = _cpu_cute_ops()
+    ws = [_weight(n, 512, seed, "ue8m0") for seed, n in enumerate((256, 128, 384))]
+    stack = ops.prepare_linear_stack(ws)
+    assert isinstance(stack, LinearStack) and isinstance(stack.weight, F.PackedFP8) and stack.sizes == (256, 128, 384)
+    assert torch.equal(F.decode_reference(stack.weight), torch.cat([w.dequantize() for w in ws]))
+    for part, w in zip(stack.parts, ws):
+        alone = ops.prepare_linear(w)
+        assert (part.n, part.k, part.block) == (alone.n, alone.k, alone.block)
+        assert torch.equal(part.codes, alone.codes) and torch.equal(part.scales, alone.scales)
+        assert part.codes.untyped_storage().data_ptr() == stack.weight.codes.untyped_storage().data_ptr()
+        assert part.codes.is_contiguous() and part.scales.is_contiguous()
+
+
+def test_fp8_projections_that_cannot_share_a_weight_stay_separate():
+    ops = _cpu_cute_ops()
+    for ws in ([_weight(256, 512, 0, "ue8m0"), _weight(128, 256, 1, "ue8m0")],       # different K
+               [_weight(256, 512, 0, "ue8m0"), _weight(272, 512, 1, "ue8m0")],       # rows not whole 128-row blocks
+               [_weight(256, 512, 0, "ue8m0"), _weight(128, 512, 1, "u8")]):         # scales stored differently
+        out = ops.prepare_linear_stack(ws)
+        assert isinstance(out, tuple) and len(out) == 2 and all(isinstance(o, F.PackedFP8) for o in out)
+    off = _cpu_cute_ops(fp8_weights=False).prepare_linear_stack([_weight(256, 512, 0, "ue8m0")] * 2)
+    assert isinstance(off, tuple) and all(isinstance(o, torch.Tensor) for o in off)
+
+
 # --- compile for sm_90a ----------------------------------------------------------------------------------------
 
 def test_grouped_weight_is_the_same_bytes_with_a_group_count():

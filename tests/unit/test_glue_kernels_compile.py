@@ -70,6 +70,18 @@ def test_hc_post_compiles(n, dtype, sum_y):
                  _fake(F32, 2, False), _fake(dtype, 3), make_fake_stream())
 
 
+@pytest.mark.parametrize("n,splits", [(4, 2), (4, 8), (2, 3)])
+@pytest.mark.parametrize("dtype", [BF, F32])
+def test_hc_post_of_split_partials_compiles(n, splits, dtype):
+    cute.compile(HcPost(n, splits=splits), _fake(F32, 2), _fake(F32, 2), _fake(dtype, 3), _fake(F32, 2, False),
+                 _fake(F32, 2, False), _fake(dtype, 3), make_fake_stream())
+
+
+def test_hc_post_takes_split_partials_or_a_two_part_output_not_both():
+    with pytest.raises(ValueError, match="split partials"):
+        HcPost(4, sum_y=True, splits=2)
+
+
 # --- the engine's host path: Launcher, fake tensors built from torch tensors, --enable-tvm-ffi -----------------------
 
 def _glue():
@@ -126,7 +138,7 @@ def test_mixin_sits_ahead_of_torch_ops():
     w = torch.rand(64) + 0.5
     assert torch.equal(ops.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
     w1, w2, w3 = (torch.randn(32, 64), torch.randn(64, 32), torch.randn(32, 64))
-    assert torch.equal(ops.swiglu_mlp(x, w1, w2, w3, 7.0), ref.swiglu_mlp(x, w1, w2, w3, 7.0))
+    assert torch.equal(ops.swiglu_mlp(x, (w1, w3), w2, 7.0), ref.swiglu_mlp(x, (w1, w3), w2, 7.0))
     y, s = torch.randn(3, 64), torch.randn(3, 4, 64)
     post, comb = torch.rand(3, 4), torch.rand(3, 4, 4)
     assert torch.equal(ops.hc_post(y, s, post, comb), ref.hc_post(y, s, post, comb))

@@ -226,7 +226,7 @@ class MixedGraphs:
                 if k == 0:
                     h = model.embed_tokens(b.token_ids)
                 else:
-                    h = model.layer_out(b.o, prev.h, prev.post, prev.comb, k - 1, b.positions, b.token_ids)
+                    h = model.layer_out(b.o, prev.h, prev.post, prev.comb, k - 1, b.token_ids)
                 if k == n:
                     return _Piece(run=lambda: None, h=slots.put(k, "h", h))
                 if b.compress_batch is not None:
@@ -357,7 +357,7 @@ class MixedGraphs:
             for k in range(len(model.layers)):
                 a, post, comb = model.attn_in(h, k, b.positions, layers[k], b.compress_batch)
                 o = model.attn_core(a, k, layers[k], attn_batch)
-                h = model.layer_out(o, h, post, comb, k, b.positions, b.token_ids)
+                h = model.layer_out(o, h, post, comb, k, b.token_ids)
             return model.logits(h, rows)
 
     def _prepare_whole(self, sizes: list[int], pool) -> None:

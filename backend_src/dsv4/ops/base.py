@@ -160,6 +160,11 @@ class Ops(ABC):
         summed in y's dtype. Backends may fuse the add into their hc_post."""
         return self.hc_post(y + y2, streams, post, comb)
 
+    def linear_hc_post(self, x: Tensor, w: Any, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        """hc_post(linear(x, w), ...): a sub-layer's output projection and the stream update after it. Backends may
+        hand the projection's split-K partials to the update unreduced."""
+        return self.hc_post(self.linear(x, w), streams, post, comb)
+
     @abstractmethod
     def hc_head(self, streams: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm_eps: float, hc_eps: float) -> Tensor: ...
 
@@ -175,7 +180,8 @@ class Ops(ABC):
         """Routed experts only: sum_k w[t,k] * expert_{ids[t,k]}(x[t])."""
 
     @abstractmethod
-    def swiglu_mlp(self, x: Tensor, w1: Any, w2: Any, w3: Any, swiglu_limit: float) -> Tensor: ...
+    def swiglu_mlp(self, x: Tensor, w13: Any, w2: Any, swiglu_limit: float) -> Tensor:
+        """w2 @ swiglu(w1 x, w3 x): `w13` is prepare_linear_stack([w1, w3]) (the gate and up projections of x)."""
 
     # --- cache and attention ---------------------------------------------------------------------------------
     @abstractmethod
@@ -191,11 +197,15 @@ class Ops(ABC):
 
     @abstractmethod
     def indexer_topk(self, q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
-                     batch: ForwardBatch, key_rows: Fp8Rows | None = None) -> Tensor:
+                     batch: ForwardBatch, key_rows: Fp8Rows | None = None, head_scale: float = 1.0) -> Tensor:
         """-> [T, topk] compressed-entry numbers each query attends (-1 = none), ratio 4. `key_rows`: index_k holds
-        FP8 rows of that format."""
+        FP8 rows of that format. The heads' weights are head_weights.float() * head_scale (computed only where the
+        entries are scored: where every visible entry is taken, nothing needs them)."""
 
     @abstractmethod
     def sparse_attention(self, q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
-                         sink: Tensor, scale: float, batch: ForwardBatch) -> Tensor:
-        """q [T, H, d] over the window KV plus compressed entries (all visible for HCA, `topk_entries` for CSA)."""
+                         sink: Tensor, scale: float, batch: ForwardBatch,
+                         out_rope: tuple[RopeConfig, int] | None = None) -> Tensor:
+        """q [T, H, d] over the window KV plus compressed entries (all visible for HCA, `topk_entries` for CSA).
+        With `out_rope` (rope, rope_dim) the output's RoPE'd tail comes back rotated to position 0, as
+        rope_tail(o, batch.positions, rope, rope_dim, inverse=True) gives it (a GPU path fuses the two)."""

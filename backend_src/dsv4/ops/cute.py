@@ -11,7 +11,9 @@ Weights
   DSV4_CUTE_FP8_LINEAR=0, get TorchOps' dense BF16 weight. Nothing is requantised at load (no FP8 -> NVFP4).
   wo_a (a block-diagonal projection: one row group per group of heads) comes through prepare_grouped_linear and
   runs through the same kernel with each row group reading its own K-slice of x.
-- BF16 weights (LM head, compressor and indexer-weight projections) stay on the torch path.
+- BF16 weights (compressor and indexer-weight projections) run through `dsv4_kernels.bf16_gemv` at decode, with the
+  dense weight kept for prefill; LM-head-sized ones stay on the torch path.
+- Projections of one input (`prepare_linear_stack`) are stacked into one FP8 or BF16 weight: one GEMV at one token.
 - Routed experts: all-NVFP4 expert lists become `PackedExperts` (grouped kernel); MXFP4 experts (the official
   checkpoint) and dense ones use TorchOps until an MXFP4 path exists.
 """
@@ -63,16 +65,15 @@ class LinearStack:
     """Projections of one input as one weight (rows stacked); `sizes` are the projections' output widths, `parts`
     each projection's own weight (views of the stacked one's rows: no extra memory)."""
 
-    weight: PackedBF16
+    weight: PackedBF16 | PackedFP8
     sizes: tuple[int, ...]
-    parts: tuple[PackedBF16, ...] = ()
+    parts: tuple[PackedBF16 | PackedFP8, ...] = ()
 
     @staticmethod
-    def of(weight: PackedBF16, sizes: tuple[int, ...]) -> "LinearStack":
+    def of(weight: PackedBF16 | PackedFP8, sizes: tuple[int, ...]) -> "LinearStack":
         parts, a = [], 0
         for w in sizes:
-            parts.append(PackedBF16(weight.codes[a // 16:(a + w) // 16], weight.scales, weight.dense[a:a + w], w,
-                                    weight.k))
+            parts.append(_row_view(weight, a, w))
             a += w
         return LinearStack(weight, sizes, tuple(parts))
 
@@ -87,6 +88,31 @@ class LinearStack:
             out.append(piece.reshape(*lead, w))
             a += w
         return tuple(out)
+
+
+def _row_view(weight: PackedBF16 | PackedFP8, a: int, w: int) -> PackedBF16 | PackedFP8:
+    """Rows [a, a + w) of a packed weight as a weight of its own (views; a and w whole row tiles, and for FP8
+    whole scale blocks)."""
+    if isinstance(weight, PackedFP8):
+        bn = weight.block[0]
+        return PackedFP8(codes=weight.codes[a // ROWTILE:(a + w) // ROWTILE],
+                         scales=weight.scales[a // bn:(a + w) // bn], n=w, k=weight.k, block=weight.block)
+    return PackedBF16(weight.codes[a // ROWTILE:(a + w) // ROWTILE], weight.scales, weight.dense[a:a + w], w,
+                      weight.k)
+
+
+def _fp8_stack(weights: list[Any]) -> FP8BlockTensor | None:
+    """FP8-block projections of one input as one FP8BlockTensor (rows stacked), or None where they cannot be: each
+    must be a weight the FP8 kernel takes, with the same K and block, and whole scale blocks of rows."""
+    if not weights or not all(isinstance(w, FP8BlockTensor) and _fp8_kernel_ok(w) for w in weights):
+        return None
+    first = weights[0]
+    bn = int(first.block[0])
+    if any(tuple(w.block) != tuple(first.block) or w.shape[1] != first.shape[1] or w.shape[0] % bn
+           or w.scale.shape[1] != first.scale.shape[1] or w.scale.dtype != first.scale.dtype for w in weights):
+        return None
+    return FP8BlockTensor(weight=torch.cat([w.weight for w in weights]), scale=torch.cat([w.scale for w in weights]),
+                          block=first.block)
 
 
 class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
@@ -109,20 +135,27 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         self.side_streams = [torch.cuda.Stream(self.device) for _ in range(n_side)]
 
     def concurrently(self, *pieces):
-        """All pieces but the first on side streams (DSV4_CUTE_STREAMS of them, default 2; 0 runs the pieces one
+        """All pieces but the first on side streams (DSV4_CUTE_STREAMS of them, default 3; 0 runs the pieces one
         after the other; with fewer side streams than pieces the extra pieces share the last one), each forked from
         and joined back into the current stream (also inside CUDA-graph capture, where fork and join become graph
         edges). At decode most kernels fill a fraction of the GPU (a batch-1 layer is ~45 kernels of 1-15 us), so
         independent chains overlap: flash-layers batch-1 step -7.9 %, batch 32 -4 % (docs/PERF.md,
-        session 21). Side pieces' outputs are marked as used on the current stream (record_stream):
+        session 21). A call made inside a piece that runs on side stream k forks onto the side streams after k
+        only (those up to k already carry that piece's siblings, queued ahead), and runs its pieces one after the
+        other where none is left. Side pieces' outputs are marked as used on the current stream (record_stream):
         the allocator must not hand their blocks back to a side stream before the current stream is done with them."""
-        if not self.side_streams or len(pieces) < 2:
-            return super().concurrently(*pieces)
         here = torch.cuda.current_stream(self.device)
+        sides = self.side_streams
+        for k, s in enumerate(self.side_streams):
+            if s.cuda_stream == here.cuda_stream:
+                sides = self.side_streams[k + 1:]
+                break
+        if not sides or len(pieces) < 2:
+            return super().concurrently(*pieces)
         used = []
         out: list = [None] * len(pieces)
         for j, piece in enumerate(pieces[1:], start=1):
-            side = self.side_streams[min(j, len(self.side_streams)) - 1]
+            side = sides[min(j, len(sides)) - 1]
             if side not in used:
                 side.wait_stream(here)
                 used.append(side)
@@ -181,8 +214,17 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         return super().linear(x, w)
 
     def prepare_linear_stack(self, weights: list[Any]) -> Any:
-        """BF16 projections of one input (a compressed layer's compressor and indexer projections of x): their rows
-        stacked into one weight, so that decode runs one GEMV for all of them instead of one launch chain each."""
+        """Projections of one input (a layer's wq_a and wkv; wq_b and the indexer's wq_b; a compressed layer's
+        compressor and indexer projections of x): their rows stacked into one weight, so that decode runs one GEMV
+        for all of them instead of one launch chain each. FP8-block weights stack into one FP8 weight, BF16 ones into
+        one BF16 weight; anything else is prepared one by one, as TorchOps does."""
+        if self.fp8_weights and len(weights) > 1:
+            cat = _fp8_stack([_fp8_to(w, self.device) if isinstance(w, FP8BlockTensor) else w for w in weights])
+            if cat is not None:
+                try:
+                    return LinearStack.of(prepare_fp8_weight(cat, self.device), tuple(w.shape[0] for w in weights))
+                except ValueError as e:   # NaN codes / non-finite scales: each one takes prepare_linear's path
+                    log.warning("FP8 weights %s not stacked: %s", [tuple(w.shape) for w in weights], e)
         if self.dtype == torch.bfloat16 and weights and all(isinstance(w, torch.Tensor) for w in weights):
             dense = [TorchOps.prepare_linear(self, w) for w in weights]
             if all(d.dtype == torch.bfloat16 and d.dim() == 2 and d.shape[1] == dense[0].shape[1] for d in dense):
@@ -192,8 +234,8 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         return super().prepare_linear_stack(weights)
 
     def linear_stack(self, x: Tensor, stack: Any) -> tuple[Tensor, ...]:
-        """One token: one GEMV over the stacked weight (flash-layers batch 1: 0.986-0.991x the layer time of a GEMV
-        per projection). More: a GEMV per projection, whose outputs the kernels after it take without a copy
+        """One token: one GEMV over the stacked weight (flash-layers batch 1, BF16 stacks: 0.986-0.991x the layer time
+        of a GEMV per projection). More: a GEMV per projection, whose outputs the kernels after it take without a copy
         (batch 8: the stacked GEMV measured 1.006-1.010x; docs/PERF.md session 27)."""
         if isinstance(stack, LinearStack):
             if x.numel() == x.shape[-1]:
@@ -382,7 +424,7 @@ def _rope_launcher(dim: int, rope_dim: int, inverse: bool, norm: str, eps: float
 
 
 def _side_streams_setting() -> int:
-    raw = os.environ.get("DSV4_CUTE_STREAMS", "2")
+    raw = os.environ.get("DSV4_CUTE_STREAMS", "3")
     try:
         n = int(raw)
     except ValueError:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch, LayerCache
 
 Tensor = torch.Tensor
@@ -311,11 +312,14 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
                              sink: Tensor, scale: float, batch: ForwardBatch, plan: AttentionPlan | None = None,
                              num_splits: int | None = None, heads_cta: int | None = None,
                              part_bf16: bool | None = None, block_n: int = 64, stages: int = 2,
-                             wgmma: bool | None = None, cluster: bool | None = None):
+                             wgmma: bool | None = None, cluster: bool | None = None,
+                             out_rope: tuple[Tensor, Tensor, Tensor] | None = None):
     """-> (launch, result): launch() enqueues the kernel(s) on the current stream (what the benchmark times);
     result() returns the [T, H, d] output in q's dtype. `num_splits`, `heads_cta`, `part_bf16`, `wgmma`: overrides
     for tests and sweeps (wgmma=None: the warpgroup-MMA kernel wherever it applies; cluster=None: its splits merge
-    in a cluster wherever they fit one)."""
+    in a cluster wherever they fit one). `out_rope` (positions int64 [T], RopeTail's cos / sin tables): where a
+    split combine kernel runs, it also rotates the output's RoPE'd tail back (launch.rotated says whether it did;
+    elsewhere the caller still has to)."""
     T, H, d = q.shape
     dev = q.device
     plan = plan or plan_for(batch, dev)
@@ -359,9 +363,17 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
             opart, ml,
             scale * 1.4426950408889634, per, splits)
 
+    rfn = None
+    if cfn is not None and out_rope is not None:
+        pos, cos, sin = out_rope
+        rd = 2 * cos.shape[-1]
+        rfn = _rope_combine(d, rd, part_bf16, [opart, ml, sk, pos, cos, sin, out, splits])
+
     def launch():
         fn(*args)
-        if cfn is not None:
+        if rfn is not None:
+            rfn(opart, ml, sk, pos, cos, sin, out, splits)
+        elif cfn is not None:
             cfn(opart, ml, sk, out, splits)
 
     def result():
@@ -369,6 +381,7 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
         return res if q.dtype == torch.bfloat16 else res.to(q.dtype)
 
     launch.splits = splits
+    launch.rotated = rfn is not None
     launch.wgmma = wg
     launch.cluster = in_cluster
     return launch, result
@@ -377,6 +390,18 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
 _ATTN_SPEC = (("t", True), ("t", True), ("t", True), ("t", False), ("t", False), ("t", False), ("t", False),
               ("t", False), ("t", False), ("t", True), ("t", True), ("t", False), ("f",), ("i",), ("i",))
 _COMBINE_SPEC = (("t", True), ("t", False), ("t", False), ("t", True), ("i",))
+_COMBINE_ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t", False), ("t", False), ("t", True),
+                      ("i",))
+
+
+def _rope_combine(d: int, rope_dim: int, part_bf16: bool, example: list) -> Launcher:
+    """The split combine with the output's inverse RoPE (dsv4_kernels.attention_decode.SplitCombineRope)."""
+    from dsv4_kernels.attention_decode import SplitCombineRope
+    key = ("combine_rope", d, rope_dim, part_bf16)
+    fn = _LAUNCHERS.get(key)
+    if fn is None:
+        fn = _LAUNCHERS[key] = Launcher(key, lambda: SplitCombineRope(d, rope_dim), _COMBINE_ROPE_SPEC, example)
+    return fn
 
 
 def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, plan, num_splits, part_bf16, dev,
@@ -445,9 +470,10 @@ VISIBLE_SHORTCUT = os.environ.get("DSV4_INDEXER_VISIBLE_SHORTCUT", "1") != "0"
 
 
 def indexer_topk(q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
-                 batch: ForwardBatch, plan: AttentionPlan | None = None) -> Tensor:
+                 batch: ForwardBatch, plan: AttentionPlan | None = None, head_scale: float = 1.0) -> Tensor:
     """The CuTe path of Ops.indexer_topk: [T, topk] int64 entry numbers in no particular order, -1 where fewer than
-    topk entries are visible (TorchOps' selection, which it returns best first)."""
+    topk entries are visible (TorchOps' selection, which it returns best first). The heads' weights are
+    head_weights.float() * head_scale, computed only where the entries are scored."""
     from dsv4_kernels.indexer import INT64_MIN, IndexerScores
 
     T, nh, dk = q.shape
@@ -471,7 +497,7 @@ def indexer_topk(q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: i
         return result
     M = 16 if nh <= 16 else (32 if nh <= 32 else 64)      # all heads in one CTA (the sum runs over them)
     qk = q if q.dtype == torch.bfloat16 else q.to(torch.bfloat16)
-    w = head_weights if head_weights.dtype == torch.float32 else head_weights.float()
+    w = head_weights.float() * head_scale
     if M != nh:
         qk = torch.cat([qk, qk.new_zeros(T, M - nh, dk)], 1)
         w = torch.cat([w, w.new_zeros(T, M - nh)], 1)
@@ -580,13 +606,27 @@ class CuteAttentionMixin:
         return super().store_window_kv(kv, cache, batch)
 
     def sparse_attention(self, q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
-                         sink: Tensor, scale: float, batch: ForwardBatch) -> Tensor:
-        if supported(q, cache) and q.shape[0] > 0:
-            return sparse_attention(q, cache, ratio, window, topk_entries, sink, scale, batch)
-        return super().sparse_attention(q, cache, ratio, window, topk_entries, sink, scale, batch)
+                         sink: Tensor, scale: float, batch: ForwardBatch,
+                         out_rope: tuple[RopeConfig, int] | None = None) -> Tensor:
+        """With `out_rope`, where the attention ends in a split combine, that kernel also rotates the output back
+        (one launch less on the decode chain); elsewhere rope_tail does."""
+        if not (supported(q, cache) and q.shape[0] > 0):
+            return super().sparse_attention(q, cache, ratio, window, topk_entries, sink, scale, batch, out_rope)
+        tables = None
+        pos = batch.positions
+        if out_rope is not None and pos.is_cuda and pos.dtype == torch.long and q.dtype == torch.bfloat16:
+            pos = pos if pos.is_contiguous() else pos.contiguous()
+            tables = (pos,) + tuple(self.rope_table(out_rope[0], out_rope[1], pos))
+        launch, result = prepare_sparse_attention(q, cache, ratio, window, topk_entries, sink, scale, batch,
+                                                  out_rope=tables)
+        launch()
+        o = result()
+        if out_rope is not None and not launch.rotated:
+            o = self.rope_tail(o, batch.positions, out_rope[0], out_rope[1], inverse=True)
+        return o
 
     def indexer_topk(self, q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
-                     batch: ForwardBatch, key_rows: Any = None) -> Tensor:
+                     batch: ForwardBatch, key_rows: Any = None, head_scale: float = 1.0) -> Tensor:
         if key_rows is None and indexer_supported(q, index_k):
-            return indexer_topk(q, head_weights, index_k, block_size, topk, batch)
-        return super().indexer_topk(q, head_weights, index_k, block_size, topk, batch, key_rows)
+            return indexer_topk(q, head_weights, index_k, block_size, topk, batch, head_scale=head_scale)
+        return super().indexer_topk(q, head_weights, index_k, block_size, topk, batch, key_rows, head_scale)

@@ -3,9 +3,10 @@
 Each replaces a chain of 3-7 tiny torch launches with one kernel (decode runs ~5 norms, one shared-expert SwiGLU and
 two mHC updates per layer, so these chains were a good share of a decode step's launches):
 - `rms_norm`: dsv4_kernels.rmsnorm (fp32 math, one rounding to x's dtype, as F.rms_norm on an fp32 copy);
-- `swiglu_mlp`: the two projections and the down projection stay `self.linear`; the activation between them is
-  dsv4_kernels.swiglu, which writes x's dtype directly (TorchOps: fp32 activation, then a cast);
-- `hc_post`, `hc_post_sum`: dsv4_kernels.mhc.HcPost.
+- `swiglu_mlp`: the projections stay `self.linear_stack` (gate and up) and `self.linear` (down); the activation
+  between them is dsv4_kernels.swiglu, which writes x's dtype directly (TorchOps: fp32 activation, then a cast);
+- `hc_post`, `hc_post_sum`, `linear_hc_post`: dsv4_kernels.mhc.HcPost (the last one summing an FP8 GEMV's split-K
+  partials itself).
 
 `CuteGlueMixin` has the TorchOps signatures and goes ahead of TorchOps in the bases (CuteOps(CuteGlueMixin,
 CuteAttentionMixin, TorchOps)); whatever the kernels do not cover (CPU tensors, other dtypes, dims not a multiple of
@@ -69,12 +70,12 @@ class CuteGlueMixin:
         return out.view(x.shape)
 
     # --- swiglu_mlp --------------------------------------------------------------------------------------------
-    def swiglu_mlp(self, x: Tensor, w1: Any, w2: Any, w3: Any, swiglu_limit: float) -> Tensor:
-        """self.linear for the three projections; the activation between them one kernel (dsv4_kernels.swiglu)."""
+    def swiglu_mlp(self, x: Tensor, w13: Any, w2: Any, swiglu_limit: float) -> Tensor:
+        """self.linear_stack / self.linear for the projections (gate and up one GEMV at one token); the activation
+        between them one kernel (dsv4_kernels.swiglu)."""
         if not self.fused_glue:
-            return super().swiglu_mlp(x, w1, w2, w3, swiglu_limit)
-        gate = self.linear(x, w1)
-        up = self.linear(x, w3)
+            return super().swiglu_mlp(x, w13, w2, swiglu_limit)
+        gate, up = self.linear_stack(x, w13)
         I = gate.shape[-1]
         if not (gate.is_cuda and gate.dtype in _FLOATS and up.dtype == gate.dtype and up.shape == gate.shape
                 and x.dtype in _FLOATS and I % _VEC == 0 and gate.numel()):
@@ -100,6 +101,25 @@ class CuteGlueMixin:
                 and y2.device == y.device):
             return super().hc_post_sum(y, y2, streams, post, comb)
         return self._hc_post_kernel(y, y2, streams, post, comb)
+
+    def linear_hc_post(self, x: Tensor, w: Any, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        """An FP8 output projection whose decode GEMV splits K: its partials go to HcPost, which sums them as the
+        split reduce would (same bits): one launch less on the decode chain (wo_b, every layer)."""
+        from dsv4_kernels.fp8_gemm import PackedFP8, fp8_gemv_partials
+        if (isinstance(w, PackedFP8) and self.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.dim() == 2
+                and streams.dim() == 3 and streams.shape[2] == w.n
+                and self._hc_post_fits(streams[:, 0], streams, post, comb)):
+            part = fp8_gemv_partials(x if x.is_contiguous() else x.contiguous(), w)
+            if part is not None:
+                T, n, D = streams.shape
+                pa = part.view(-1, D)
+                s3 = _rows(streams, D).view(T, n, D)
+                p2 = _compact(post.float(), 4)
+                c2 = _compact(comb.float().reshape(T, n * n), 4)
+                out = torch.empty((T, n, D), dtype=streams.dtype, device=streams.device)
+                _hc_post_launcher(n, False, pa, pa, s3, p2, c2, out, splits=part.shape[0])(pa, pa, s3, p2, c2, out)
+                return out
+        return super().linear_hc_post(x, w, streams, post, comb)
 
     def _hc_post_fits(self, y: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> bool:
         if not self.fused_glue or streams.dim() != 3 or y.dim() != 2:
@@ -143,11 +163,11 @@ def _swiglu_launcher(limit: float, *example: Tensor) -> Launcher:
                     list(example))
 
 
-def _hc_post_launcher(n: int, sum_y: bool, *example: Tensor) -> Launcher:
+def _hc_post_launcher(n: int, sum_y: bool, *example: Tensor, splits: int = 0) -> Launcher:
     def make():
         from dsv4_kernels.mhc import HcPost
-        return HcPost(n, pdl, sum_y)
-    pdl = chain_pdl(example[0].shape[0])
-    return Launcher(("glue-hc-post", n, sum_y, example[0].dtype, example[2].dtype, pdl), make, _HC_POST_SPEC,
+        return HcPost(n, pdl, sum_y, splits)
+    pdl = chain_pdl(example[2].shape[0])          # streams: one row per token
+    return Launcher(("glue-hc-post", n, sum_y, splits, example[0].dtype, example[2].dtype, pdl), make, _HC_POST_SPEC,
                     list(example))
 

@@ -196,8 +196,8 @@ class TorchOps(Ops):
             up = up.clamp(-limit, limit)
         return F.silu(gate) * up
 
-    def swiglu_mlp(self, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, swiglu_limit: float) -> Tensor:
-        h = self._swiglu(self.linear(x, w1), self.linear(x, w3), swiglu_limit)
+    def swiglu_mlp(self, x: Tensor, w13: Any, w2: Tensor, swiglu_limit: float) -> Tensor:
+        h = self._swiglu(*self.linear_stack(x, w13), swiglu_limit)
         return self.linear(h.to(x.dtype), w2)
 
     def moe(self, x: Tensor, expert_ids: Tensor, expert_weights: Tensor, experts: dict[str, Tensor],
@@ -317,7 +317,8 @@ class TorchOps(Ops):
         return got if rows is None else rows.dequantize(got)
 
     def indexer_topk(self, q: Tensor, head_weights: Tensor, index_k: Tensor, block_size: int, topk: int,
-                     batch: ForwardBatch, key_rows: Fp8Rows | None = None) -> Tensor:
+                     batch: ForwardBatch, key_rows: Fp8Rows | None = None, head_scale: float = 1.0) -> Tensor:
+        head_weights = head_weights.float() * head_scale
         if batch.decode is not None:
             return self._indexer_decode(q, head_weights, index_k, block_size, topk, batch, key_rows)
         T = q.shape[0]
@@ -340,9 +341,16 @@ class TorchOps(Ops):
         return result
 
     def sparse_attention(self, q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
-                         sink: Tensor, scale: float, batch: ForwardBatch) -> Tensor:
+                         sink: Tensor, scale: float, batch: ForwardBatch,
+                         out_rope: tuple[RopeConfig, int] | None = None) -> Tensor:
         if batch.decode is not None:
-            return self._attention_decode(q, cache, ratio, window, topk_entries, sink, scale, batch)
+            o = self._attention_decode(q, cache, ratio, window, topk_entries, sink, scale, batch)
+        else:
+            o = self._attention_prefill(q, cache, ratio, window, topk_entries, sink, scale, batch)
+        return o if out_rope is None else self.rope_tail(o, batch.positions, out_rope[0], out_rope[1], inverse=True)
+
+    def _attention_prefill(self, q: Tensor, cache: LayerCache, ratio: int, window: int, topk_entries: Tensor | None,
+                           sink: Tensor, scale: float, batch: ForwardBatch) -> Tensor:
         T, H, d = q.shape
         out = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
         bs = cache.block_size
