@@ -161,6 +161,19 @@ if sys.argv[1:]:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k == "base" or k in sys.argv[1:]}
 
 
+# variant flag -> the methods it replaces: (object, method name, replacement)
+PATCHES = {"compress_serial": [(model, "_compress", compress_serial)],
+           "unstacked": [(ops, "linear_stack", unstacked)],
+           "fp8_unstacked": [(ops, "linear_stack", fp8_unstacked)],
+           "shared_unstacked": [(ops, "linear_stack", shared_unstacked)],
+           "post_reduce": [(ops, "linear_hc_post", post_reduce)],
+           "writes_late": [(model, "attn_in", writes_late)],
+           "rope_apart": [(ops, "sparse_attention", rope_apart)],
+           "add_apart": [(ops, "hc_post_sum", add_apart)],
+           "hc_eager": [(ops, "hc_pre_split", hc_eager)],
+           "norms_apart": [(ops, "hc_pre_split", hc_norm_apart), (ops, "norm_rope_tail", norm_rope_apart)]}
+
+
 def apply(v: dict) -> None:
     ops.side_streams = prio_sides if v.get("side_prio") else sides[:v["streams"]]
     pdl.CHAIN = not v.get("no_pdl")
@@ -169,35 +182,13 @@ def apply(v: dict) -> None:
     bf16_gemv.ENABLED = not v.get("bf16_cublas")
     cute_attention.VISIBLE_SHORTCUT = not v.get("scores")
     cute_route.GATE_MIX_MAX_TOKENS = 0 if v.get("gate_cublas") else gate_max
-    ops.__dict__.pop("hc_pre_split", None)
-    ops.__dict__.pop("norm_rope_tail", None)
-    ops.__dict__.pop("hc_post_sum", None)
-    ops.__dict__.pop("linear_stack", None)
-    ops.__dict__.pop("sparse_attention", None)
-    ops.__dict__.pop("linear_hc_post", None)
-    model.__dict__.pop("attn_in", None)
-    model.__dict__.pop("_compress", None)
-    if v.get("compress_serial"):
-        model._compress = types.MethodType(compress_serial, model)
-    if v.get("unstacked"):
-        ops.linear_stack = types.MethodType(unstacked, ops)
-    if v.get("fp8_unstacked"):
-        ops.linear_stack = types.MethodType(fp8_unstacked, ops)
-    if v.get("post_reduce"):
-        ops.linear_hc_post = types.MethodType(post_reduce, ops)
-    if v.get("shared_unstacked"):
-        ops.linear_stack = types.MethodType(shared_unstacked, ops)
-    if v.get("writes_late"):
-        model.attn_in = types.MethodType(writes_late, model)
-    if v.get("rope_apart"):
-        ops.sparse_attention = types.MethodType(rope_apart, ops)
-    if v.get("add_apart"):
-        ops.hc_post_sum = types.MethodType(add_apart, ops)
-    if v.get("hc_eager"):
-        ops.hc_pre_split = types.MethodType(hc_eager, ops)
-    if v.get("norms_apart"):
-        ops.hc_pre_split = types.MethodType(hc_norm_apart, ops)
-        ops.norm_rope_tail = types.MethodType(norm_rope_apart, ops)
+    for patches in PATCHES.values():
+        for obj, name, _ in patches:
+            obj.__dict__.pop(name, None)
+    for flag, patches in PATCHES.items():
+        if v.get(flag):
+            for obj, name, fn in patches:
+                setattr(obj, name, types.MethodType(fn, obj))
 
 
 all_layers = list(model.layers)
