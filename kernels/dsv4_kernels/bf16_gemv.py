@@ -25,9 +25,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from dsv4_kernels.fp8_gemm import KCHUNK, ROWTILE, WARPS, _Gemv
-from dsv4_kernels.nvfp4_gemm import (GEMV_MAX_M, PackedWeight, _call, _fake, _options, _stream_arg, _TVM_FFI,
-                                     compile_split_reduce, gemm_workspace)
+from dsv4_kernels.fp8_gemm import KCHUNK, ROWTILE, WARPS, _Gemv, launch_gemv
+from dsv4_kernels.nvfp4_gemm import GEMV_MAX_M, PackedWeight, _fake, _options, _stream_arg, _TVM_FFI
 from dsv4_kernels.pdl import chain
 
 __all__ = ["PackedBF16", "prepare_bf16_weight", "bf16_linear", "bf16_gemv_plan", "bf16_kernel_ok", "pack_bf16",
@@ -158,10 +157,7 @@ def bf16_linear(x: torch.Tensor, pw: PackedBF16, out: torch.Tensor | None = None
     y = torch.empty((m, pw.n), dtype=torch.bfloat16, device=x.device) if out is None else out.view(m, pw.n)
     splits, unroll = _plan(pw)
     pdl = chain(m)
-    fn = compile_gemv_bf16(pw.n, pw.k, -(-m // 8), splits, unroll, pdl)
-    part = gemm_workspace("part", splits * m * pw.n, torch.float32, x.device).view(splits, m, pw.n)
-    _call(fn, pw.codes, pw.scales, x2.view(torch.int32).view(m, pw.k // 16, 8), y, part, m)
-    if splits > 1:
-        _call(compile_split_reduce(pw.n, splits, pdl), part, y, m * pw.n, 1.0)
+    launch_gemv(compile_gemv_bf16(pw.n, pw.k, -(-m // 8), splits, unroll, pdl), pw.codes, pw.scales, x2, y, pw.n,
+                splits, pdl)
     return y.view(*lead, pw.n)
 

@@ -571,11 +571,19 @@ def _gemv(x2: torch.Tensor, pw: PackedFP8, y: torch.Tensor, reduce: bool = True)
     splits, unroll, prefetch = _plan(pw)
     pdl = chain(m)
     fn = compile_gemv(pw.n, pw.k, -(-m // 8), splits, unroll, prefetch, pw.block, pw.groups, pdl)
-    xi = x2.view(torch.int32).view(m, pw.groups * pw.k // 16, 8)
-    part = gemm_workspace("part", splits * m * pw.n, torch.float32, x2.device).view(splits, m, pw.n)  # 1: unused
-    _call(fn, pw.codes, pw.scales, xi, y, part, m)
+    return launch_gemv(fn, pw.codes, pw.scales, x2, y, pw.n, splits, pdl, reduce)
+
+
+def launch_gemv(fn, codes: torch.Tensor, scales: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, n: int,
+                splits: int, pdl: bool, reduce: bool = True) -> torch.Tensor:
+    """One compiled decode GEMV (`fn`, this module's or bf16_gemv's) on x2 [m, K] bf16 and, where it splits K and
+    `reduce`, the split reduce into y -> the fp32 partials [splits, m, n] (the stream's scratch buffer; unused with
+    one split)."""
+    m = x2.shape[0]
+    part = gemm_workspace("part", splits * m * n, torch.float32, x2.device).view(splits, m, n)
+    _call(fn, codes, scales, x2.view(torch.int32).view(m, -1, 8), y, part, m)
     if splits > 1 and reduce:
-        _call(compile_split_reduce(pw.n, splits, pdl), part, y, m * pw.n, 1.0)
+        _call(compile_split_reduce(n, splits, pdl), part, y, m * n, 1.0)
     return part
 
 

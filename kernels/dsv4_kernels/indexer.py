@@ -180,10 +180,10 @@ class IndexerScores:
 class VisibleEntries:
     """The indexer's selection where nothing has to be selected: while a step's positions (or, in a CUDA graph,
     those it was captured for) reach at most 4 x top-k, every entry a query may see is taken, so the scores are not
-    needed at all. out[t, e] = e for e < (pos[t] + 1) // 4 (its visible count, capped at `width`, a runtime argument:
-one compiled kernel for every step), else -1, for e
-    in [0, topk): what indexer_topk built from the scores' keys with four torch launches and the scoring kernel
-    before (H100, session 27: ~8 us of a CSA layer's critical path at batch 1). One CTA per token."""
+    needed at all. For e in [0, topk): out[t, e] = e for e < (pos[t] + 1) // 4 (its visible count, capped at
+    `width`, a runtime argument: one compiled kernel for every step), else -1. That is what indexer_topk built from
+    the scores' keys with four torch launches and the scoring kernel before (H100, session 27: ~8 us of a CSA
+    layer's critical path at batch 1). One CTA per token."""
 
     THREADS = 256
 

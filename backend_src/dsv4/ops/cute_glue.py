@@ -111,14 +111,7 @@ class CuteGlueMixin:
                 and self._hc_post_fits(streams[:, 0], streams, post, comb)):
             part = fp8_gemv_partials(x if x.is_contiguous() else x.contiguous(), w)
             if part is not None:
-                T, n, D = streams.shape
-                pa = part.view(-1, D)
-                s3 = _rows(streams, D).view(T, n, D)
-                p2 = _compact(post.float(), 4)
-                c2 = _compact(comb.float().reshape(T, n * n), 4)
-                out = torch.empty((T, n, D), dtype=streams.dtype, device=streams.device)
-                _hc_post_launcher(n, False, pa, pa, s3, p2, c2, out, splits=part.shape[0])(pa, pa, s3, p2, c2, out)
-                return out
+                return self._hc_post_kernel(part.view(-1, w.n), None, streams, post, comb, splits=part.shape[0])
         return super().linear_hc_post(x, w, streams, post, comb)
 
     def _hc_post_fits(self, y: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> bool:
@@ -129,7 +122,9 @@ class CuteGlueMixin:
                 and 1 <= n <= 8 and D % _VEC == 0 and T and D and post.shape == (T, n) and comb.shape == (T, n, n)
                 and post.is_floating_point() and comb.is_floating_point())
 
-    def _hc_post_kernel(self, y: Tensor, y2: Tensor | None, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    def _hc_post_kernel(self, y: Tensor, y2: Tensor | None, streams: Tensor, post: Tensor, comb: Tensor,
+                        splits: int = 0) -> Tensor:
+        """The HcPost launch; with `splits`, y is the output projection's fp32 split partials [splits * T, D]."""
         T, n, D = streams.shape
         ya = _rows(y, D)
         yb = ya if y2 is None else _rows(y2, D)
@@ -137,7 +132,7 @@ class CuteGlueMixin:
         p2 = _compact(post.float(), 4)
         c2 = _compact(comb.float().reshape(T, n * n), 4)
         out = torch.empty((T, n, D), dtype=streams.dtype, device=streams.device)
-        _hc_post_launcher(n, y2 is not None, ya, yb, s3, p2, c2, out)(ya, yb, s3, p2, c2, out)
+        _hc_post_launcher(n, y2 is not None, ya, yb, s3, p2, c2, out, splits=splits)(ya, yb, s3, p2, c2, out)
         return out
 
 
