@@ -39,7 +39,15 @@ replays are timed in alternating rounds, so that the machine's drift hits every 
   beside each other;
 - side_prio: the side streams at a higher priority than the main one (the block scheduler then serves
   their kernels before the pending CTAs of a GEMV on the main stream);
-- four: four side streams.
+- four: four side streams;
+- heads32: the batch-1 attention with 32 heads a CTA, as before session 29 (not 16);
+- combine_serial: the split combine's loops over the splits not unrolled (as before session 29);
+- half_splits: the FP8 GEMVs that split K in 4 or more (wo_a, wo_b, the shared expert's, wq_a + wkv) with half the
+  splits (half the CTAs, twice the chunks a warp), not fp8_gemv_plan's two CTAs a multiprocessor;
+- down4 / down9: a one-token step's MoE down kernel with a cp.async ring of 4 stages (as before session 29) / 9
+  (every iteration in flight before the wait), not 8;
+- shared_main: the MoE's shared expert on the main stream (its first GEMV a programmatic dependent of the collapse)
+  and the routed experts on a side stream, not the other way round.
 Run on the GPU machine (bundle applied): [BATCHES="1 8 32"] python3 scripts/decode_ab.py [VARIANT ...] (default:
 batches 1 and 32 (at most 32), every variant; "base" always).
 """
@@ -52,9 +60,11 @@ import torch
 
 import dsv4.ops.cute_attention as cute_attention
 import dsv4.ops.cute_route as cute_route
+import dsv4_kernels.attention_decode as attention_decode
 import dsv4_kernels.bf16_gemv as bf16_gemv
 import dsv4_kernels.mhc_pre as mhc_pre
 import dsv4_kernels.nvfp4_moe as nvfp4_moe
+import dsv4_kernels.nvfp4_moe_ring as nvfp4_moe_ring
 import dsv4_kernels.pdl as pdl
 from dsv4.bench_cmd import hbm_bandwidth
 from dsv4.bench_decode_cmd import _random_tensors, build_decode_setup, layer_floor_bytes
@@ -63,7 +73,7 @@ from dsv4.engine.cuda_graphs import DecodeGraphs
 from dsv4.engine.decode_inputs import DecodeInputs
 from dsv4.model.deepseek_v4 import DeepseekV4Model
 from dsv4.ops.cute import CuteOps, LinearStack
-from dsv4_kernels.fp8_gemm import PackedFP8
+from dsv4_kernels.fp8_gemm import PackedFP8, _plan as fp8_plan
 
 dev = torch.device("cuda")
 L = 4
@@ -77,6 +87,9 @@ floor = sum(layer_floor_bytes(model, i, ctx)["total"] for i in range(L)) / bw * 
 sides = list(ops.side_streams) + [torch.cuda.Stream(dev) for _ in range(4 - len(ops.side_streams))]  # up to "four"
 prio_sides = [torch.cuda.Stream(dev, priority=-1) for _ in range(3)]
 gate_max = cute_route.GATE_MIX_MAX_TOKENS
+small_heads = cute_attention.SMALL_HEADS_MAX_TOKENS
+combine_unroll = attention_decode.COMBINE_UNROLL
+down_stages = nvfp4_moe_ring.RING_DOWN_STAGES_ONE_TOKEN
 
 
 def hc_eager(self, *args, **kwargs):
@@ -134,6 +147,18 @@ def compress_serial(self, comp, idx_comp, i, cache, batch):
                                         out, cache.block_size, batch)
 
 
+def shared_main(self, x, L, token_ids, beside):
+    cfg, ops = self.cfg, self.ops
+
+    def routed():
+        ids, weights = ops.route(x, L.gate, L.gate_bias, L.tid2eid, token_ids, cfg.n_activated_experts,
+                                 cfg.score_func, cfg.route_scale)
+        return ops.moe(x, ids, weights, L.experts, cfg.swiglu_limit)
+
+    shared, out, other = ops.concurrently(lambda: ops.swiglu_mlp(x, *L.shared, cfg.swiglu_limit), routed, beside)
+    return (out, shared), other
+
+
 def post_reduce(self, x, w, streams, post, comb):
     return self.hc_post(self.linear(x, w), streams, post, comb)
 
@@ -154,6 +179,9 @@ VARIANTS = {"serial": dict(streams=0), "base": dict(streams=3), "two": dict(stre
             "shared_unstacked": dict(streams=3, shared_unstacked=True),
             "post_reduce": dict(streams=3, post_reduce=True), "side_prio": dict(streams=3, side_prio=True),
             "compress_serial": dict(streams=3, compress_serial=True),
+            "heads32": dict(streams=3, heads32=True), "combine_serial": dict(streams=3, combine_serial=True),
+            "shared_main": dict(streams=3, shared_main=True), "half_splits": dict(streams=3, half_splits=True),
+            "down4": dict(streams=3, down_stages=4), "down9": dict(streams=3, down_stages=9),
 
             "four": dict(streams=4)}
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1 32").split()]
@@ -163,6 +191,7 @@ if sys.argv[1:]:
 
 # variant flag -> the methods it replaces: (object, method name, replacement)
 PATCHES = {"compress_serial": [(model, "_compress", compress_serial)],
+           "shared_main": [(model, "moe", shared_main)],
            "unstacked": [(ops, "linear_stack", unstacked)],
            "fp8_unstacked": [(ops, "linear_stack", fp8_unstacked)],
            "shared_unstacked": [(ops, "linear_stack", shared_unstacked)],
@@ -174,7 +203,25 @@ PATCHES = {"compress_serial": [(model, "_compress", compress_serial)],
            "norms_apart": [(ops, "hc_pre_split", hc_norm_apart), (ops, "norm_rope_tail", norm_rope_apart)]}
 
 
+def _fp8_weights():
+    for layer in model.layers:
+        for w in (layer.wo_a, layer.wo_b, layer.qkv_a, *layer.shared):
+            w = getattr(w, "weight", w)
+            if isinstance(w, PackedFP8):
+                yield w
+
+
+FP8_PLANS = {id(w): fp8_plan(w) for w in _fp8_weights()}
+
+
 def apply(v: dict) -> None:
+    for w in _fp8_weights():
+        splits, unroll, prefetch = FP8_PLANS[id(w)]
+        cps = w.k // 64 // splits
+        if v.get("half_splits") and splits >= 4 and (2 * cps) % 8 == 0:
+            w.cache["plan"] = (splits // 2, 8, prefetch)
+        else:
+            w.cache["plan"] = (splits, unroll, prefetch)
     ops.side_streams = prio_sides if v.get("side_prio") else sides[:v["streams"]]
     pdl.CHAIN = not v.get("no_pdl")
     mhc_pre.MIX_PREFETCH = not v.get("mix_late")
@@ -182,6 +229,9 @@ def apply(v: dict) -> None:
     bf16_gemv.ENABLED = not v.get("bf16_cublas")
     cute_attention.VISIBLE_SHORTCUT = not v.get("scores")
     cute_route.GATE_MIX_MAX_TOKENS = 0 if v.get("gate_cublas") else gate_max
+    cute_attention.SMALL_HEADS_MAX_TOKENS = 0 if v.get("heads32") else small_heads
+    attention_decode.COMBINE_UNROLL = 1 if v.get("combine_serial") else combine_unroll
+    nvfp4_moe_ring.RING_DOWN_STAGES_ONE_TOKEN = v.get("down_stages", down_stages)
     for patches in PATCHES.values():
         for obj, name, _ in patches:
             obj.__dict__.pop(name, None)

@@ -45,6 +45,10 @@ LOG2_E = 1.4426950408889634
 # Programmatic dependent launch of the split combine: its launch overlaps the attention kernel's tail instead of
 # following it (env DSV4_ATTN_PDL=0 turns it off)
 ATTN_PDL = os.environ.get("DSV4_ATTN_PDL", "1") != "0"
+# The split combine's loops over the splits, unrolled this many times: one thread's loads of several splits are then
+# in flight together instead of one L2 round trip after another (the arithmetic keeps its order, so the bits are the
+# same). H100, batch-1 CSA with 10 splits: docs/PERF.md, session 29. 1 gives the loop as it was, for A/B runs.
+COMBINE_UNROLL = int(os.environ.get("DSV4_ATTN_COMBINE_UNROLL", "4"))
 
 MODE_WINDOW, MODE_HCA, MODE_CSA = 0, 1, 2
 
@@ -451,11 +455,12 @@ class SplitCombine:
 
     VEC = 8
 
-    def __init__(self, head_dim: int, pdl: bool | None = None):
+    def __init__(self, head_dim: int, pdl: bool | None = None, unroll: int | None = None):
         assert head_dim % self.VEC == 0
         self.d = head_dim
         self.threads = head_dim // self.VEC
         self.pdl = ATTN_PDL if pdl is None else pdl
+        self.unroll = COMBINE_UNROLL if unroll is None else unroll
 
     @cute.jit
     def __call__(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor,
@@ -482,12 +487,12 @@ class SplitCombine:
         cute.arch.griddepcontrol_wait()
         sink2 = mSink[h] * LOG2_E
         mx = sink2
-        for s in cutlass.range(num_splits, unroll=1):
+        for s in cutlass.range(num_splits, unroll=self.unroll):
             mx = cute.arch.fmax(mx, mML[t, s, h, 0])
         denom = cute.math.exp2(sink2 - mx, fastmath=True)
         acc = cute.make_rmem_tensor((self.VEC,), Float32)
         acc.fill(0.0)
-        for s in cutlass.range(num_splits, unroll=1):
+        for s in cutlass.range(num_splits, unroll=self.unroll):
             w = cute.math.exp2(mML[t, s, h, 0] - mx, fastmath=True) * mML[t, s, h, 1]
             denom = denom + w
             src = cute.local_tile(mOpart[t, s, h, None], (self.VEC,), (tidx,))
@@ -505,8 +510,8 @@ class SplitCombineRope(SplitCombine):
     attention output's rotation back (RopeTail inverse) in the same launch, with its bits (the bf16 output rotated
     in fp32, rounded once). cos / sin: the RopeTail tables [positions, rope_dim / 2]."""
 
-    def __init__(self, head_dim: int, rope_dim: int, pdl: bool | None = None):
-        super().__init__(head_dim, pdl)
+    def __init__(self, head_dim: int, rope_dim: int, pdl: bool | None = None, unroll: int | None = None):
+        super().__init__(head_dim, pdl, unroll)
         assert rope_dim % self.VEC == 0 and 0 < rope_dim <= head_dim
         self.rd = rope_dim
 

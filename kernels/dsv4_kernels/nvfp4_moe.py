@@ -504,10 +504,11 @@ def decode_plan(experts: "PackedExperts", num_assign: int, topk: int) -> tuple[i
 
 
 def _decode_kernels(E, D, I, mt, ks1, ks2, topk, clamp, id_t=cutlass.Int64, wt_t=Float32, unroll=4, pdl=False,
-                    gate_pdl=False):
+                    gate_pdl=False, tokens=0):
     """The decode chain: (gate_up, SwiGLU or None, down, ring_up, ring_down). With the cp.async ring and an unsplit
     gate_up, gate_up applies the SwiGLU itself (no SwiGLU kernel); ring kernels take a trailing `limit` arg.
-    `gate_pdl`: the ring gate_up launches as a programmatic dependent of the kernel before it (the routing)."""
+    `gate_pdl`: the ring gate_up launches as a programmatic dependent of the kernel before it (the routing).
+    `tokens`: the step's token count (the ring down kernel's depth, nvfp4_moe_ring.down_stages)."""
     from dsv4_kernels import nvfp4_moe_ring as ring
     ring_up = DECODE_RING and ring.ring_fits(D, ks1)
     ring_down = DECODE_RING and ring.ring_fits(I, ks2)
@@ -518,7 +519,8 @@ def _decode_kernels(E, D, I, mt, ks1, ks2, topk, clamp, id_t=cutlass.Int64, wt_t
         f1 = ring.compile_decode_ring("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, gate_pdl) if ring_up else \
             compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, unroll)
         swiglu = compile_decode_swiglu(E, I, ks1, clamp, id_t, pdl)
-    f2 = ring.compile_decode_ring("down", E, D, I, mt, ks2, topk, id_t, wt_t, pdl) if ring_down else \
+    f2 = ring.compile_decode_ring("down", E, D, I, mt, ks2, topk, id_t, wt_t, pdl,
+                                  stages=ring.down_stages(tokens)) if ring_down else \
         compile_decode("down", E, D, I, mt, ks2, topk, id_t, wt_t, unroll, pdl)
     return f1, swiglu, f2, ring_up, ring_down
 
@@ -544,7 +546,7 @@ def _moe_decode(x, expert_ids, expert_weights, experts, swiglu_limit):
     mt, ks1, ks2, unroll = decode_plan(experts, A, topk)
     pdl = DECODE_PDL
     f1, swiglu, f2, ring_up, ring_down = _decode_kernels(E, D, I, mt, ks1, ks2, topk, swiglu_limit > 0, id_t, wt_t,
-                                                         unroll, pdl, gate_up_pdl(T))
+                                                         unroll, pdl, gate_up_pdl(T), T)
     lim = float(swiglu_limit)
     h = torch.empty((A, I), dtype=torch.bfloat16, device=dev)
     yp = torch.empty((ks2, A, D), dtype=torch.float32, device=dev)
@@ -684,7 +686,7 @@ def warmup(experts: PackedExperts, num_tokens: list[int] | tuple[int, ...], topk
                 continue
             mt, ks1, ks2, unroll = decode_plan(experts, t * topk, topk)
             _decode_kernels(E, D, I, mt, ks1, ks2, topk, swiglu_limit > 0, unroll=unroll, pdl=DECODE_PDL,
-                            gate_pdl=gate_up_pdl(t))
+                            gate_pdl=gate_up_pdl(t), tokens=t)
             compile_finalize(D, topk, ks2, DECODE_PDL)
             continue
         mt = _mt_for(t * topk, E)

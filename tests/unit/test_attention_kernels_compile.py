@@ -67,8 +67,9 @@ def test_sparse_attention_wgmma_compiles(d, mode, split, part_bf16, i64, block_n
 
 @pytest.mark.parametrize("d", [64, 512])
 @pytest.mark.parametrize("pdt", [F32, BF])
-def test_split_combine_compiles(d, pdt):
-    cute.compile(SplitCombine(d), _fake(pdt, 4), _fake(F32, 4, False), _fake(F32, 1, False), _fake(BF, 3), I32(2),
+@pytest.mark.parametrize("unroll", [1, 4])
+def test_split_combine_compiles(d, pdt, unroll):
+    cute.compile(SplitCombine(d, unroll=unroll), _fake(pdt, 4), _fake(F32, 4, False), _fake(F32, 1, False), _fake(BF, 3), I32(2),
                  make_fake_stream())
 
 
@@ -78,6 +79,14 @@ def test_split_combine_with_the_inverse_rope_compiles(d, rd, pdt):
     cute.compile(SplitCombineRope(d, rd), _fake(pdt, 4), _fake(F32, 4, False), _fake(F32, 1, False),
                  _fake(I64, 1, False), _fake(F32, 2, False), _fake(F32, 2, False), _fake(BF, 3), I32(2),
                  make_fake_stream())
+
+
+def test_a_few_tokens_get_16_heads_a_cta_more_get_32_and_the_wgmma_kernel_64():
+    from dsv4.ops.cute_attention import SMALL_HEADS_MAX_TOKENS, heads_per_cta
+    assert SMALL_HEADS_MAX_TOKENS >= 1
+    assert heads_per_cta(64, tokens=1) == heads_per_cta(64, tokens=SMALL_HEADS_MAX_TOKENS) == 16
+    assert heads_per_cta(64, tokens=SMALL_HEADS_MAX_TOKENS + 1) == heads_per_cta(64) == 32
+    assert heads_per_cta(128, wgmma=True, tokens=1) == 64 and heads_per_cta(16, tokens=64) == 16
 
 
 @pytest.mark.parametrize("row_words,rows_per_cta", [(256, 16), (256, 64), (128, 32)])

@@ -175,6 +175,15 @@ def test_moe_ring_decode_compiles(mode, n, k, mt, ks):
                                       clamp=False) is not None
 
 
+def test_moe_ring_down_kernel_of_a_one_token_step_is_the_deep_ring_and_compiles():
+    """A one-token step's down kernel keeps 7 of V4-Flash's 8 ring iterations in flight before its wait; more tokens
+    keep the shallow ring (more CTAs resident)."""
+    from dsv4_kernels import nvfp4_moe_ring as MR
+    assert MR.down_stages(1) == MR.RING_DOWN_STAGES_ONE_TOKEN > MR.RING_DOWN_STAGES
+    assert MR.down_stages(2) == MR.down_stages(8) == MR.RING_DOWN_STAGES
+    assert MR.compile_decode_ring("down", 16, 4096, 2048, 1, 1, 6, pdl=True, stages=MR.down_stages(1)) is not None
+
+
 def test_moe_ring_rejects_splits_that_are_not_whole_stages():
     from dsv4_kernels import nvfp4_moe_ring as MR
     assert not MR.ring_fits(64 * 6, 1)

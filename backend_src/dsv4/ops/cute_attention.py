@@ -143,14 +143,25 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def heads_per_cta(h: int, wgmma: bool = False) -> int:
+# Up to this many query tokens the mma.sync kernel takes 16 heads a CTA instead of 32: a batch-1 step has too few
+# CTAs to fill the GPU, and each does a long serial chain (rows in, S, softmax, P V, partial out), so four times the
+# CTAs with a quarter of the heads each finish sooner. H100, flash dims, context 1 024, attention + rotating combine
+# (docs/PERF.md, session 29): window 7.43 -> 5.96 us, HCA 8.14 -> 6.93, CSA 12.28 -> 11.52; CSA layers lose from 4
+# tokens on. Inside a decode layer the gain is within the run-to-run spread (0.995-1.001x the layer time): wo_a
+# streams its weights meanwhile. Env DSV4_ATTN_SMALL_HEADS_TOKENS (0: always 32, as before).
+SMALL_HEADS_MAX_TOKENS = int(os.environ.get("DSV4_ATTN_SMALL_HEADS_TOKENS", "4"))
+
+
+def heads_per_cta(h: int, wgmma: bool = False, tokens: int | None = None) -> int:
     """Heads per CTA. The wgmma kernel serves 64 heads per CTA (wgmma's M), so it takes head counts that are a
     multiple of 64. The mma.sync kernel runs 64 heads as 2 groups of 32 (grid: head groups side by side, so the
     second group reads the rows from L2): measured on H100 faster than one group of 64 at batch 16 and 64
-    (docs/PERF_ATTENTION.md)."""
+    (docs/PERF_ATTENTION.md); at `tokens` <= SMALL_HEADS_MAX_TOKENS as groups of 16."""
     if wgmma and h % 64 == 0:
         return 64
-    return 16 if h <= 16 else 32
+    if h <= 16 or (tokens is not None and tokens <= SMALL_HEADS_MAX_TOKENS):
+        return 16
+    return 32
 
 
 # The wgmma kernel's 64-head CTAs win once there are enough of them, and enough tiles per token, to fill the GPU
@@ -327,12 +338,12 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
     csa = ratio == 4 and topk_entries is not None
     if wgmma is None:
         wgmma = use_wgmma(dev, T, H, d, _max_rows(plan, ratio, window, csa, topk_entries), block_n)
-    M = heads_cta or heads_per_cta(H, wgmma)
+    M = heads_cta or heads_per_cta(H, wgmma, T)
     wg = M == 64 and wgmma
     Hp = -(-H // M) * M
     ck = (H, d, ratio, window, cache.block_size, topk_entries.shape[1] if csa else 0,
           topk_entries.dtype if csa else None, num_splits, M, part_bf16, block_n, stages, wg, cluster,
-          chain_pdl(T))
+          chain_pdl(T), _combine_unroll())
     cfg = plan.launch_cfg.get(ck)
     if cfg is None:
         cfg = plan.launch_cfg[ck] = _launch_config(T, H, d, M, ratio, window, cache.block_size, csa,
@@ -396,18 +407,25 @@ _COMBINE_ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t
 
 def _rope_combine(d: int, rope_dim: int, part_bf16: bool, example: list) -> Launcher:
     """The split combine with the output's inverse RoPE (dsv4_kernels.attention_decode.SplitCombineRope)."""
-    from dsv4_kernels.attention_decode import SplitCombineRope
-    key = ("combine_rope", d, rope_dim, part_bf16)
+    from dsv4_kernels import attention_decode
+    unroll = attention_decode.COMBINE_UNROLL
+    key = ("combine_rope", d, rope_dim, part_bf16, unroll)
     fn = _LAUNCHERS.get(key)
     if fn is None:
-        fn = _LAUNCHERS[key] = Launcher(key, lambda: SplitCombineRope(d, rope_dim), _COMBINE_ROPE_SPEC, example)
+        fn = _LAUNCHERS[key] = Launcher(key, lambda: attention_decode.SplitCombineRope(d, rope_dim, unroll=unroll),
+                                        _COMBINE_ROPE_SPEC, example)
     return fn
+
+
+def _combine_unroll() -> int:
+    from dsv4_kernels.attention_decode import COMBINE_UNROLL
+    return COMBINE_UNROLL
 
 
 def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, plan, num_splits, part_bf16, dev,
                    block_n=64, stages=2, wgmma=False, cluster=False):
-    from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, SparseDecodeAttention,
-                                               SplitCombine, plan_splits)
+    from dsv4_kernels.attention_decode import (COMBINE_UNROLL, MODE_CSA, MODE_HCA, MODE_WINDOW,
+                                               SparseDecodeAttention, SplitCombine, plan_splits)
     from dsv4_kernels.attention_decode_wgmma import MAX_CLUSTER, SparseDecodeAttentionWgmma
     Hp = -(-H // M) * M
     if csa:
@@ -459,7 +477,8 @@ def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, pla
     cfn = None
     if split:
         cex = [ex[10], ex[11], ex[8], bf, 1]
-        cfn = Launcher(("combine", d, part_bf16), lambda: SplitCombine(d), _COMBINE_SPEC, cex)
+        unroll = COMBINE_UNROLL
+        cfn = Launcher(("combine", d, part_bf16, unroll), lambda: SplitCombine(d, unroll=unroll), _COMBINE_SPEC, cex)
     return fn, cfn, splits, per, mode, in_cluster
 
 
