@@ -407,25 +407,27 @@ _COMBINE_ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t
 
 def _rope_combine(d: int, rope_dim: int, part_bf16: bool, example: list) -> Launcher:
     """The split combine with the output's inverse RoPE (dsv4_kernels.attention_decode.SplitCombineRope)."""
-    from dsv4_kernels import attention_decode
-    unroll = attention_decode.COMBINE_UNROLL
+    from dsv4_kernels.attention_decode import SplitCombineRope
+    unroll = _combine_unroll()
     key = ("combine_rope", d, rope_dim, part_bf16, unroll)
     fn = _LAUNCHERS.get(key)
     if fn is None:
-        fn = _LAUNCHERS[key] = Launcher(key, lambda: attention_decode.SplitCombineRope(d, rope_dim, unroll=unroll),
-                                        _COMBINE_ROPE_SPEC, example)
+        fn = _LAUNCHERS[key] = Launcher(key, lambda: SplitCombineRope(d, rope_dim, unroll=unroll), _COMBINE_ROPE_SPEC,
+                                        example)
     return fn
 
 
 def _combine_unroll() -> int:
-    from dsv4_kernels.attention_decode import COMBINE_UNROLL
-    return COMBINE_UNROLL
+    """The split combine's unroll (dsv4_kernels.attention_decode.COMBINE_UNROLL), read at every launch so that an A/B
+    run can switch it (scripts/decode_ab.py combine_serial)."""
+    from dsv4_kernels import attention_decode
+    return attention_decode.COMBINE_UNROLL
 
 
 def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, plan, num_splits, part_bf16, dev,
                    block_n=64, stages=2, wgmma=False, cluster=False):
-    from dsv4_kernels.attention_decode import (COMBINE_UNROLL, MODE_CSA, MODE_HCA, MODE_WINDOW,
-                                               SparseDecodeAttention, SplitCombine, plan_splits)
+    from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, SparseDecodeAttention,
+                                               SplitCombine, plan_splits)
     from dsv4_kernels.attention_decode_wgmma import MAX_CLUSTER, SparseDecodeAttentionWgmma
     Hp = -(-H // M) * M
     if csa:
@@ -477,7 +479,7 @@ def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, pla
     cfn = None
     if split:
         cex = [ex[10], ex[11], ex[8], bf, 1]
-        unroll = COMBINE_UNROLL
+        unroll = _combine_unroll()
         cfn = Launcher(("combine", d, part_bf16, unroll), lambda: SplitCombine(d, unroll=unroll), _COMBINE_SPEC, cex)
     return fn, cfn, splits, per, mode, in_cluster
 
