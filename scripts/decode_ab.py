@@ -46,6 +46,9 @@ replays are timed in alternating rounds, so that the machine's drift hits every 
   splits (half the CTAs, twice the chunks a warp), not fp8_gemv_plan's two CTAs a multiprocessor;
 - down4 / down9: a one-token step's MoE down kernel with a cp.async ring of 4 stages (as before session 29) / 9
   (every iteration in flight before the wait), not 8;
+- up4 / up8: a one-token step's MoE gate_up kernel with a cp.async ring of 4 stages (as before session 29) / 8, not 6;
+- shared_fewer: the shared expert's FP8 GEMVs with a quarter of their K splits (w1 + w3: 2, w2: 1, so no split
+  reduce), fewer CTAs beside the MoE kernels;
 - shared_main: the MoE's shared expert on the main stream (its first GEMV a programmatic dependent of the collapse)
   and the routed experts on a side stream, not the other way round.
 Run on the GPU machine (bundle applied): [BATCHES="1 8 32"] python3 scripts/decode_ab.py [VARIANT ...] (default:
@@ -90,6 +93,8 @@ gate_max = cute_route.GATE_MIX_MAX_TOKENS
 small_heads = cute_attention.SMALL_HEADS_MAX_TOKENS
 combine_unroll = attention_decode.COMBINE_UNROLL
 down_stages = nvfp4_moe_ring.RING_DOWN_STAGES_ONE_TOKEN
+up_stages = nvfp4_moe_ring.RING_UP_STAGES_ONE_TOKEN
+SHARED_W = {id(getattr(w, "weight", w)) for layer in model.layers for w in layer.shared}
 
 
 def hc_eager(self, *args, **kwargs):
@@ -182,6 +187,8 @@ VARIANTS = {"serial": dict(streams=0), "base": dict(streams=3), "two": dict(stre
             "heads32": dict(streams=3, heads32=True), "combine_serial": dict(streams=3, combine_serial=True),
             "shared_main": dict(streams=3, shared_main=True), "half_splits": dict(streams=3, half_splits=True),
             "down4": dict(streams=3, down_stages=4), "down9": dict(streams=3, down_stages=9),
+            "up4": dict(streams=3, up_stages=4), "up8": dict(streams=3, up_stages=8),
+            "shared_fewer": dict(streams=3, shared_fewer=True),
 
             "four": dict(streams=4)}
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1 32").split()]
@@ -220,6 +227,8 @@ def apply(v: dict) -> None:
         cps = w.k // 64 // splits
         if v.get("half_splits") and splits >= 4 and (2 * cps) % 8 == 0:
             w.cache["plan"] = (splits // 2, 8, prefetch)
+        elif v.get("shared_fewer") and id(w) in SHARED_W and splits >= 4:
+            w.cache["plan"] = (splits // 4, 8, prefetch)
         else:
             w.cache["plan"] = (splits, unroll, prefetch)
     ops.side_streams = prio_sides if v.get("side_prio") else sides[:v["streams"]]
@@ -232,6 +241,7 @@ def apply(v: dict) -> None:
     cute_attention.SMALL_HEADS_MAX_TOKENS = 0 if v.get("heads32") else small_heads
     attention_decode.COMBINE_UNROLL = 1 if v.get("combine_serial") else combine_unroll
     nvfp4_moe_ring.RING_DOWN_STAGES_ONE_TOKEN = v.get("down_stages", down_stages)
+    nvfp4_moe_ring.RING_UP_STAGES_ONE_TOKEN = v.get("up_stages", up_stages)
     for patches in PATCHES.values():
         for obj, name, _ in patches:
             obj.__dict__.pop(name, None)

@@ -508,15 +508,17 @@ def _decode_kernels(E, D, I, mt, ks1, ks2, topk, clamp, id_t=cutlass.Int64, wt_t
     """The decode chain: (gate_up, SwiGLU or None, down, ring_up, ring_down). With the cp.async ring and an unsplit
     gate_up, gate_up applies the SwiGLU itself (no SwiGLU kernel); ring kernels take a trailing `limit` arg.
     `gate_pdl`: the ring gate_up launches as a programmatic dependent of the kernel before it (the routing).
-    `tokens`: the step's token count (the ring down kernel's depth, nvfp4_moe_ring.down_stages)."""
+    `tokens`: the step's token count (the ring kernels' depth, nvfp4_moe_ring.up_stages / down_stages)."""
     from dsv4_kernels import nvfp4_moe_ring as ring
     ring_up = DECODE_RING and ring.ring_fits(D, ks1)
     ring_down = DECODE_RING and ring.ring_fits(I, ks2)
     swiglu = None
     if ring_up and ks1 == 1:
-        f1 = ring.compile_decode_ring("gateup_h", E, 2 * I, D, mt, 1, topk, id_t, wt_t, gate_pdl, clamp=clamp)
+        f1 = ring.compile_decode_ring("gateup_h", E, 2 * I, D, mt, 1, topk, id_t, wt_t, gate_pdl, clamp=clamp,
+                                      stages=ring.up_stages(tokens))
     else:
-        f1 = ring.compile_decode_ring("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, gate_pdl) if ring_up else \
+        f1 = ring.compile_decode_ring("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, gate_pdl,
+                                      stages=ring.up_stages(tokens)) if ring_up else \
             compile_decode("gateup", E, 2 * I, D, mt, ks1, topk, id_t, wt_t, unroll)
         swiglu = compile_decode_swiglu(E, I, ks1, clamp, id_t, pdl)
     f2 = ring.compile_decode_ring("down", E, D, I, mt, ks2, topk, id_t, wt_t, pdl,

@@ -42,9 +42,20 @@ RING_DOWN_STAGES = int(os.environ.get("DSV4_MOE_RING_DOWN_STAGES", str(RING_STAG
 RING_DOWN_STAGES_ONE_TOKEN = int(os.environ.get("DSV4_MOE_RING_DOWN_STAGES_T1", "8"))
 
 
+# The gate_up kernel at one token: 6 stages. It waits for the routing before its first load, so depth only keeps
+# more of its stream in flight (55 KB of shared memory a CTA). H100 (docs/PERF.md, session 29): batch 1 0.985x the
+# layer time of 4 stages; batch 8 1.041x, so more tokens keep RING_STAGES. Env DSV4_MOE_RING_STAGES_T1.
+RING_UP_STAGES_ONE_TOKEN = int(os.environ.get("DSV4_MOE_RING_STAGES_T1", "6"))
+
+
 def down_stages(tokens: int) -> int:
     """The down kernel's ring depth for a decode step of `tokens` tokens."""
     return RING_DOWN_STAGES_ONE_TOKEN if tokens == 1 else RING_DOWN_STAGES
+
+
+def up_stages(tokens: int) -> int:
+    """The gate_up kernel's ring depth for a decode step of `tokens` tokens."""
+    return RING_UP_STAGES_ONE_TOKEN if tokens == 1 else RING_STAGES
 
 
 class _DecodeRing:

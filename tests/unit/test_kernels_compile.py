@@ -184,6 +184,13 @@ def test_moe_ring_down_kernel_of_a_one_token_step_is_the_deep_ring_and_compiles(
     assert MR.compile_decode_ring("down", 16, 4096, 2048, 1, 1, 6, pdl=True, stages=MR.down_stages(1)) is not None
 
 
+def test_moe_ring_gate_up_kernel_of_a_one_token_step_is_the_deeper_ring_and_compiles():
+    from dsv4_kernels import nvfp4_moe_ring as MR
+    assert MR.up_stages(1) == MR.RING_UP_STAGES_ONE_TOKEN > MR.RING_STAGES
+    assert MR.up_stages(2) == MR.up_stages(8) == MR.RING_STAGES
+    assert MR.compile_decode_ring("gateup_h", 16, 4096, 4096, 1, 1, 6, pdl=True, stages=MR.up_stages(1)) is not None
+
+
 def test_moe_ring_rejects_splits_that_are_not_whole_stages():
     from dsv4_kernels import nvfp4_moe_ring as MR
     assert not MR.ring_fits(64 * 6, 1)
