@@ -37,7 +37,7 @@ RING_STAGES = int(os.environ.get("DSV4_MOE_RING_STAGES", "4"))
 RING_DOWN_STAGES = int(os.environ.get("DSV4_MOE_RING_DOWN_STAGES", str(RING_STAGES)))
 # ... and at one token, where the down grid (a CTA per 64 rows per assignment) is a third of a wave: 8 stages, so a
 # CTA has 7 of V4-Flash's 8 ring iterations in flight before it waits for gate_up (73.7 KB of shared memory a CTA).
-# H100, flash-layers decode graphs (docs/PERF.md, session 29): batch 1 0.967x the layer time of 4 stages; at batch
+# H100, flash-layers decode graphs (docs/PERF.md, session 29): batch 1 0.967-0.980x the layer time of 4 stages; batch
 # 8 (3 072 CTAs, fewer resident) 1.065x, so more tokens keep RING_DOWN_STAGES. Env DSV4_MOE_RING_DOWN_STAGES_T1.
 RING_DOWN_STAGES_ONE_TOKEN = int(os.environ.get("DSV4_MOE_RING_DOWN_STAGES_T1", "8"))
 
