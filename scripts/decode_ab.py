@@ -89,11 +89,6 @@ bw = hbm_bandwidth()
 floor = sum(layer_floor_bytes(model, i, ctx)["total"] for i in range(L)) / bw * 1e6 / L
 sides = list(ops.side_streams) + [torch.cuda.Stream(dev) for _ in range(4 - len(ops.side_streams))]  # up to "four"
 prio_sides = [torch.cuda.Stream(dev, priority=-1) for _ in range(3)]
-gate_max = cute_route.GATE_MIX_MAX_TOKENS
-small_heads = cute_attention.SMALL_HEADS_MAX_TOKENS
-combine_unroll = attention_decode.COMBINE_UNROLL
-down_stages = nvfp4_moe_ring.RING_DOWN_STAGES_ONE_TOKEN
-up_stages = nvfp4_moe_ring.RING_UP_STAGES_ONE_TOKEN
 SHARED_W = {id(getattr(w, "weight", w)) for layer in model.layers for w in layer.shared}
 
 
@@ -196,6 +191,18 @@ if sys.argv[1:]:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k == "base" or k in sys.argv[1:]}
 
 
+# variant flag -> the module setting it changes: (module, attribute, the variant's value; None: the flag's own value).
+# Every other variant keeps the value the module had at start (its default, or what the environment set).
+SETTINGS = {"no_pdl": (pdl, "CHAIN", False), "mix_late": (mhc_pre, "MIX_PREFETCH", False),
+            "gate_late": (nvfp4_moe, "GATE_PDL", False), "bf16_cublas": (bf16_gemv, "ENABLED", False),
+            "scores": (cute_attention, "VISIBLE_SHORTCUT", False),
+            "gate_cublas": (cute_route, "GATE_MIX_MAX_TOKENS", 0),
+            "heads32": (cute_attention, "SMALL_HEADS_MAX_TOKENS", 0),
+            "combine_serial": (attention_decode, "COMBINE_UNROLL", 1),
+            "down_stages": (nvfp4_moe_ring, "RING_DOWN_STAGES_ONE_TOKEN", None),
+            "up_stages": (nvfp4_moe_ring, "RING_UP_STAGES_ONE_TOKEN", None)}
+DEFAULTS = {flag: getattr(module, attr) for flag, (module, attr, _) in SETTINGS.items()}
+
 # variant flag -> the methods it replaces: (object, method name, replacement)
 PATCHES = {"compress_serial": [(model, "_compress", compress_serial)],
            "shared_main": [(model, "moe", shared_main)],
@@ -232,16 +239,8 @@ def apply(v: dict) -> None:
         else:
             w.cache["plan"] = (splits, unroll, prefetch)
     ops.side_streams = prio_sides if v.get("side_prio") else sides[:v["streams"]]
-    pdl.CHAIN = not v.get("no_pdl")
-    mhc_pre.MIX_PREFETCH = not v.get("mix_late")
-    nvfp4_moe.GATE_PDL = not v.get("gate_late")
-    bf16_gemv.ENABLED = not v.get("bf16_cublas")
-    cute_attention.VISIBLE_SHORTCUT = not v.get("scores")
-    cute_route.GATE_MIX_MAX_TOKENS = 0 if v.get("gate_cublas") else gate_max
-    cute_attention.SMALL_HEADS_MAX_TOKENS = 0 if v.get("heads32") else small_heads
-    attention_decode.COMBINE_UNROLL = 1 if v.get("combine_serial") else combine_unroll
-    nvfp4_moe_ring.RING_DOWN_STAGES_ONE_TOKEN = v.get("down_stages", down_stages)
-    nvfp4_moe_ring.RING_UP_STAGES_ONE_TOKEN = v.get("up_stages", up_stages)
+    for flag, (module, attr, value) in SETTINGS.items():
+        setattr(module, attr, DEFAULTS[flag] if flag not in v else (v[flag] if value is None else value))
     for patches in PATCHES.values():
         for obj, name, _ in patches:
             obj.__dict__.pop(name, None)
