@@ -50,7 +50,16 @@ replays are timed in alternating rounds, so that the machine's drift hits every 
 - shared_fewer: the shared expert's FP8 GEMVs with a quarter of their K splits (w1 + w3: 2, w2: 1, so no split
   reduce), fewer CTAs beside the MoE kernels;
 - shared_main: the MoE's shared expert on the main stream (its first GEMV a programmatic dependent of the collapse)
-  and the routed experts on a side stream, not the other way round.
+  and the routed experts on a side stream, not the other way round;
+- regs_free: the grouped FP8 GEMV (wo_a) compiled with ptxas's own register count (130 at V4-Flash dims: 3 CTAs an
+  SM), as before session 30, not for 4 CTAs an SM (fp8_gemm.gemv_min_ctas);
+- regs_all: every FP8 GEMV with 16-chunk iterations (wq_b, wo_b too) compiled for 4 CTAs an SM;
+- qkv_u8: the stacked wq_a + wkv GEMV with its whole split (8 chunks) in one unrolled iteration, so every weight
+  load of it goes out before griddepcontrol.wait (not unroll 2: 4 iterations, the first before the wait);
+- short_u8: the same for every FP8 GEMV whose split is at most 8 chunks (wq_a + wkv and the shared expert's);
+- woa_s4 / wob_s16: wo_a with 4 K splits (fp8_gemv_plan's rule without `ahead`, as before session 30), not 8 /
+  wo_b with 16, not 8;
+- s29: regs_free and woa_s4 together: session 29's FP8 GEMVs.
 Run on the GPU machine (bundle applied): [BATCHES="1 8 32"] python3 scripts/decode_ab.py [VARIANT ...] (default:
 batches 1 and 32 (at most 32), every variant; "base" always).
 """
@@ -65,6 +74,7 @@ import dsv4.ops.cute_attention as cute_attention
 import dsv4.ops.cute_route as cute_route
 import dsv4_kernels.attention_decode as attention_decode
 import dsv4_kernels.bf16_gemv as bf16_gemv
+import dsv4_kernels.fp8_gemm as fp8_gemm
 import dsv4_kernels.mhc_pre as mhc_pre
 import dsv4_kernels.nvfp4_moe as nvfp4_moe
 import dsv4_kernels.nvfp4_moe_ring as nvfp4_moe_ring
@@ -90,6 +100,7 @@ floor = sum(layer_floor_bytes(model, i, ctx)["total"] for i in range(L)) / bw * 
 sides = list(ops.side_streams) + [torch.cuda.Stream(dev) for _ in range(4 - len(ops.side_streams))]  # up to "four"
 prio_sides = [torch.cuda.Stream(dev, priority=-1) for _ in range(3)]
 SHARED_W = {id(getattr(w, "weight", w)) for layer in model.layers for w in layer.shared}
+QKV_W = {id(getattr(layer.qkv_a, "weight", layer.qkv_a)) for layer in model.layers}
 
 
 def hc_eager(self, *args, **kwargs):
@@ -184,6 +195,10 @@ VARIANTS = {"serial": dict(streams=0), "base": dict(streams=3), "two": dict(stre
             "down4": dict(streams=3, down_stages=4), "down9": dict(streams=3, down_stages=9),
             "up4": dict(streams=3, up_stages=4), "up8": dict(streams=3, up_stages=8),
             "shared_fewer": dict(streams=3, shared_fewer=True),
+            "regs_free": dict(streams=3, regs_free=True), "regs_all": dict(streams=3, regs_all=True),
+            "s29": dict(streams=3, regs_free=True, plans={"wo_a": (4, 8)}),
+            "qkv_u8": dict(streams=3, qkv_u8=True), "short_u8": dict(streams=3, short_u8=True),
+            "woa_s4": dict(streams=3, plans={"wo_a": (4, 8)}), "wob_s16": dict(streams=3, plans={"wo_b": (16, 8)}),
 
             "four": dict(streams=4)}
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1 32").split()]
@@ -200,7 +215,8 @@ SETTINGS = {"no_pdl": (pdl, "CHAIN", False), "mix_late": (mhc_pre, "MIX_PREFETCH
             "heads32": (cute_attention, "SMALL_HEADS_MAX_TOKENS", 0),
             "combine_serial": (attention_decode, "COMBINE_UNROLL", 1),
             "down_stages": (nvfp4_moe_ring, "RING_DOWN_STAGES_ONE_TOKEN", None),
-            "up_stages": (nvfp4_moe_ring, "RING_UP_STAGES_ONE_TOKEN", None)}
+            "up_stages": (nvfp4_moe_ring, "RING_UP_STAGES_ONE_TOKEN", None),
+            "regs_free": (fp8_gemm, "MIN_CTAS_PER_SM", 0), "regs_all": (fp8_gemm, "GROUPED_ONLY", False)}
 DEFAULTS = {flag: getattr(module, attr) for flag, (module, attr, _) in SETTINGS.items()}
 
 # variant flag -> the methods it replaces: (object, method name, replacement)
@@ -219,23 +235,30 @@ PATCHES = {"compress_serial": [(model, "_compress", compress_serial)],
 
 def _fp8_weights():
     for layer in model.layers:
-        for w in (layer.wo_a, layer.wo_b, layer.qkv_a, *layer.shared):
-            w = getattr(w, "weight", w)
-            if isinstance(w, PackedFP8):
-                yield w
+        for name, w in (("wo_a", layer.wo_a), ("wo_b", layer.wo_b), ("qkv_a", layer.qkv_a), ("wq_b", layer.q_b),
+                        *(("shared", w) for w in layer.shared)):
+            # a projection alone (wq_b outside CSA layers) is a tuple of one weight, a stack has .weight
+            for part in w if isinstance(w, tuple) else (w,):
+                part = getattr(part, "weight", part)
+                if isinstance(part, PackedFP8):
+                    yield name, part
 
 
-FP8_PLANS = {id(w): fp8_plan(w) for w in _fp8_weights()}
+FP8_PLANS = {id(w): fp8_plan(w) for _, w in _fp8_weights()}
 
 
 def apply(v: dict) -> None:
-    for w in _fp8_weights():
+    for name, w in _fp8_weights():
         splits, unroll, prefetch = FP8_PLANS[id(w)]
         cps = w.k // 64 // splits
-        if v.get("half_splits") and splits >= 4 and (2 * cps) % 8 == 0:
+        if name in v.get("plans", {}):
+            w.cache["plan"] = (*v["plans"][name], prefetch)
+        elif v.get("half_splits") and splits >= 4 and (2 * cps) % 8 == 0:
             w.cache["plan"] = (splits // 2, 8, prefetch)
         elif v.get("shared_fewer") and id(w) in SHARED_W and splits >= 4:
             w.cache["plan"] = (splits // 4, 8, prefetch)
+        elif (v.get("qkv_u8") and id(w) in QKV_W or v.get("short_u8")) and cps <= 8:
+            w.cache["plan"] = (splits, cps, prefetch)
         else:
             w.cache["plan"] = (splits, unroll, prefetch)
     ops.side_streams = prio_sides if v.get("side_prio") else sides[:v["streams"]]

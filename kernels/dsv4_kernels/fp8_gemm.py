@@ -70,7 +70,9 @@ Regimes
   deterministic). A grouped weight (`groups` > 1, V4's wo_a) is the same kernel with each row group's tiles
   reading their own K-slice of x. In decode's PDL chain (dsv4_kernels.pdl, steps of up to 8 tokens) the kernel is
   launched while its predecessor runs: a lane's first unrolled iteration of weights and scales is loaded before
-  griddepcontrol.wait (all of them before ACQBULK in the sm_90a SASS, 128 registers), x after it.
+  griddepcontrol.wait (all of them before ACQBULK in the sm_90a SASS, 128 registers), x after it. The grouped
+  kernel (wo_a, launched during the attention) is compiled for 4 CTAs an SM so that all its CTAs are resident
+  (`gemv_min_ctas`), and its plan loads a warp's whole split before the wait (`fp8_gemv_plan`'s `ahead`).
 * M > 64 ("prefill"): `_Dequant` writes BF16 row blocks of a reusable workspace (bit-equal to torch's BF16 weight)
   and cuBLAS multiplies.
 
@@ -81,6 +83,7 @@ nothing here synchronises with the host, so the forward can be captured in a CUD
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,9 +292,9 @@ class _Gemv:
     WORDS = 2
 
     def __init__(self, n: int, k: int, mt: int, splits: int, unroll: int, prefetch: int, block: tuple[int, int],
-                 groups: int = 1, pdl: bool = False):
+                 groups: int = 1, pdl: bool = False, min_ctas: int = 0):
         self.n, self.k, self.mt, self.splits, self.unroll, self.prefetch = n, k, mt, splits, unroll, prefetch
-        self.pdl = pdl
+        self.pdl, self.min_ctas = pdl, min_ctas
         self.group_tiles = n // groups // ROWTILE          # 16-row tiles per group (x K-slice per group)
         self.groups = groups
         self.tiles_per_sblock = block[0] // ROWTILE        # 16-row tiles per scale block row
@@ -391,8 +394,12 @@ class _Gemv:
     def launch(self, mW: cute.Tensor, mS: cute.Tensor, mX: cute.Tensor, mY: cute.Tensor, mP: cute.Tensor,
                m_rows: Int32, stream):
         grid_x = (self.n // ROWTILE + WARPS - 1) // WARPS
+        # min_ctas: ptxas keeps the registers to what that many CTAs an SM allow. The carveout is given (-1: no
+        # preference, the default) because without it the DSL asks the device for its shared memory size, and CI
+        # compiles without a GPU
+        occupancy = dict(min_blocks_per_mp=self.min_ctas, preferred_smem_carveout=-1) if self.min_ctas else {}
         self.kernel(mW, mS, mX, mY, mP, m_rows).launch(grid=[grid_x, self.splits, 1], block=[WARPS * 32, 1, 1],
-                                                       stream=stream, use_pdl=self.pdl)
+                                                       stream=stream, use_pdl=self.pdl, **occupancy)
 
 
 class _Dequant:
@@ -457,12 +464,29 @@ def _weight_fakes(n: int, k: int, block: tuple[int, int]):
             _fake(Float32, (-(-n // block[0]), -(-k // block[1])), 4))
 
 
+def gemv_min_ctas(unroll: int, groups: int) -> int:
+    """CTAs an SM the decode kernel is compiled for (0: ptxas's own register choice).
+
+    A 16-chunk unrolled iteration holds 64 registers of weights a lane. Compiled freely, the grouped kernel (wo_a)
+    took 130 registers, so 3 of its CTAs fit an SM: 396 of V4-Flash wo_a's 512 CTAs resident, the rest a second wave
+    after the first, and the first iteration's loads (issued before griddepcontrol.wait, while the attention runs)
+    in flight for only those 396. At 4 an SM (<= 128 registers, a 40-byte spill) all 512 fit. The ungrouped
+    kernels already compile to 128 (wq_b, wo_b); asked for 4 they also spill 40 bytes, so `GROUPED_ONLY` keeps them
+    as they are. Env DSV4_FP8_GEMV_MIN_CTAS (0: off)."""
+    if unroll < 8 or (GROUPED_ONLY and groups == 1):
+        return 0
+    return MIN_CTAS_PER_SM
+
+
 def compile_gemv(n: int, k: int, mt: int, splits: int, unroll: int, prefetch: int = 0,
-                 block: tuple[int, int] = (128, 128), groups: int = 1, pdl: bool = False):
-    key = ("fp8-gemv", n, k, mt, splits, unroll, prefetch, tuple(block), groups, pdl, _TVM_FFI)
+                 block: tuple[int, int] = (128, 128), groups: int = 1, pdl: bool = False,
+                 min_ctas: int | None = None):
+    if min_ctas is None:
+        min_ctas = gemv_min_ctas(unroll, groups)
+    key = ("fp8-gemv", n, k, mt, splits, unroll, prefetch, tuple(block), groups, pdl, min_ctas, _TVM_FFI)
     fn = _COMPILED.get(key)
     if fn is None:
-        obj = _Gemv(n, k, mt, splits, unroll, prefetch, tuple(block), groups, pdl)
+        obj = _Gemv(n, k, mt, splits, unroll, prefetch, tuple(block), groups, pdl, min_ctas)
         m = cute.sym_int()
         fn = cute.compile(obj.launch, *_weight_fakes(n, k, block),
                           _fake(Int32, (m, groups * k // 16, 8)), _fake(cutlass.BFloat16, (m, n), 2),
@@ -483,14 +507,27 @@ def compile_dequant(n: int, k: int, block: tuple[int, int] = (128, 128)):
     return fn
 
 
+# see gemv_min_ctas
+MIN_CTAS_PER_SM = int(os.environ.get("DSV4_FP8_GEMV_MIN_CTAS", "4"))
+GROUPED_ONLY = True
+# a grouped weight's plan puts a warp's whole K split in one 8-chunk iteration (see fp8_gemv_plan's `ahead`); env
+# DSV4_FP8_GROUPED_AHEAD=0: the plain rule
+GROUPED_AHEAD = os.environ.get("DSV4_FP8_GROUPED_AHEAD", "1") != "0"
+
 # L2 prefetch distance of the decode kernel in unrolled iterations (0 = off). Off until measured: the NVFP4 GEMV
 # reaches 96 % of HBM without it; `dsv4 bench gemm --fmt fp8 --fp8-plans auto,8x2x2,...` compares.
 PREFETCH = 0
 
 
 def fp8_gemv_plan(n: int, k: int, sms: int = 132, unroll: int | None = None,
-                  prefetch: int | None = None) -> tuple[int, int, int]:
+                  prefetch: int | None = None, ahead: bool = False) -> tuple[int, int, int]:
     """(splits, unroll, prefetch) of the decode kernel.
+
+    ahead: the kernel is launched (PDL) well before its input is ready, behind a latency-bound chain (V4's wo_a,
+    behind the attention): K splits of one 8-chunk iteration each, so a warp loads its whole split before
+    griddepcontrol.wait, where K has at least 16 chunks. H100, a flash wo_a 8 us behind a spinning predecessor
+    (scripts/gemv_pdl_probe.py, docs/PERF.md session 30): 9.5 us after it against 11.4 with 4 splits; in the layer
+    1.006-1.008x faster.
 
     splits: K splits (grid.y), the smallest divisor of the 2-chunk iterations that gives >= 2 CTAs per SM, keeping
     >= 4 iterations per warp (the NVFP4 plan's rule; docs/PERF.md). unroll: chunks whose loads a lane issues before
@@ -498,6 +535,8 @@ def fp8_gemv_plan(n: int, k: int, sms: int = 132, unroll: int | None = None,
     issues). Every split is a whole number of unrolled iterations. prefetch: `PREFETCH` unless given.
     """
     nchunk = k // KCHUNK
+    if ahead and unroll is None and nchunk >= 16 and nchunk % 8 == 0:
+        return nchunk // 8, 8, PREFETCH if prefetch is None else prefetch
     auto_unroll = unroll is None
     if unroll is None:
         unroll = 2 if nchunk % 2 == 0 else 1
@@ -525,7 +564,8 @@ def _plan(pw: PackedFP8) -> tuple[int, int, int]:
     plan = pw.cache.get("plan")
     if plan is None:
         sms = torch.cuda.get_device_properties(pw.device).multi_processor_count if pw.device.type == "cuda" else 132
-        plan = fp8_gemv_plan(pw.n, pw.k, sms)
+        # a grouped weight is V4's wo_a, which the split combine lets launch at its start, during the attention
+        plan = fp8_gemv_plan(pw.n, pw.k, sms, ahead=pw.groups > 1 and GROUPED_AHEAD)
         pw.cache["plan"] = plan
     splits, unroll, prefetch = plan
     nchunk = pw.k // KCHUNK

@@ -12,6 +12,8 @@ import torch
 
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 import cutlass  # noqa: E402,F401  - a hard requirement: CI must compile every kernel, never skip
+import cutlass.cute as cute  # noqa: E402
+from cutlass import Float32, Int32  # noqa: E402
 
 from dsv4.checkpoint.formats import (FP8BlockTensor, float_to_ue8m0, quantize_fp8_block,  # noqa: E402
                                      quantize_nvfp4)
@@ -203,6 +205,16 @@ def test_plan_splits_k_into_whole_unrolled_iterations(n, k):
     assert unroll == (8 if cps >= 16 and cps % 8 == 0 else base)
 
 
+def test_a_gemv_launched_ahead_loads_its_whole_split_in_one_iteration():
+    """ahead (a kernel launched well before its input, as V4's wo_a behind the attention): splits of one 8-chunk
+    iteration, so every weight load of a warp goes out before griddepcontrol.wait; K of fewer than 16 chunks keeps
+    the plain rule."""
+    assert F.fp8_gemv_plan(8192, 4096, ahead=True) == (8, 8, F.PREFETCH)
+    assert F.fp8_gemv_plan(8192, 4096) == (4, 8, F.PREFETCH)
+    assert F.fp8_gemv_plan(1024, 512, ahead=True) == F.fp8_gemv_plan(1024, 512)
+    assert F.fp8_gemv_plan(8192, 4096, unroll=2, ahead=True) == F.fp8_gemv_plan(8192, 4096, unroll=2)
+
+
 def test_plan_rejects_bad_unroll():
     with pytest.raises(ValueError, match="unroll"):
         F.fp8_gemv_plan(1024, 192, unroll=2)
@@ -306,6 +318,19 @@ def test_torch_ops_grouped_linear_is_the_models_einsum():
 def test_grouped_gemv_compiles(groups):
     assert F.compile_gemv(groups * 1024, 4096, 1, 2, 8, 0, (128, 128), groups) is not None
     assert F.compile_gemv(groups * 1024, 4096, 4, 1, 2, 0, (128, 128), groups) is not None
+
+
+def test_grouped_gemv_with_16_chunk_iterations_is_compiled_for_four_ctas_an_sm(tmp_path):
+    # V4-Flash wo_a: 512 CTAs; at ptxas's own 130 registers only 3 fit an SM (396 resident, docs/PERF.md session 30)
+    assert F.gemv_min_ctas(8, 8) == F.MIN_CTAS_PER_SM == 4
+    assert F.gemv_min_ctas(8, 1) == 0 and F.gemv_min_ctas(2, 8) == 0
+    n, k, groups = 8192, 4096, 8
+    obj = F._Gemv(n, k, 1, 4, 8, 0, (128, 128), groups, True, F.gemv_min_ctas(8, groups))
+    m = cute.sym_int()
+    ptx = cute.compile(obj.launch, *F._weight_fakes(n, k, (128, 128)), F._fake(Int32, (m, groups * k // 16, 8)),
+                       F._fake(cutlass.BFloat16, (m, n), 2), F._fake(Float32, (4, m, n), 4), Int32(1),
+                       F._stream_arg(), options=f"--keep-ptx --dump-dir={tmp_path}").artifacts.PTX
+    assert ".minnctapersm 4" in ptx
 
 
 @pytest.mark.parametrize("mt", range(1, 9))
