@@ -99,8 +99,6 @@ bw = hbm_bandwidth()
 floor = sum(layer_floor_bytes(model, i, ctx)["total"] for i in range(L)) / bw * 1e6 / L
 sides = list(ops.side_streams) + [torch.cuda.Stream(dev) for _ in range(4 - len(ops.side_streams))]  # up to "four"
 prio_sides = [torch.cuda.Stream(dev, priority=-1) for _ in range(3)]
-SHARED_W = {id(getattr(w, "weight", w)) for layer in model.layers for w in layer.shared}
-QKV_W = {id(getattr(layer.qkv_a, "weight", layer.qkv_a)) for layer in model.layers}
 
 
 def hc_eager(self, *args, **kwargs):
@@ -255,9 +253,9 @@ def apply(v: dict) -> None:
             w.cache["plan"] = (*v["plans"][name], prefetch)
         elif v.get("half_splits") and splits >= 4 and (2 * cps) % 8 == 0:
             w.cache["plan"] = (splits // 2, 8, prefetch)
-        elif v.get("shared_fewer") and id(w) in SHARED_W and splits >= 4:
+        elif v.get("shared_fewer") and name == "shared" and splits >= 4:
             w.cache["plan"] = (splits // 4, 8, prefetch)
-        elif (v.get("qkv_u8") and id(w) in QKV_W or v.get("short_u8")) and cps <= 8:
+        elif (v.get("qkv_u8") and name == "qkv_a" or v.get("short_u8")) and cps <= 8:
             w.cache["plan"] = (splits, cps, prefetch)
         else:
             w.cache["plan"] = (splits, unroll, prefetch)
