@@ -4,12 +4,13 @@ griddepcontrol.wait) take off the time after its predecessor ends?
 A one-CTA spin kernel lets its dependents launch at its start and then spins SPIN_US microseconds: it stands for
 the latency-bound chain (attention, combine) in front of wo_a. CUDA graphs of 4 (spin, GEMV) pairs, each GEMV on its
 own copy of the weight (4 x 33.5 MB, so no GEMV finds its weight in the 50 MB L2), against graphs of the 4 spins
-alone: (pair - spin) / 4 is the GEMV's time after its predecessor's end. `alone` is the GEMV graph without spins.
+alone: pair - spin (per call) is the GEMV's time after its predecessor's end. `alone` is the GEMVs without spins.
+Timed with dsv4.bench_cmd.time_ms (graphs of 4 calls, median of 30 replays).
 Per plan (splits, unroll) and CTAs an SM (min_ctas), with and without PDL.
 Run on the GPU machine (bundle applied): python3 scripts/gemv_pdl_probe.py
 """
+import itertools
 import os
-import statistics
 
 import torch
 
@@ -20,6 +21,7 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 
 import dsv4_kernels.fp8_gemm as F
 import dsv4_kernels.pdl as pdl
+from dsv4.bench_cmd import time_ms
 from dsv4.checkpoint.formats import quantize_fp8_block
 from dsv4_kernels.nvfp4_gemm import _call, _fake, _options, _stream_arg
 
@@ -50,27 +52,10 @@ class _Spin:
 spin = cute.compile(_Spin().launch, _fake(Int32, (1,), 4), Int32(1), _stream_arg(), options=_options())
 
 
-def graph(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
-
-
-def timed(g, n=30):
-    for _ in range(3):
-        g.replay()
-    ts = []
-    for _ in range(n):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e3)
-    return statistics.median(ts)
+def per_call_us(f) -> float:
+    """Per call, in a CUDA graph of 4 calls whose call i takes f(i) (weight copy i % 4)."""
+    calls = itertools.count()
+    return time_ms(lambda: f(next(calls) % 4), reps=30, inner=4) * 1e3
 
 
 SHAPES = {"wo_a": (8192, 4096, 8), "wo_b": (4096, 8192, 1), "wq_b": (32768, 1024, 1)}
@@ -79,9 +64,8 @@ PLANS = {"wo_a": [(4, 8, 4), (4, 8, 0), (2, 8, 0), (8, 8, 0), (4, 4, 0), (4, 2, 
          "wq_b": [(1, 8, 0), (1, 8, 4), (1, 4, 0), (1, 16, 0)]}
 ns = int(SPIN_US * 1000)
 dummy = torch.zeros(1, dtype=torch.int32, device=dev)
-spins = graph(lambda: [_call(spin, dummy, ns) for _ in range(4)])
-t_spin = timed(spins)
-print(f"spin {SPIN_US} us x 4: {t_spin:.1f} us", flush=True)
+t_spin = per_call_us(lambda i: _call(spin, dummy, ns))
+print(f"spin {SPIN_US} us: {t_spin:.1f} us a call", flush=True)
 for name, (n, k, groups) in SHAPES.items():
     ws = [F.prepare_fp8_weight(quantize_fp8_block(torch.randn(n, k, device=dev) * 0.02, ue8m0_scale=True), dev,
                                groups=groups) for _ in range(4)]
@@ -95,8 +79,7 @@ for name, (n, k, groups) in SHAPES.items():
             pdl.CHAIN = chain
             for w in ws:
                 w.cache["plan"] = (splits, unroll, 0)
-            alone = timed(graph(lambda: [F.fp8_linear(x, w, out=y) for w, y in zip(ws, ys)])) / 4
-            pair = timed(graph(lambda: [(_call(spin, dummy, ns), F.fp8_linear(x, w, out=y)) for w, y in zip(ws, ys)]))
-            after = (pair - t_spin) / 4
+            alone = per_call_us(lambda i: F.fp8_linear(x, ws[i], out=ys[i]))
+            after = per_call_us(lambda i: (_call(spin, dummy, ns), F.fp8_linear(x, ws[i], out=ys[i]))) - t_spin
             line += f" | pdl={int(chain)}: alone {alone:.1f} us, after spin {after:.1f} us ({after / alone:.2f})"
         print(line, flush=True)
