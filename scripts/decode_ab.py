@@ -59,7 +59,10 @@ replays are timed in alternating rounds, so that the machine's drift hits every 
 - short_u8: the same for every FP8 GEMV whose split is at most 8 chunks (wq_a + wkv and the shared expert's);
 - woa_s4 / wob_s16: wo_a with 4 K splits (fp8_gemv_plan's rule without `ahead`, as before session 30), not 8 /
   wo_b with 16, not 8;
-- s29: regs_free and woa_s4 together: session 29's FP8 GEMVs.
+- s29: regs_free and woa_s4 together: session 29's FP8 GEMVs;
+- hoist_off: the chain's small kernels (RMSNorm, the keys' RoPE, the split combine, the mHC collapse, the routing)
+  load their weights (norm weights, bias, sinks) after griddepcontrol.wait (as before session 31), not before it,
+  and the mHC collapse its streams after its barrier, not with its partials (dsv4_kernels.pdl.HOIST).
 Run on the GPU machine (bundle applied): [BATCHES="1 8 32"] python3 scripts/decode_ab.py [VARIANT ...] (default:
 batches 1 and 32 (at most 32), every variant; "base" always).
 """
@@ -197,6 +200,7 @@ VARIANTS = {"serial": dict(streams=0), "base": dict(streams=3), "two": dict(stre
             "s29": dict(streams=3, regs_free=True, plans={"wo_a": (4, 8)}),
             "qkv_u8": dict(streams=3, qkv_u8=True), "short_u8": dict(streams=3, short_u8=True),
             "woa_s4": dict(streams=3, plans={"wo_a": (4, 8)}), "wob_s16": dict(streams=3, plans={"wo_b": (16, 8)}),
+            "hoist_off": dict(streams=3, hoist_off=True),
 
             "four": dict(streams=4)}
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1 32").split()]
@@ -214,7 +218,8 @@ SETTINGS = {"no_pdl": (pdl, "CHAIN", False), "mix_late": (mhc_pre, "MIX_PREFETCH
             "combine_serial": (attention_decode, "COMBINE_UNROLL", 1),
             "down_stages": (nvfp4_moe_ring, "RING_DOWN_STAGES_ONE_TOKEN", None),
             "up_stages": (nvfp4_moe_ring, "RING_UP_STAGES_ONE_TOKEN", None),
-            "regs_free": (fp8_gemm, "MIN_CTAS_PER_SM", 0), "regs_all": (fp8_gemm, "GROUPED_ONLY", False)}
+            "regs_free": (fp8_gemm, "MIN_CTAS_PER_SM", 0), "regs_all": (fp8_gemm, "GROUPED_ONLY", False),
+            "hoist_off": (pdl, "HOIST", False)}
 DEFAULTS = {flag: getattr(module, attr) for flag, (module, attr, _) in SETTINGS.items()}
 
 # variant flag -> the methods it replaces: (object, method name, replacement)

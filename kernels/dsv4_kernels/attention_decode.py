@@ -38,6 +38,7 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warp
 
 from dsv4_kernels.cute_utils import add, mn_view
+from dsv4_kernels import pdl as pdl_flags
 from dsv4_kernels.pdl import chain_entry
 from dsv4_kernels.rope import rotate_tail
 
@@ -455,12 +456,13 @@ class SplitCombine:
 
     VEC = 8
 
-    def __init__(self, head_dim: int, pdl: bool | None = None, unroll: int | None = None):
+    def __init__(self, head_dim: int, pdl: bool | None = None, unroll: int | None = None, hoist: bool | None = None):
         assert head_dim % self.VEC == 0
         self.d = head_dim
         self.threads = head_dim // self.VEC
         self.pdl = ATTN_PDL if pdl is None else pdl
         self.unroll = COMBINE_UNROLL if unroll is None else unroll
+        self.hoist = pdl_flags.HOIST if hoist is None else hoist     # see dsv4_kernels.pdl.hoist
 
     @cute.jit
     def __call__(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor,
@@ -481,11 +483,13 @@ class SplitCombine:
     def _merge(self, mOpart: cute.Tensor, mML: cute.Tensor, mSink: cute.Tensor, num_splits: Int32, h: Int32,
                t: Int32, tidx: Int32) -> cute.Tensor:
         """-> this thread's VEC channels of out[t, h] (bf16 registers)."""
+        sink2 = mSink[h] * LOG2_E if cutlass.const_expr(self.hoist) else None    # a weight: before the wait
         if cutlass.const_expr(self.pdl):
             cute.arch.griddepcontrol_launch_dependents()     # the next kernel may wait resident (dsv4_kernels.pdl)
         # launched as a programmatic dependent: the partials are complete only after this (a no-op otherwise)
         cute.arch.griddepcontrol_wait()
-        sink2 = mSink[h] * LOG2_E
+        if cutlass.const_expr(not self.hoist):
+            sink2 = mSink[h] * LOG2_E
         mx = sink2
         for s in cutlass.range(num_splits, unroll=self.unroll):
             mx = cute.arch.fmax(mx, mML[t, s, h, 0])
@@ -510,8 +514,9 @@ class SplitCombineRope(SplitCombine):
     attention output's rotation back (RopeTail inverse) in the same launch, with its bits (the bf16 output rotated
     in fp32, rounded once). cos / sin: the RopeTail tables [positions, rope_dim / 2]."""
 
-    def __init__(self, head_dim: int, rope_dim: int, pdl: bool | None = None, unroll: int | None = None):
-        super().__init__(head_dim, pdl, unroll)
+    def __init__(self, head_dim: int, rope_dim: int, pdl: bool | None = None, unroll: int | None = None,
+                 hoist: bool | None = None):
+        super().__init__(head_dim, pdl, unroll, hoist)
         assert rope_dim % self.VEC == 0 and 0 < rope_dim <= head_dim
         self.rd = rope_dim
 

@@ -67,12 +67,22 @@ def norm_fits(dim: int) -> bool:
     return dim % (8 * 32) == 0
 
 
+def load_norm_weight(mW: cute.Tensor, tidx) -> cute.Tensor:
+    """This thread's 8 fp32 norm weights (vector tidx) in registers: loaded before griddepcontrol.wait (a weight
+    depends on nothing the previous kernel writes), so the load is not one more L2 round trip after the row sum."""
+    w = cute.make_rmem_tensor((8,), cutlass.Float32)
+    cute.autovec_copy(cute.local_tile(mW, (8,), (tidx,)), w)
+    return w
+
+
 @cute.jit
 def rms_normalize(frag: cute.Tensor, red: cute.Tensor, tidx, warps: cutlass.Constexpr, dim: cutlass.Constexpr,
-                  eps: cutlass.Constexpr, mW: cute.Tensor, weighted: cutlass.Constexpr):
+                  eps: cutlass.Constexpr, mW: cute.Tensor, weighted: cutlass.Constexpr,
+                  preloaded: cutlass.Constexpr = False):
     """frag, this thread's 8 values (vector tidx) of a row spread over a CTA of `warps` whole warps <- the row's
-    RMSNorm (times mW's matching 8 fp32 values if `weighted`), rounded to frag's dtype: RmsNorm's math in its order,
-    so kernels that fuse a norm ahead of their own work write RmsNorm's bits."""
+    RMSNorm (times mW's matching 8 fp32 values if `weighted`; with `preloaded`, mW is those values already in
+    registers: load_norm_weight), rounded to frag's dtype: RmsNorm's math in its order, so kernels that fuse a norm
+    ahead of their own work write RmsNorm's bits."""
     xf = cute.make_rmem_tensor((8,), cutlass.Float32)
     xf.store(frag.load().to(cutlass.Float32))
     ssq = cutlass.Float32(0.0)
@@ -81,8 +91,11 @@ def rms_normalize(frag: cute.Tensor, red: cute.Tensor, tidx, warps: cutlass.Cons
     rstd = cute.math.rsqrt(block_sum(ssq, red, tidx, warps) / cutlass.Float32(dim) + cutlass.Float32(eps))
     y = cute.make_rmem_tensor((8,), cutlass.Float32)
     if cutlass.const_expr(weighted):
-        cute.autovec_copy(cute.local_tile(mW, (8,), (tidx,)), y)
-        y.store(xf.load() * rstd * y.load())
+        if cutlass.const_expr(preloaded):
+            y.store(xf.load() * rstd * mW.load())
+        else:
+            cute.autovec_copy(cute.local_tile(mW, (8,), (tidx,)), y)
+            y.store(xf.load() * rstd * y.load())
     else:
         y.store(xf.load() * rstd)
     frag.store(y.load().to(frag.element_type))

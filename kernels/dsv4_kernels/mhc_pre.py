@@ -21,8 +21,9 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
-from dsv4_kernels.cute_utils import add, butterfly, norm_fits, partial_sum, rms_normalize
+from dsv4_kernels.cute_utils import add, butterfly, load_norm_weight, norm_fits, partial_sum, rms_normalize
 from dsv4_kernels.mhc import pre_weight, rms_factor
+from dsv4_kernels import pdl as pdl_flags
 from dsv4_kernels.pdl import chain_entry
 
 VEC = 8
@@ -126,7 +127,7 @@ class HcCollapse:
     RmsNorm's bits: one launch less on every sub-layer's critical path."""
 
     def __init__(self, n: int, dim: int, num_partials: int, eps: float, norm_eps: float,
-                 out_norm_eps: float | None = None, pdl: bool = False):
+                 out_norm_eps: float | None = None, pdl: bool = False, hoist: bool | None = None):
         assert dim % VEC == 0 and num_partials >= 1
         if out_norm_eps is not None and not norm_fits(dim):
             raise ValueError(f"HcCollapse: a fused RMSNorm needs dim % 256 == 0 (whole warps), got {dim}")
@@ -134,6 +135,7 @@ class HcCollapse:
         self.m = 2 * n + n * n
         self.eps, self.norm_eps = eps, norm_eps
         self.out_norm_eps, self.pdl = out_norm_eps, pdl
+        self.hoist = pdl_flags.HOIST if hoist is None else hoist     # see dsv4_kernels.pdl.hoist
         self.threads = dim // VEC
 
     @cute.jit
@@ -151,26 +153,45 @@ class HcCollapse:
     @cute.kernel
     def kernel(self, mStreams: cute.Tensor, mPart: cute.Tensor, mScale: cute.Tensor, mBase: cute.Tensor,
                mNormW: cute.Tensor, mOut: cute.Tensor, inv_k: Float32, Storage: cutlass.Constexpr):
-        chain_entry(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
         t, _, _ = cute.arch.block_idx()
+        fused_norm = self.out_norm_eps is not None
+        # weights before the wait (dsv4_kernels.pdl): the norm weight is then not one more L2 round trip after the
+        # row sum
+        if cutlass.const_expr(not self.hoist):
+            chain_entry(self.pdl)
+        nw = load_norm_weight(mNormW, tidx) if cutlass.const_expr(fused_norm and self.hoist) else mNormW
+        scale0 = mScale[0]
+        base = mBase[cutlass.min(tidx, self.n - 1)]
+        if cutlass.const_expr(self.hoist):
+            chain_entry(self.pdl)
         smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(Storage)
         pre = storage.pre.get_tensor(cute.make_layout((self.n,)))
+        # hoisted, the streams are in flight together with the partials (they do not depend on pre): one L2 round
+        # trip before the barrier instead of one on each side of it
+        frags = cute.make_rmem_tensor((self.n, VEC), mStreams.element_type)
+        if cutlass.const_expr(self.hoist):
+            self._load_streams(mStreams, frags, t, tidx)
         if tidx < self.n:
             r = rms_factor(partial_sum(mPart, t, self.m, self.s) * inv_k, self.norm_eps)
-            pre[tidx] = pre_weight(partial_sum(mPart, t, tidx, self.s), r, mScale[0], mBase[tidx],
-                                   Float32(self.eps))
+            pre[tidx] = pre_weight(partial_sum(mPart, t, tidx, self.s), r, scale0, base, Float32(self.eps))
         cute.arch.barrier()
+        if cutlass.const_expr(not self.hoist):
+            self._load_streams(mStreams, frags, t, tidx)
         acc = cute.make_rmem_tensor((VEC,), Float32)
         acc.fill(0.0)
         frag = cute.make_rmem_tensor((VEC,), mStreams.element_type)
         for i in cutlass.range_constexpr(self.n):
-            cute.autovec_copy(cute.local_tile(mStreams[t, None], (VEC,), (i * self.threads + tidx,)), frag)
-            acc.store(acc.load() + frag.load().to(Float32) * pre[i])
+            acc.store(acc.load() + frags[i, None].load().to(Float32) * pre[i])
         frag.store(acc.load().to(mOut.element_type))
-        if cutlass.const_expr(self.out_norm_eps is not None):
+        if cutlass.const_expr(fused_norm):
             # the sub-layer's RMSNorm of the rounded x, as RmsNorm computes it (same sums in the same order)
             red = storage.red.get_tensor(cute.make_layout((self.threads // 32,)))
-            rms_normalize(frag, red, tidx, self.threads // 32, self.d, self.out_norm_eps, mNormW, True)
+            rms_normalize(frag, red, tidx, self.threads // 32, self.d, self.out_norm_eps, nw, True, self.hoist)
         cute.autovec_copy(frag, cute.local_tile(mOut[t, None], (VEC,), (tidx,)))
+
+    def _load_streams(self, mStreams: cute.Tensor, frags: cute.Tensor, t, tidx):
+        """This thread's VEC values of each of the n streams into frags (traced inline: a Python loop)."""
+        for i in range(self.n):
+            cute.autovec_copy(cute.local_tile(mStreams[t, None], (VEC,), (i * self.threads + tidx,)), frags[i, None])

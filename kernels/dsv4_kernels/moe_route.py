@@ -21,6 +21,7 @@ import cutlass.cute as cute
 from cutlass import Boolean, Float32, Int32, Int64
 
 from dsv4_kernels.cute_utils import WARP_OFFSETS, add, butterfly, partial_sum
+from dsv4_kernels import pdl as pdl_flags
 from dsv4_kernels.pdl import chain_entry
 
 WARPS = 4                         # tokens per CTA
@@ -46,12 +47,13 @@ class MoeRoute:
     last column unused), summed here in a fixed order: the gate GEMV at decode without a cast and a cuBLAS launch."""
 
     def __init__(self, n_experts: int, topk: int, score_func: str, route_scale: float, hashed: bool,
-                 num_partials: int = 0, pdl: bool = False):
+                 num_partials: int = 0, pdl: bool = False, hoist: bool | None = None):
         if not supported(n_experts, topk, score_func) or topk > n_experts:
             raise ValueError(f"MoeRoute: unsupported E={n_experts} topk={topk} score_func={score_func!r}")
         self.e, self.k, self.func, self.scale, self.hashed = n_experts, topk, score_func, route_scale, hashed
         self.n = n_experts // 32
         self.num_partials, self.pdl = num_partials, pdl
+        self.hoist = pdl_flags.HOIST if hoist is None else hoist     # see dsv4_kernels.pdl.hoist
 
     @cute.jit
     def __call__(self, mLogits: cute.Tensor, mBias: cute.Tensor, mTid2eid: cute.Tensor, mTokenIds: cute.Tensor,
@@ -63,13 +65,20 @@ class MoeRoute:
     @cute.kernel
     def kernel(self, mLogits: cute.Tensor, mBias: cute.Tensor, mTid2eid: cute.Tensor, mTokenIds: cute.Tensor,
                mIds: cute.Tensor, mWeights: cute.Tensor):
-        chain_entry(self.pdl)
         n, k = self.n, self.k
         softmax = self.func == "softmax"
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         lane = tidx % 32
         t = bidx * WARPS + tidx // 32
+        # the bias before the wait (dsv4_kernels.pdl.hoist): not a round trip after the logits. A hash layer's
+        # token id is a step input, read after it
+        bias = cute.make_rmem_tensor((n,), Float32)
+        early = self.hoist and not self.hashed
+        if cutlass.const_expr(early):
+            for j in cutlass.range_constexpr(n):
+                bias[j] = mBias[lane + 32 * j]
+        chain_entry(self.pdl)
         if t < cute.size(mLogits.shape[0]):          # warp-uniform: the shuffles below see full warps
             mx = Float32(0.0)
             den = Float32(1.0)
@@ -108,7 +117,9 @@ class MoeRoute:
             else:
                 biased = cute.make_rmem_tensor((n,), Float32)
                 for j in cutlass.range_constexpr(n):
-                    biased[j] = s[j] + mBias[lane + 32 * j]
+                    if cutlass.const_expr(not early):
+                        bias[j] = mBias[lane + 32 * j]
+                    biased[j] = s[j] + bias[j]
                 key = cute.make_rmem_tensor((n,), Int32)
                 key.store(biased.load().bitcast(Int32))
                 for j in cutlass.range_constexpr(n):

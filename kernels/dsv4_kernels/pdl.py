@@ -10,7 +10,9 @@ The protocol every kernel launched with `use_pdl=True` keeps (`chain_entry` for 
 - it calls `griddepcontrol.wait` before it reads anything an earlier kernel writes and before it writes anything
   (a later-launched kernel must not overwrite what a running one still reads), in every thread that reads or writes;
 - only constant data (weights, scales) is read before the wait. "Constant" means no kernel of the step writes it:
-  a kernel two launches back may still be running, since the predecessor let this one launch at its own start;
+  a kernel two launches back may still be running, since the predecessor let this one launch at its own start.
+  That excludes the step's own inputs (positions, token ids) and a weight's copy made during the step (a dtype
+  cast): with positions read before the wait, level-3 logits changed (session 31);
 - `griddepcontrol.launch_dependents` says when the next kernel may be launched: at the start for small kernels
   (their dependents are resident and waiting by the time they finish), after the weight loads for GEMVs (at their
   start, back-to-back GEMVs would all prefetch at once: slower in session 16, and in session 26 it undid the
@@ -46,12 +48,25 @@ def max_tokens_setting() -> int:
 
 
 CHAIN = os.environ.get("DSV4_CHAIN_PDL", "1") != "0"
+# chain kernels load their weights before their wait, not after it where they cost an L2 round trip behind their own
+# reductions (`hoist`); env DSV4_PDL_HOIST=0: after (an A/B option of scripts/decode_ab.py),
+# DSV4_PDL_HOIST_MAX_TOKENS: the largest step that does (default 1).
+HOIST = os.environ.get("DSV4_PDL_HOIST", "1") != "0"
+HOIST_MAX_TOKENS = int(os.environ.get("DSV4_PDL_HOIST_MAX_TOKENS", "1"))
 MAX_TOKENS = max_tokens_setting()
 
 
 def chain(tokens: int) -> bool:
     """Whether a chain kernel of a step with `tokens` tokens launches as a programmatic dependent."""
     return CHAIN and tokens <= MAX_TOKENS
+
+
+def hoist(tokens: int) -> bool:
+    """Whether a chain kernel of a step with `tokens` tokens loads its weights before its wait: RmsNorm's and
+    RopeTail's norm weights, HcCollapse's (which also loads its streams together with its partials, not after its
+    barrier), MoeRoute's bias, the split combine's sinks. The callers pass only the model's own tensors (no copy
+    made in the step) as hoisted. docs/PERF.md session 31 has the measurements."""
+    return HOIST and tokens <= HOIST_MAX_TOKENS
 
 
 def chain_entry(pdl: bool) -> None:

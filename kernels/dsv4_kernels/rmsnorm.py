@@ -16,6 +16,7 @@ import cutlass.cute as cute
 from cutlass import Float32
 
 from dsv4_kernels.cute_utils import add, butterfly
+from dsv4_kernels import pdl as pdl_flags
 from dsv4_kernels.pdl import chain_entry
 
 VEC = 8
@@ -30,10 +31,11 @@ def _row_threads(vectors: int) -> int:
 
 
 class RmsNorm:
-    def __init__(self, dim: int, eps: float, has_weight: bool, pdl: bool = False):
+    def __init__(self, dim: int, eps: float, has_weight: bool, pdl: bool = False, hoist: bool | None = None):
         if dim % VEC or not 0 < dim <= MAX_DIM:
             raise ValueError(f"RmsNorm: dim must be a multiple of {VEC} in [{VEC}, {MAX_DIM}], got {dim}")
         self.d, self.eps, self.has_weight, self.pdl = dim, eps, has_weight, pdl
+        self.hoist = pdl_flags.HOIST if hoist is None else hoist     # see dsv4_kernels.pdl.hoist
         self.nv = dim // VEC
         self.tpr = _row_threads(self.nv)
         self.rows = max(1, CTA // self.tpr)
@@ -54,12 +56,20 @@ class RmsNorm:
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, Storage: cutlass.Constexpr):
-        chain_entry(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         R = cute.size(mX.shape[0])
         row = bidx * self.rows + tidx // self.tpr
         lane = tidx % self.tpr
+        # the weight before the wait (dsv4_kernels.pdl): not one more L2 round trip after the row sum
+        if cutlass.const_expr(not self.hoist):
+            chain_entry(self.pdl)
+        wv = cute.make_rmem_tensor((VEC,), Float32)
+        if cutlass.const_expr(self.has_weight and self.hoist):
+            if lane < self.nv:
+                cute.autovec_copy(cute.local_tile(mW, (VEC,), (lane,)), wv)
+        if cutlass.const_expr(self.hoist):
+            chain_entry(self.pdl)
         # rows past the end still take part in the barrier (on row R-1) and store nothing
         rc = cutlass.min(row, R - 1)
         frag = cute.make_rmem_tensor((VEC,), mX.element_type)
@@ -87,8 +97,9 @@ class RmsNorm:
             if lane < self.nv:
                 y = cute.make_rmem_tensor((VEC,), Float32)
                 if cutlass.const_expr(self.has_weight):
-                    cute.autovec_copy(cute.local_tile(mW, (VEC,), (lane,)), y)
-                    y.store(xf.load() * rstd * y.load())
+                    if cutlass.const_expr(not self.hoist):
+                        cute.autovec_copy(cute.local_tile(mW, (VEC,), (lane,)), wv)
+                    y.store(xf.load() * rstd * wv.load())
                 else:
                     y.store(xf.load() * rstd)
                 frag.store(y.load().to(mOut.element_type))

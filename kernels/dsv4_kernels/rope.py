@@ -12,7 +12,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from dsv4_kernels.cute_utils import norm_fits, rms_normalize
+from dsv4_kernels.cute_utils import load_norm_weight, norm_fits, rms_normalize
+from dsv4_kernels import pdl as pdl_flags
 from dsv4_kernels.pdl import chain_entry
 
 VEC = 8
@@ -27,12 +28,13 @@ class RopeTail:
     queries and keys in one launch instead of two, with the same bits (the row sum in RmsNorm's order)."""
 
     def __init__(self, dim: int, rope_dim: int, inverse: bool, norm: str = "none", eps: float = 0.0,
-                 pdl: bool = False):
+                 pdl: bool = False, hoist: bool | None = None):
         assert dim % VEC == 0 and rope_dim % VEC == 0 and rope_dim <= dim
         if norm not in NORMS or (norm != "none" and not norm_fits(dim)):
             raise ValueError(f"RopeTail: norm {norm!r} with dim {dim} (norms {NORMS}; a norm needs dim % 256 == 0)")
         self.d, self.rd, self.inverse = dim, rope_dim, inverse
         self.norm, self.eps, self.pdl = norm, eps, pdl
+        self.hoist = pdl_flags.HOIST if hoist is None else hoist     # see dsv4_kernels.pdl.hoist
         self.threads = dim // VEC
 
     @cute.jit
@@ -49,15 +51,18 @@ class RopeTail:
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mPos: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mW: cute.Tensor,
                mOut: cute.Tensor, heads: Int32, Storage: cutlass.Constexpr):
-        chain_entry(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
         r, _, _ = cute.arch.block_idx()
+        # the norm weight before the wait (dsv4_kernels.pdl.hoist). The position is a step input, read after it
+        early = self.hoist and self.norm == "weight"
+        w = load_norm_weight(mW, tidx) if cutlass.const_expr(early) else mW
+        chain_entry(self.pdl)
         frag = cute.make_rmem_tensor((VEC,), mX.element_type)
         cute.autovec_copy(cute.local_tile(mX[r, None], (VEC,), (tidx,)), frag)
         if cutlass.const_expr(self.norm != "none"):
             smem = cutlass.memory.SmemAllocator()
             red = smem.allocate(Storage).red.get_tensor(cute.make_layout((self.threads // 32,)))
-            rms_normalize(frag, red, tidx, self.threads // 32, self.d, self.eps, mW, self.norm == "weight")
+            rms_normalize(frag, red, tidx, self.threads // 32, self.d, self.eps, w, self.norm == "weight", early)
         first = tidx * VEC - (self.d - self.rd)          # channel index inside the tail (< 0: head part)
         if first >= 0:
             rotate_tail(frag, first, mPos[r // heads], mCos, mSin, self.inverse)

@@ -100,7 +100,7 @@ def test_rmsnorm_tvm_ffi_compile_path(d, has_weight):
     x = torch.empty((1, d), dtype=torch.bfloat16)
     ex = [x, torch.empty(d), x]
     launcher = cg._rms_launcher(d, 1e-6, has_weight, 1, *ex)
-    key = ("glue-rms", d, 1e-6, has_weight, torch.bfloat16, ca.chain_pdl(1), True)
+    key = ("glue-rms", d, 1e-6, has_weight, torch.bfloat16, ca.chain_pdl(1), ca.hoist(1), True)
     assert launcher.tvm and launcher.fn is ca._COMPILED[key]
 
 

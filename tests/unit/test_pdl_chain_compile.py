@@ -1,7 +1,9 @@
 """Decode's chain kernels keep the programmatic-dependent-launch protocol (dsv4_kernels.pdl), read off the sm_90a PTX
 compiled on the CPU (CUTE_DSL_ARCH=sm_90a):
 - compiled for PDL, a kernel touches no global memory before `griddepcontrol.wait`, except the kernels that read
-  constant weights there (the FP8 GEMV's first iteration, HcMix's mixing weights), and those only load;
+  constant weights or the step's inputs there (the FP8 GEMV's first iteration, HcMix's mixing weights; with
+  dsv4_kernels.pdl.HOIST the norms' weights, RoPE's positions and angles, the routing's bias / hash table, the
+  combine's sinks), and those only load;
 - compiled without PDL, the kernel never waits (griddepcontrol.wait), as before the chain: a split attention kernel
   still lets its combine launch early, as it always has;
 - the MoE ring gate_up waits before anything else (the down kernel it lets launch reads the routing early)."""
@@ -19,7 +21,7 @@ import cutlass.cute as cute  # noqa: E402
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
 from dsv4_kernels import fp8_gemm  # noqa: E402
-from dsv4_kernels.attention_decode import MODE_WINDOW, SparseDecodeAttention  # noqa: E402
+from dsv4_kernels.attention_decode import MODE_WINDOW, SparseDecodeAttention, SplitCombineRope  # noqa: E402
 from dsv4_kernels.attention_decode_wgmma import SparseDecodeAttentionWgmma  # noqa: E402
 from dsv4_kernels.indexer import VisibleEntries  # noqa: E402
 from dsv4_kernels.kv_write import KVScatter  # noqa: E402
@@ -34,6 +36,8 @@ BF, I32, I64, F32 = cutlass.BFloat16, cutlass.Int32, cutlass.Int64, cutlass.Floa
 GLOBAL_ACCESS = re.compile(r"\b(ld|st|cp\.async|red|atom)\.[\w.]*global")
 GLOBAL_WRITE = re.compile(r"\b(st|red|atom)\.[\w.]*global")
 PREFETCH_WEIGHTS = {"hc_mix"}          # its fn rows go out before the wait
+# with pdl.HOIST: weights, tables and the step's positions / token ids before the wait
+HOISTED = {"rmsnorm", "rope", "route", "hc_collapse", "combine_rope"}
 
 
 def _t(dtype, rank, rows=True):
@@ -67,6 +71,9 @@ def _chain_kernels(pdl: bool):
         ("hc_collapse", HcCollapse(4, 4096, 16, 1e-6, 1e-6, 1e-6, pdl),
          (_t(BF, 2), _t(F32, 3, False), _t(F32, 1, False), _t(F32, 1, False), _t(F32, 1, False), _t(BF, 2),
           F32(1.0), s)),
+        ("combine_rope", SplitCombineRope(512, 64, pdl),
+         (_t(F32, 4), _t(F32, 4, False), _t(F32, 1, False), _t(I64, 1, False), _t(F32, 2, False), _t(F32, 2, False),
+          _t(BF, 3), I32(2), s)),
         ("attention", SparseDecodeAttention(512, 64, MODE_WINDOW, 128, 128, 128, 64, True, pdl=pdl),
          (_t(BF, 3), _t(BF, 2), _t(BF, 2), _t(I32, 1, False), _t(I32, 1, False), _t(I32, 2, False),
           _t(I32, 2, False), _t(I32, 2, False), _t(F32, 1, False), _t(BF, 3), _t(BF, 4), _t(F32, 4, False),
@@ -91,17 +98,30 @@ def _before_wait(ptx: str) -> str:
 def test_a_chain_kernel_waits_before_it_touches_memory(index, tmp_path):
     name, kernel, args = _chain_kernels(True)[index]
     head = _before_wait(_ptx(tmp_path, kernel, args))
-    if name in PREFETCH_WEIGHTS:
+    if name in PREFETCH_WEIGHTS | HOISTED:
         assert "ld.global" in head and not GLOBAL_WRITE.search(head), f"{name}: weight loads only, before the wait"
     else:
         assert not GLOBAL_ACCESS.search(head), f"{name}: global memory access before griddepcontrol.wait"
     assert "griddepcontrol.launch_dependents" in head, f"{name}: the next kernel should launch while this one runs"
 
 
+@pytest.mark.parametrize("name", sorted(HOISTED))
+def test_without_hoisting_a_chain_kernel_loads_nothing_before_its_wait(name, tmp_path, monkeypatch):
+    """pdl.HOIST off (the A/B variant): the kernels that load weights and step inputs early wait first."""
+    from dsv4_kernels import pdl
+    monkeypatch.setattr(pdl, "HOIST", False)
+    _, kernel, args = next(k for k in _chain_kernels(True) if k[0] == name)
+    assert not GLOBAL_ACCESS.search(_before_wait(_ptx(tmp_path, kernel, args))), name
+
+
 @pytest.mark.parametrize("index", range(len(_chain_kernels(False))))
 def test_without_pdl_a_chain_kernel_never_waits(index, tmp_path):
     name, kernel, args = _chain_kernels(False)[index]
     ptx = _ptx(tmp_path, kernel, args)
+    if name == "combine_rope":
+        # the split combine has always waited unconditionally (a no-op without PDL); it lets nothing launch early
+        assert "griddepcontrol.launch_dependents" not in ptx
+        return
     assert "griddepcontrol.wait" not in ptx, name
     if name != "attention":
         assert "griddepcontrol" not in ptx, name

@@ -30,7 +30,7 @@ import torch
 from dsv4.checkpoint.formats import FP8BlockTensor, NVFP4Tensor
 from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch
-from dsv4.ops.cute_attention import CuteAttentionMixin, Launcher, chain_pdl, placeholder
+from dsv4.ops.cute_attention import CuteAttentionMixin, Launcher, chain_pdl, hoist, placeholder
 from dsv4.ops.cute_glue import CuteGlueMixin
 from dsv4.ops.cute_route import CuteRouteMixin
 from dsv4.ops.torch_ops import TorchOps
@@ -291,7 +291,8 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         kind = "none" if not norm else ("plain" if weight is None else "weight")
         out = torch.empty_like(x2)
         args = (x2, pos, cos, sin, w, out)
-        _rope_launcher(D, rope_dim, inverse, kind, float(eps), *args)(*args, x2.shape[0] // T)
+        own = weight is None or w.data_ptr() == weight.data_ptr()       # not a copy made here (hoist's condition)
+        _rope_launcher(D, rope_dim, inverse, kind, float(eps), *args, constant=own)(*args, x2.shape[0] // T)
         return out.view(x.shape)
 
     def compress_and_store(self, kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
@@ -361,7 +362,9 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         else:
             nw = placeholder((8,), torch.float32, streams.device)
         args = (flat, part, sc, bs, nw, x)
-        _collapse_launcher(n, D, part.shape[1], hc_eps, norm_eps, fuse_norm, *args)(*args, 1.0 / K)
+        own = (sc.data_ptr() == scale.data_ptr() and bs.data_ptr() == base.data_ptr()
+               and (not fuse_norm or nw.data_ptr() == norm_weight.data_ptr()))     # no copies made here (hoist)
+        _collapse_launcher(n, D, part.shape[1], hc_eps, norm_eps, fuse_norm, *args, constant=own)(*args, 1.0 / K)
         if norm_weight is not None and not fuse_norm:
             x = self.rms_norm(x, norm_weight, norm_eps)
 
@@ -402,13 +405,14 @@ def _mix_launcher(m: int, *example: Tensor) -> Launcher:
 
 
 def _collapse_launcher(n: int, dim: int, num_partials: int, eps: float, norm_eps: float, out_norm: bool,
-                       *example: Tensor) -> Launcher:
-    """out_norm: x also gets the sub-layer's RMSNorm (with norm_eps, as the model's)."""
+                       *example: Tensor, constant: bool = True) -> Launcher:
+    """out_norm: x also gets the sub-layer's RMSNorm (with norm_eps, as the model's). constant: scale, base and the
+    norm weight are no kernel's output in this step, so the kernel may load them before its wait."""
     from dsv4_kernels.mhc_pre import HcCollapse
     out_eps = norm_eps if out_norm else None
-    pdl = chain_pdl(example[0].shape[0])
-    return Launcher(("hc_collapse", n, dim, num_partials, eps, norm_eps, out_eps, example[0].dtype, pdl),
-                    lambda: HcCollapse(n, dim, num_partials, eps, norm_eps, out_eps, pdl),
+    pdl, early = chain_pdl(example[0].shape[0]), hoist(example[0].shape[0]) and constant
+    return Launcher(("hc_collapse", n, dim, num_partials, eps, norm_eps, out_eps, example[0].dtype, pdl, early),
+                    lambda: HcCollapse(n, dim, num_partials, eps, norm_eps, out_eps, pdl, early),
                     (("t", True), ("t", False), ("t", False), ("t", False), ("t", True), ("t", True), ("f",)),
                     list(example) + [1.0])
 
@@ -416,11 +420,13 @@ def _collapse_launcher(n: int, dim: int, num_partials: int, eps: float, norm_eps
 _ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t", True), ("t", True), ("i",))
 
 
-def _rope_launcher(dim: int, rope_dim: int, inverse: bool, norm: str, eps: float, *example: Tensor) -> Launcher:
+def _rope_launcher(dim: int, rope_dim: int, inverse: bool, norm: str, eps: float, *example: Tensor,
+                   constant: bool = True) -> Launcher:
+    """constant: the norm weight is no kernel's output in this step, so the kernel may load it before its wait."""
     from dsv4_kernels.rope import RopeTail
-    pdl = chain_pdl(example[1].shape[0])          # positions: one per token
-    return Launcher(("rope", dim, rope_dim, inverse, norm, eps, example[0].dtype, pdl),
-                    lambda: RopeTail(dim, rope_dim, inverse, norm, eps, pdl), _ROPE_SPEC, list(example) + [1])
+    pdl, early = chain_pdl(example[1].shape[0]), hoist(example[1].shape[0]) and constant   # positions: one a token
+    return Launcher(("rope", dim, rope_dim, inverse, norm, eps, example[0].dtype, pdl, early),
+                    lambda: RopeTail(dim, rope_dim, inverse, norm, eps, pdl, early), _ROPE_SPEC, list(example) + [1])
 
 
 def _side_streams_setting() -> int:

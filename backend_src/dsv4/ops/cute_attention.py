@@ -89,6 +89,13 @@ def chain_pdl(tokens: int) -> bool:
     return chain(tokens)
 
 
+def hoist(tokens: int) -> bool:
+    """Whether a chain kernel of a step with `tokens` tokens loads its weights and the step's inputs before its wait
+    (dsv4_kernels.pdl.hoist; read at every launch, launch keys carry it, so an A/B run can switch it)."""
+    from dsv4_kernels.pdl import hoist as early
+    return early(tokens)
+
+
 def _stream():
     import cuda.bindings.driver as cuda
     return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
@@ -343,12 +350,12 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
     Hp = -(-H // M) * M
     ck = (H, d, ratio, window, cache.block_size, topk_entries.shape[1] if csa else 0,
           topk_entries.dtype if csa else None, num_splits, M, part_bf16, block_n, stages, wg, cluster,
-          chain_pdl(T), _combine_unroll())
+          chain_pdl(T), _combine_unroll(), hoist(T) and sink.dtype == torch.float32 and Hp == H)
     cfg = plan.launch_cfg.get(ck)
     if cfg is None:
         cfg = plan.launch_cfg[ck] = _launch_config(T, H, d, M, ratio, window, cache.block_size, csa,
                                                    topk_entries, plan, num_splits, part_bf16, dev, block_n,
-                                                   stages, wg, CLUSTER if cluster is None else cluster)
+                                                   stages, wg, CLUSTER if cluster is None else cluster, ck[-1])
     fn, cfn, splits, per, mode_tk, in_cluster = cfg
     qk = q if q.dtype == torch.bfloat16 else q.to(torch.bfloat16)
     sk = sink if sink.dtype == torch.float32 else sink.float()
@@ -378,7 +385,7 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
     if cfn is not None and out_rope is not None:
         pos, cos, sin = out_rope
         rd = 2 * cos.shape[-1]
-        rfn = _rope_combine(d, rd, part_bf16, [opart, ml, sk, pos, cos, sin, out, splits])
+        rfn = _rope_combine(d, rd, part_bf16, ck[-1], [opart, ml, sk, pos, cos, sin, out, splits])
 
     def launch():
         fn(*args)
@@ -405,15 +412,16 @@ _COMBINE_ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t
                       ("i",))
 
 
-def _rope_combine(d: int, rope_dim: int, part_bf16: bool, example: list) -> Launcher:
-    """The split combine with the output's inverse RoPE (dsv4_kernels.attention_decode.SplitCombineRope)."""
+def _rope_combine(d: int, rope_dim: int, part_bf16: bool, early: bool, example: list) -> Launcher:
+    """The split combine with the output's inverse RoPE (dsv4_kernels.attention_decode.SplitCombineRope); `early`:
+    its sinks and angles loaded before its wait (hoist)."""
     from dsv4_kernels.attention_decode import SplitCombineRope
     unroll = _combine_unroll()
-    key = ("combine_rope", d, rope_dim, part_bf16, unroll)
+    key = ("combine_rope", d, rope_dim, part_bf16, unroll, early)
     fn = _LAUNCHERS.get(key)
     if fn is None:
-        fn = _LAUNCHERS[key] = Launcher(key, lambda: SplitCombineRope(d, rope_dim, unroll=unroll), _COMBINE_ROPE_SPEC,
-                                        example)
+        fn = _LAUNCHERS[key] = Launcher(key, lambda: SplitCombineRope(d, rope_dim, unroll=unroll, hoist=early),
+                                        _COMBINE_ROPE_SPEC, example)
     return fn
 
 
@@ -425,7 +433,9 @@ def _combine_unroll() -> int:
 
 
 def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, plan, num_splits, part_bf16, dev,
-                   block_n=64, stages=2, wgmma=False, cluster=False):
+                   block_n=64, stages=2, wgmma=False, cluster=False, early=False):
+    """early: the split combine loads the sinks before its wait (dsv4_kernels.pdl.hoist; only where they are the
+    layer's own fp32 tensor, not a copy a kernel of the step writes)."""
     from dsv4_kernels.attention_decode import (MODE_CSA, MODE_HCA, MODE_WINDOW, SparseDecodeAttention,
                                                SplitCombine, plan_splits)
     from dsv4_kernels.attention_decode_wgmma import MAX_CLUSTER, SparseDecodeAttentionWgmma
@@ -480,7 +490,8 @@ def _launch_config(T, H, d, M, ratio, window, block_size, csa, topk_entries, pla
     if split:
         cex = [ex[10], ex[11], ex[8], bf, 1]
         unroll = _combine_unroll()
-        cfn = Launcher(("combine", d, part_bf16, unroll), lambda: SplitCombine(d, unroll=unroll), _COMBINE_SPEC, cex)
+        cfn = Launcher(("combine", d, part_bf16, unroll, early), lambda: SplitCombine(d, unroll=unroll, hoist=early),
+                       _COMBINE_SPEC, cex)
     return fn, cfn, splits, per, mode, in_cluster
 
 

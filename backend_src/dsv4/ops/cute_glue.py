@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dsv4.ops.cute_attention import Launcher, chain_pdl, placeholder
+from dsv4.ops.cute_attention import Launcher, chain_pdl, hoist, placeholder
 
 Tensor = torch.Tensor
 
@@ -66,7 +66,8 @@ class CuteGlueMixin:
             w = _compact(w)
         out = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
         tokens = x.shape[0] if x.dim() > 1 else 1
-        _rms_launcher(D, float(eps), weight is not None, tokens, x2, w, out)(x2, w, out)
+        own = weight is None or w.data_ptr() == weight.data_ptr()       # not a copy made here (hoist's condition)
+        _rms_launcher(D, float(eps), weight is not None, tokens, x2, w, out, constant=own)(x2, w, out)
         return out.view(x.shape)
 
     # --- swiglu_mlp --------------------------------------------------------------------------------------------
@@ -141,12 +142,15 @@ _SWIGLU_SPEC = (("t", True), ("t", True), ("t", True))
 _HC_POST_SPEC = (("t", True), ("t", True), ("t", True), ("t", False), ("t", False), ("t", True))
 
 
-def _rms_launcher(dim: int, eps: float, has_weight: bool, tokens: int, *example: Tensor) -> Launcher:
+def _rms_launcher(dim: int, eps: float, has_weight: bool, tokens: int, *example: Tensor,
+                  constant: bool = True) -> Launcher:
+    """constant: the weight is no kernel's output in this step, so the kernel may load it before its wait."""
     def make():
         from dsv4_kernels.rmsnorm import RmsNorm
-        return RmsNorm(dim, eps, has_weight, pdl)
-    pdl = chain_pdl(tokens)
-    return Launcher(("glue-rms", dim, eps, has_weight, example[0].dtype, pdl), make, _RMS_SPEC, list(example))
+        return RmsNorm(dim, eps, has_weight, pdl, early)
+    pdl, early = chain_pdl(tokens), hoist(tokens) and constant
+    return Launcher(("glue-rms", dim, eps, has_weight, example[0].dtype, pdl, early), make, _RMS_SPEC,
+                    list(example))
 
 
 def _swiglu_launcher(limit: float, *example: Tensor) -> Launcher:

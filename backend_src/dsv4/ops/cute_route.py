@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.ops.cute_attention import Launcher, chain_pdl, placeholder
+from dsv4.ops.cute_attention import Launcher, chain_pdl, hoist, placeholder
 
 Tensor = torch.Tensor
 
@@ -25,12 +25,13 @@ GATE_MIX_MAX_TOKENS = 16
 
 
 def _launcher(E: int, topk: int, score_func: str, route_scale: float, hashed: bool, num_partials: int,
-              example: list) -> Launcher:
+              example: list, constant: bool = True) -> Launcher:
+    """constant: the bias is no kernel's output in this step, so the kernel may load it before its wait."""
     from dsv4_kernels.moe_route import MoeRoute
-    pdl = chain_pdl(example[0].shape[0])
-    return Launcher(("moe_route", E, topk, score_func, float(route_scale), hashed, num_partials, pdl),
-                    lambda: MoeRoute(E, topk, score_func, float(route_scale), hashed, num_partials, pdl), _ROUTE_SPEC,
-                    example)
+    pdl, early = chain_pdl(example[0].shape[0]), hoist(example[0].shape[0]) and constant
+    return Launcher(("moe_route", E, topk, score_func, float(route_scale), hashed, num_partials, pdl, early),
+                    lambda: MoeRoute(E, topk, score_func, float(route_scale), hashed, num_partials, pdl, early),
+                    _ROUTE_SPEC, example)
 
 
 def gate_logits(x: Tensor, gate: Tensor) -> tuple[Tensor, int]:
@@ -83,7 +84,8 @@ def route(x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | N
     ids = torch.empty((T, topk), dtype=torch.int64, device=dev)
     weights = torch.empty((T, topk), dtype=torch.float32, device=dev)
     args = [logits, bias, table, tok, ids, weights]
-    _launcher(E, topk, score_func, route_scale, hashed, num_partials, args)(*args)
+    own = hashed or bias.data_ptr() == gate_bias.data_ptr()       # not a copy made here (hoist's condition)
+    _launcher(E, topk, score_func, route_scale, hashed, num_partials, args, constant=own)(*args)
     return ids, weights
 
 
