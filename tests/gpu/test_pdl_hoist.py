@@ -1,7 +1,7 @@
-"""The chain kernels that load their weights, tables and the step's inputs before griddepcontrol.wait
-(dsv4_kernels.pdl.hoist, one-token steps) write the same bits as with those loads after it: only the load order
-changed (RMSNorm, RoPE with and without its norm, the mHC collapse with its norm, the routing with and without hash,
-the split combine with the output's inverse RoPE). Fresh random inputs per case, outputs poisoned."""
+"""The chain kernels that load their weights before griddepcontrol.wait (dsv4_kernels.pdl.hoist, one-token steps)
+write the same bits as with those loads after it: only the load order changed (RMSNorm, the keys' RoPE with its
+weighted norm, the mHC collapse with its norm, the routing's bias, the split combine's sinks). Fresh random inputs per
+case, outputs poisoned where the kernel is launched directly."""
 
 from __future__ import annotations
 
@@ -50,16 +50,14 @@ def test_rms_norm(monkeypatch, weighted, dim):
     assert_same_bits(*both(monkeypatch, lambda: (ops.rms_norm(x, w, 1e-6),)))
 
 
-@pytest.mark.parametrize("shape,weighted", [((1, 64, 512), False), ((1, 512), True), ((1, 16, 512), False)])
-def test_norm_and_rope(monkeypatch, shape, weighted):
-    g = torch.Generator(device=DEV).manual_seed(shape[-2] + weighted)
-    x = (3 * torch.randn(shape, device=DEV, generator=g)).to(torch.bfloat16)
-    w = torch.rand(shape[-1], device=DEV, generator=g) + 0.5 if weighted else None
+@pytest.mark.parametrize("dim", [512, 1024])
+def test_keys_norm_and_rope(monkeypatch, dim):
+    g = torch.Generator(device=DEV).manual_seed(dim)
+    x = (3 * torch.randn(1, dim, device=DEV, generator=g)).to(torch.bfloat16)
+    w = torch.rand(dim, device=DEV, generator=g) + 0.5
     pos = torch.randint(0, 8000, (1,), device=DEV, generator=g)
     ops = CuteOps(DEV, torch.bfloat16, fused_glue=True)
-    run = lambda: (ops.norm_rope_tail(x, w, 1e-6, pos, YARN, 64), ops.rope_tail(x, pos, YARN, 64, inverse=True),  # noqa: E731
-                   ops.rope_tail(x, pos, YARN, 64))
-    assert_same_bits(*both(monkeypatch, run))
+    assert_same_bits(*both(monkeypatch, lambda: (ops.norm_rope_tail(x, w, 1e-6, pos, YARN, 64),)))
 
 
 def test_mhc_collapse_with_its_norm(monkeypatch):
@@ -75,22 +73,16 @@ def test_mhc_collapse_with_its_norm(monkeypatch):
     assert_same_bits(*both(monkeypatch, run))
 
 
-@pytest.mark.parametrize("hashed", [False, True])
 @pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
-def test_routing(monkeypatch, hashed, score_func):
-    g = torch.Generator(device=DEV).manual_seed(11 + hashed)
+def test_routing(monkeypatch, score_func):
+    g = torch.Generator(device=DEV).manual_seed(11)
     E, k, D = 256, 6, 4096
     x = torch.randn(1, D, device=DEV, generator=g).to(torch.bfloat16)
     gate = torch.randn(E, D, device=DEV, generator=g) * 0.02
-    bias = torch.randn(E, device=DEV, generator=g) * 0.1
-    tid2eid = torch.stack([torch.randperm(E, device=DEV, generator=g)[:k] for _ in range(100)]) if hashed else None
+    bias = torch.randn(E, device=DEV, generator=g) * 0.1          # large enough to change the choice
     tokens = torch.tensor([37], device=DEV)
     ops = CuteOps(DEV, torch.bfloat16, fused_glue=True)
-    run = lambda: ops.route(x, gate, bias, tid2eid, tokens, k, score_func, 2.5)  # noqa: E731
-    a, b = both(monkeypatch, run)
-    assert_same_bits(a, b)
-    if hashed:
-        assert torch.equal(a[0][0].sort().values, tid2eid[37].sort().values)
+    assert_same_bits(*both(monkeypatch, lambda: ops.route(x, gate, bias, None, tokens, k, score_func, 2.5)))
 
 
 @pytest.mark.parametrize("splits", [2, 3, 10])

@@ -90,8 +90,8 @@ def chain_pdl(tokens: int) -> bool:
 
 
 def hoist(tokens: int) -> bool:
-    """Whether a chain kernel of a step with `tokens` tokens loads its weights and the step's inputs before its wait
-    (dsv4_kernels.pdl.hoist; read at every launch, launch keys carry it, so an A/B run can switch it)."""
+    """Whether a chain kernel of a step with `tokens` tokens loads its weights before its wait (dsv4_kernels.pdl.hoist;
+    read at every launch, launch keys carry it, so an A/B run can switch it)."""
     from dsv4_kernels.pdl import hoist as early
     return early(tokens)
 
@@ -414,7 +414,7 @@ _COMBINE_ROPE_SPEC = (("t", True), ("t", False), ("t", False), ("t", False), ("t
 
 def _rope_combine(d: int, rope_dim: int, part_bf16: bool, early: bool, example: list) -> Launcher:
     """The split combine with the output's inverse RoPE (dsv4_kernels.attention_decode.SplitCombineRope); `early`:
-    its sinks and angles loaded before its wait (hoist)."""
+    its sinks loaded before its wait (hoist)."""
     from dsv4_kernels.attention_decode import SplitCombineRope
     unroll = _combine_unroll()
     key = ("combine_rope", d, rope_dim, part_bf16, unroll, early)
