@@ -204,3 +204,15 @@ def test_only_steps_up_to_the_limit_take_the_chain(monkeypatch):
     assert pdl.chain(1) and pdl.chain(8) and not pdl.chain(9)
     monkeypatch.setattr(pdl, "CHAIN", False)
     assert not pdl.chain(1)
+
+
+def test_only_the_callers_own_weights_count_as_loadable_before_the_wait():
+    """A cast or contiguous copy made for the call is written by a kernel of the step, so the launchers build the
+    kernel with its loads after the wait for it (dsv4.ops.cute_attention.unconverted); a view of the caller's own
+    tensor, or no weight, is fine."""
+    import torch
+    from dsv4.ops.cute_attention import unconverted
+    w = torch.ones(64)
+    assert unconverted((w, w), (w, w.reshape(8, 8)), (None, torch.zeros(1)))
+    assert not unconverted((w, w), (w.to(torch.float64), w.to(torch.float64).float()))
+    assert not unconverted((w.half(), w.half().float()))

@@ -30,7 +30,7 @@ import torch
 from dsv4.checkpoint.formats import FP8BlockTensor, NVFP4Tensor
 from dsv4.config import RopeConfig
 from dsv4.ops.base import ForwardBatch
-from dsv4.ops.cute_attention import CuteAttentionMixin, Launcher, chain_pdl, hoist, placeholder
+from dsv4.ops.cute_attention import CuteAttentionMixin, Launcher, chain_pdl, hoist, placeholder, unconverted
 from dsv4.ops.cute_glue import CuteGlueMixin
 from dsv4.ops.cute_route import CuteRouteMixin
 from dsv4.ops.torch_ops import TorchOps
@@ -291,8 +291,8 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         kind = "none" if not norm else ("plain" if weight is None else "weight")
         out = torch.empty_like(x2)
         args = (x2, pos, cos, sin, w, out)
-        own = weight is None or w.data_ptr() == weight.data_ptr()       # not a copy made here (hoist's condition)
-        _rope_launcher(D, rope_dim, inverse, kind, float(eps), *args, constant=own)(*args, x2.shape[0] // T)
+        _rope_launcher(D, rope_dim, inverse, kind, float(eps), *args,
+                       constant=unconverted((weight, w)))(*args, x2.shape[0] // T)
         return out.view(x.shape)
 
     def compress_and_store(self, kv: Tensor, score: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
@@ -362,8 +362,7 @@ class CuteOps(CuteGlueMixin, CuteRouteMixin, CuteAttentionMixin, TorchOps):
         else:
             nw = placeholder((8,), torch.float32, streams.device)
         args = (flat, part, sc, bs, nw, x)
-        own = (sc.data_ptr() == scale.data_ptr() and bs.data_ptr() == base.data_ptr()
-               and (not fuse_norm or nw.data_ptr() == norm_weight.data_ptr()))     # no copies made here (hoist)
+        own = unconverted((scale, sc), (base, bs), (norm_weight if fuse_norm else None, nw))
         _collapse_launcher(n, D, part.shape[1], hc_eps, norm_eps, fuse_norm, *args, constant=own)(*args, 1.0 / K)
         if norm_weight is not None and not fuse_norm:
             x = self.rms_norm(x, norm_weight, norm_eps)

@@ -96,6 +96,13 @@ def hoist(tokens: int) -> bool:
     return early(tokens)
 
 
+def unconverted(*pairs: tuple[Tensor | None, Tensor]) -> bool:
+    """Whether each (passed, used) pair is one tensor: the kernel reads the caller's own weight (None: no weight), not
+    a cast or contiguous copy made for this call, which a kernel of the step writes and so must not be read before
+    griddepcontrol.wait (hoist's condition, dsv4_kernels.pdl)."""
+    return all(passed is None or used.data_ptr() == passed.data_ptr() for passed, used in pairs)
+
+
 def _stream():
     import cuda.bindings.driver as cuda
     return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
@@ -348,14 +355,15 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
     M = heads_cta or heads_per_cta(H, wgmma, T)
     wg = M == 64 and wgmma
     Hp = -(-H // M) * M
+    early = hoist(T) and sink.dtype == torch.float32 and Hp == H       # the sinks unconverted, unpadded
     ck = (H, d, ratio, window, cache.block_size, topk_entries.shape[1] if csa else 0,
           topk_entries.dtype if csa else None, num_splits, M, part_bf16, block_n, stages, wg, cluster,
-          chain_pdl(T), _combine_unroll(), hoist(T) and sink.dtype == torch.float32 and Hp == H)
+          chain_pdl(T), _combine_unroll(), early)
     cfg = plan.launch_cfg.get(ck)
     if cfg is None:
         cfg = plan.launch_cfg[ck] = _launch_config(T, H, d, M, ratio, window, cache.block_size, csa,
                                                    topk_entries, plan, num_splits, part_bf16, dev, block_n,
-                                                   stages, wg, CLUSTER if cluster is None else cluster, ck[-1])
+                                                   stages, wg, CLUSTER if cluster is None else cluster, early)
     fn, cfn, splits, per, mode_tk, in_cluster = cfg
     qk = q if q.dtype == torch.bfloat16 else q.to(torch.bfloat16)
     sk = sink if sink.dtype == torch.float32 else sink.float()
@@ -385,7 +393,7 @@ def prepare_sparse_attention(q: Tensor, cache: LayerCache, ratio: int, window: i
     if cfn is not None and out_rope is not None:
         pos, cos, sin = out_rope
         rd = 2 * cos.shape[-1]
-        rfn = _rope_combine(d, rd, part_bf16, ck[-1], [opart, ml, sk, pos, cos, sin, out, splits])
+        rfn = _rope_combine(d, rd, part_bf16, early, [opart, ml, sk, pos, cos, sin, out, splits])
 
     def launch():
         fn(*args)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dsv4.ops.cute_attention import Launcher, chain_pdl, hoist, placeholder
+from dsv4.ops.cute_attention import Launcher, chain_pdl, hoist, placeholder, unconverted
 
 Tensor = torch.Tensor
 
@@ -66,8 +66,8 @@ class CuteGlueMixin:
             w = _compact(w)
         out = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
         tokens = x.shape[0] if x.dim() > 1 else 1
-        own = weight is None or w.data_ptr() == weight.data_ptr()       # not a copy made here (hoist's condition)
-        _rms_launcher(D, float(eps), weight is not None, tokens, x2, w, out, constant=own)(x2, w, out)
+        _rms_launcher(D, float(eps), weight is not None, tokens, x2, w, out,
+                      constant=unconverted((weight, w)))(x2, w, out)
         return out.view(x.shape)
 
     # --- swiglu_mlp --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.ops.cute_attention import Launcher, chain_pdl, hoist, placeholder
+from dsv4.ops.cute_attention import Launcher, chain_pdl, hoist, placeholder, unconverted
 
 Tensor = torch.Tensor
 
@@ -84,7 +84,7 @@ def route(x: Tensor, gate: Tensor, gate_bias: Tensor | None, tid2eid: Tensor | N
     ids = torch.empty((T, topk), dtype=torch.int64, device=dev)
     weights = torch.empty((T, topk), dtype=torch.float32, device=dev)
     args = [logits, bias, table, tok, ids, weights]
-    own = hashed or bias.data_ptr() == gate_bias.data_ptr()       # not a copy made here (hoist's condition)
+    own = hashed or unconverted((gate_bias, bias))
     _launcher(E, topk, score_func, route_scale, hashed, num_partials, args, constant=own)(*args)
     return ids, weights
 
